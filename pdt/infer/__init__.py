@@ -1,0 +1,1 @@
+"""Inference: sampling and decoding over a trunk (and, later, the K-stream orchestrator)."""

@@ -1,0 +1,1 @@
+"""Model: the trunk (HF causal LM) and, in later stages, the PDT sidecars that attach to it."""

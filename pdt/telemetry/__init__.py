@@ -1,0 +1,1 @@
+"""Telemetry: typed job events, their sinks (JSONL, console) and memory sampling."""

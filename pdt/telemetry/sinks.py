@@ -1,0 +1,201 @@
+"""Event sinks and readers: the JSONL log, the console printer, a fan-out emitter, a follower.
+
+What it is: the plumbing between a job's events and whoever watches them. The JSONL file
+(`logs/<run>/events.jsonl`) is the contract between a job process and the TUI, which follows
+the file of a live run or replays a finished one. What it is not: a renderer (the TUI is one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from pdt.telemetry.events import (
+    Checkpoint,
+    Done,
+    Error,
+    Event,
+    Log,
+    Memory,
+    Metric,
+    Progress,
+    RunStarted,
+    Sample,
+    event_from_dict,
+)
+
+Sink = Callable[[Event], None]
+
+
+class JsonlSink:
+    """Appends one JSON object per event; each line is flushed so a follower sees it at once."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh: IO[str] | None = open(self.path, "a", encoding="utf-8")
+
+    def __call__(self, event: Event) -> None:
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(event.to_dict(), ensure_ascii=False, default=_json_default) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    return str(obj)
+
+
+def _fmt_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+class ConsolePrinter:
+    """Readable progress lines for unattended runs. Metrics are batched onto the progress line."""
+
+    def __init__(self, stream: IO[str] | None = None, min_interval_s: float = 2.0) -> None:
+        self.stream = stream or sys.stdout
+        self.min_interval_s = min_interval_s
+        self._last_progress = 0.0
+        self._metrics: dict[str, float] = {}
+
+    def _print(self, line: str) -> None:
+        print(line, file=self.stream, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Metric):
+            self._metrics[event.name] = event.value
+            if event.name.startswith("eval/"):
+                self._print(f"[eval] step {event.step}  {event.name} = {event.value:.4f}")
+        elif isinstance(event, Progress):
+            now = time.monotonic()
+            if now - self._last_progress < self.min_interval_s and event.step < event.total:
+                return
+            self._last_progress = now
+            pct = 100.0 * event.step / max(1, event.total)
+            bits = [f"step {event.step}/{event.total} ({pct:.1f}%)", f"tokens {event.tokens:,}"]
+            for key, label, fmt in (
+                ("train/loss", "loss", "{:.4f}"),
+                ("lr", "lr", "{:.2e}"),
+                ("throughput/tokens_per_s", "tok/s", "{:,.0f}"),
+            ):
+                if key in self._metrics:
+                    bits.append(f"{label} {fmt.format(self._metrics[key])}")
+            self._print("  ".join(bits))
+        elif isinstance(event, Log):
+            self._print(f"[{event.level}] {event.message}")
+        elif isinstance(event, Checkpoint):
+            self._print(f"[checkpoint] step {event.step} -> {event.path}")
+        elif isinstance(event, Sample):
+            self._print(f"[sample @ {event.step}] {event.text!r}")
+        elif isinstance(event, Memory):
+            gpu = ""
+            if event.gpu_reserved_bytes:
+                gpu = (
+                    f"  gpu alloc {_fmt_bytes(event.gpu_allocated_bytes)} reserved "
+                    f"{_fmt_bytes(event.gpu_reserved_bytes)} peak {_fmt_bytes(event.gpu_peak_bytes)}"
+                )
+            self._print(f"[memory] rss {_fmt_bytes(event.rss_bytes)}{gpu}")
+        elif isinstance(event, RunStarted):
+            resumed = f", resuming from step {event.resumed_from_step}" if event.resumed_from_step else ""
+            self._print(
+                f"[run] {event.run}: preset {event.preset} ({event.preset_kind}), "
+                f"{event.world_size} process(es){resumed}"
+            )
+        elif isinstance(event, Done):
+            self._print(f"[done] {event.status}")
+        elif isinstance(event, Error):
+            self._print(f"[error] {event.message}")
+
+
+class Emitter:
+    """Fans one event out to several sinks. A failing sink is dropped, never the job."""
+
+    def __init__(self, sinks: list[Sink] | None = None) -> None:
+        self.sinks: list[Sink] = list(sinks or [])
+
+    def add(self, sink: Sink) -> None:
+        self.sinks.append(sink)
+
+    def __call__(self, event: Event) -> None:
+        for sink in list(self.sinks):
+            try:
+                sink(event)
+            except Exception as exc:  # noqa: BLE001 - a broken view must not kill training
+                self.sinks.remove(sink)
+                print(f"[warning] event sink {sink!r} failed and was detached: {exc}", file=sys.stderr)
+
+    def log(self, message: str, level: str = "info") -> None:
+        self(Log(level=level, message=message))
+
+
+def read_events(path: str | os.PathLike[str]) -> list[Event]:
+    """All events of a (finished or live) run file; torn last lines are skipped."""
+    events: list[Event] = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            event = _parse_line(line)
+            if event is not None:
+                events.append(event)
+    return events
+
+
+def _parse_line(line: str) -> Event | None:
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        data = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event_from_dict(data) if isinstance(data, dict) else None
+
+
+class EventFollower:
+    """Incrementally reads a growing events.jsonl; `poll()` returns the events appended since.
+
+    Partial lines (a job mid-write) are kept until their newline arrives.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._offset = 0
+        self._pending = ""
+
+    def poll(self) -> list[Event]:
+        try:
+            with open(self.path, encoding="utf-8") as fh:
+                fh.seek(self._offset)
+                chunk = fh.read()
+                self._offset = fh.tell()
+        except FileNotFoundError:
+            return []
+        data = self._pending + chunk
+        lines = data.split("\n")
+        self._pending = lines.pop()  # text after the last newline is incomplete
+        return [e for e in (_parse_line(line) for line in lines) if e is not None]
+
+    def follow(self, stop: Callable[[], bool], interval_s: float = 0.1) -> Iterator[Event]:
+        while True:
+            yield from self.poll()
+            if stop():
+                yield from self.poll()
+                return
+            time.sleep(interval_s)

@@ -1,0 +1,1 @@
+"""Training: the loops, optimizer set-up, distributed helpers and the checkpoint store."""

@@ -1,0 +1,236 @@
+"""The training run screen: a live (or replayed) view of one run's events.
+
+What it is: a reader thread that polls an `EventSource` ~10×/s and posts batches of events as a
+message; the screen folds them into a `RunState` and redraws only the changed panes at most 20×/s.
+Keys: `s` stops the job (first press: checkpoint and exit; second press: kill), `escape` goes back
+(a job launched here keeps running and can be reattached from the runs list).
+What it is not: the job — it never touches training, only the event stream and the process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer, Header
+from textual.worker import get_current_worker
+
+from pdt.telemetry.events import Event
+from pdt.tui.event_source import EventSource
+from pdt.tui.run_state import RunState
+from pdt.tui.widgets.checkpoint_list import CheckpointList
+from pdt.tui.widgets.log_tail import LogTail
+from pdt.tui.widgets.loss_plot import LossPlot
+from pdt.tui.widgets.memory_pane import MemoryPane
+from pdt.tui.widgets.metrics_pane import MetricsPane
+from pdt.tui.widgets.progress_pane import ProgressPane
+from pdt.tui.widgets.run_status import RunStatus
+from pdt.tui.widgets.sample_pane import SamplePane
+
+#: Redraws per second at most: the eye does not need more, a fast job must not starve input.
+MAX_FPS = 20
+
+
+class RunScreen(Screen):
+    """One run: progress, loss curves, metrics, memory, checkpoints, sample, log, final status."""
+
+    HELP = """\
+## Run
+
+A live view of one job (or the replay of a finished one).
+
+- **s** — stop: the job saves a checkpoint at the next step and exits.
+  Press **s** again to kill it at once (work since the last checkpoint is lost).
+- **escape** — back to the presets. A job started here keeps running;
+  reattach with **r** on the home screen.
+"""
+
+    BINDINGS = [
+        Binding("s", "stop", "Stop"),
+        Binding("escape", "back", "Back"),
+    ]
+
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (34, "-tall")]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+
+    @dataclass
+    class EventsArrived(Message):
+        """A batch from the reader thread; `ended` marks the last one."""
+
+        events: list[Event]
+        run_dir: Path | None = None
+        ended: bool = False
+        exit_code: int | None = None
+        console_tail: list[str] = field(default_factory=list)
+        failure: str | None = None
+
+    def __init__(self, source: EventSource) -> None:
+        super().__init__()
+        self.source = source
+        self.state = RunState()
+        self.stop_presses = 0
+        self._dirty: set[str] = {"status", "progress"}
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield RunStatus(id="run-status")
+        yield ProgressPane(id="progress")
+        with Horizontal(id="run-main"):
+            yield LossPlot(id="loss-plot")
+            with Vertical(id="run-side"):
+                yield MetricsPane(id="metrics")
+                yield MemoryPane(id="memory")
+                with VerticalScroll(id="checkpoints-box"):
+                    yield CheckpointList(id="checkpoints")
+        with Horizontal(id="run-bottom"):
+            yield SamplePane(id="sample")
+            yield LogTail(id="log")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.sub_title = self.source.title
+        titles = {
+            "#loss-plot": "loss",
+            "#metrics": "metrics",
+            "#memory": "memory",
+            "#checkpoints-box": "checkpoints",
+            "#sample": "sample",
+            "#log": "log",
+        }
+        for selector, title in titles.items():
+            self.query_one(selector).border_title = title
+        self.set_interval(1 / MAX_FPS, self._flush)
+        self.set_interval(1.0, self._tick)
+        self._follow()
+
+    # ---------------------------------------------------------------- reader thread
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="run-events")
+    def _follow(self) -> None:
+        worker = get_current_worker()
+        source = self.source
+        try:
+            source.start()
+        except Exception as exc:  # noqa: BLE001 - shown to the user, never raised into the UI
+            self.post_message(self.EventsArrived([], ended=True, failure=f"could not start the job: {exc}"))
+            return
+        self.post_message(self.EventsArrived([], run_dir=source.run_dir))
+        while not worker.is_cancelled:
+            try:
+                events, ended = source.poll(), source.ended
+            except Exception as exc:  # noqa: BLE001 - a broken file must not take the UI down
+                self.post_message(self.EventsArrived([], ended=True, failure=f"reading events failed: {exc}"))
+                return
+            if ended:
+                self.post_message(
+                    self.EventsArrived(
+                        events,
+                        source.run_dir,
+                        ended=True,
+                        exit_code=source.exit_code(),
+                        console_tail=source.console_tail(),
+                    )
+                )
+                return
+            if events:
+                self.post_message(self.EventsArrived(events, source.run_dir))
+            time.sleep(source.poll_interval_s)
+
+    @on(EventsArrived)
+    def _on_events(self, message: EventsArrived) -> None:
+        if message.run_dir is not None:
+            self.sub_title = message.run_dir.name
+        self._dirty |= self.state.apply(message.events)
+        if message.ended:
+            self.state.end(message.exit_code, message.console_tail, message.failure)
+            self._dirty |= {"status", "progress", "ended"}
+
+    # ---------------------------------------------------------------- drawing
+
+    def _tick(self) -> None:
+        if self.state.final_status() is None:
+            self._dirty |= {"progress", "status"}  # elapsed and ETA move with the clock
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        state = self.state
+        if dirty & {"progress", "status"}:
+            self.query_one(ProgressPane).show(state, time.time())
+        if dirty & {"plot", "metrics"}:
+            self.query_one(MetricsPane).show(state.metrics)
+        if "plot" in dirty:
+            self.query_one(LossPlot).show(state.history)
+        if "memory" in dirty:
+            self.query_one(MemoryPane).show(state.memory)
+        if "checkpoints" in dirty:
+            self.query_one(CheckpointList).show(state.checkpoints)
+        if "sample" in dirty:
+            self.query_one(SamplePane).show(state.sample)
+        if state.pending_logs:
+            log = self.query_one(LogTail)
+            log.add(list(state.pending_logs))
+            state.pending_logs.clear()
+        if "ended" in dirty:
+            final = state.final_status()
+            if final is not None and final.kind == "exited":
+                self.query_one(LogTail).add_console_tail(state.console_tail)
+        if dirty:
+            kind, text = self.status()
+            self.query_one(RunStatus).set_status(kind, text)
+
+    def status(self) -> tuple[str, str]:
+        """(kind, text) of the status line."""
+        state = self.state
+        final = state.final_status()
+        if final is not None:
+            if final.kind == "exited" and self.stop_presses >= 2:
+                saved = f" (last checkpoint: step {state.checkpoints[-1].step})" if state.checkpoints else ""
+                return (
+                    "stopped",
+                    f"killed at step {state.step}: work since the last checkpoint is lost{saved}",
+                )
+            return final.kind, final.text
+        if self.stop_presses == 1:
+            return "stopping", "stopping: the job checkpoints and exits at the next step — s again kills it"
+        if self.stop_presses >= 2:
+            return "stopping", "kill sent: waiting for the process to exit"
+        if state.started_t is None:
+            return "starting", f"starting {self.source.title}…"
+        procs = f" · {state.world_size} processes" if state.world_size > 1 else ""
+        return "running", f"running {state.preset} ({state.preset_kind}) · pid {state.pid}{procs}"
+
+    # ---------------------------------------------------------------- actions
+
+    def action_stop(self) -> None:
+        if self.state.final_status() is not None or not self.source.can_stop():
+            self.notify("Nothing to stop: this run is not running.", severity="warning")
+            return
+        if self.stop_presses == 0:
+            self.source.stop(force=False)
+            self.notify(
+                "The job saves a checkpoint at the next step and exits.\n"
+                "Press s again to kill it now (work since the last checkpoint is lost).",
+                title="Stopping",
+                timeout=8,
+            )
+        else:
+            self.source.stop(force=True)
+            self.notify("Kill signal sent.", title="Killed", severity="warning")
+        self.stop_presses += 1
+        self._dirty.add("status")
+
+    def action_back(self) -> None:
+        if self.state.final_status() is None and self.source.can_stop():
+            self.notify(
+                "The job keeps running in the background: press r on the home screen to reattach.",
+                title="Still running",
+                timeout=6,
+            )
+        self.app.pop_screen()

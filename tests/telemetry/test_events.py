@@ -1,0 +1,101 @@
+"""Events: JSON round trip, the JSONL sink + follower contract, the console printer."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from pdt.telemetry.events import (
+    EVENT_TYPES,
+    Checkpoint,
+    Done,
+    Error,
+    Log,
+    Memory,
+    Metric,
+    Progress,
+    Sample,
+    event_from_dict,
+)
+from pdt.telemetry.memory import sample_memory
+from pdt.telemetry.sinks import ConsolePrinter, Emitter, EventFollower, JsonlSink, read_events
+
+EXAMPLES = [
+    Progress(step=3, total=10, tokens=300),
+    Metric(name="train/loss", value=2.5, step=3),
+    Checkpoint(step=3, slot="current", path="/x"),
+    Log(level="info", message="hi"),
+    Sample(text="abc"),
+    Memory(rss_bytes=1, gpu_allocated_bytes=2, gpu_reserved_bytes=3, gpu_peak_bytes=4),
+    Done(status="finished"),
+    Error(message="boom"),
+]
+
+
+def test_required_fields_present() -> None:
+    required = {
+        "progress": {"step", "total", "tokens"},
+        "metric": {"name", "value", "step"},
+        "checkpoint": {"step", "slot", "path"},
+        "log": {"level", "message"},
+        "sample": {"text"},
+        "memory": {"rss_bytes", "gpu_allocated_bytes", "gpu_reserved_bytes", "gpu_peak_bytes"},
+        "done": {"status"},
+        "error": {"message"},
+    }
+    for event in EXAMPLES:
+        data = event.to_dict()
+        assert {"kind", "t"} <= set(data)
+        assert required[data["kind"]] <= set(data), data["kind"]
+    assert set(required) <= set(EVENT_TYPES)
+
+
+def test_round_trip_and_unknown_kind() -> None:
+    for event in EXAMPLES:
+        assert event_from_dict(json.loads(json.dumps(event.to_dict()))) == event
+    assert event_from_dict({"kind": "from_the_future", "t": 1.0}) is None
+
+
+def test_jsonl_sink_and_follower(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "events.jsonl"
+    sink = JsonlSink(path)
+    follower = EventFollower(path)
+    assert follower.poll() == []
+    sink(EXAMPLES[0])
+    assert follower.poll() == [EXAMPLES[0]]
+    with open(path, "a", encoding="utf-8") as fh:  # a writer caught mid-line
+        fh.write('{"kind": "log", "t": 1.0, "level": "info", ')
+    assert follower.poll() == []
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write('"message": "done writing"}\n')
+    assert follower.poll() == [Log(level="info", message="done writing", t=1.0)]
+    sink.close()
+    assert len(read_events(path)) == 2
+
+
+def test_console_printer_lines() -> None:
+    out = io.StringIO()
+    printer = ConsolePrinter(out, min_interval_s=0)
+    printer(Metric(name="train/loss", value=1.2345, step=5))
+    printer(Progress(step=5, total=10, tokens=500))
+    printer(Error(message="disk full"))
+    text = out.getvalue()
+    assert "step 5/10" in text and "loss 1.2345" in text and "[error] disk full" in text
+
+
+def test_emitter_drops_a_failing_sink() -> None:
+    seen = []
+
+    def broken(_event: object) -> None:
+        raise RuntimeError("view crashed")
+
+    emitter = Emitter([broken, seen.append])
+    emitter(Done(status="finished"))
+    emitter(Done(status="finished"))
+    assert len(seen) == 2 and broken not in emitter.sinks
+
+
+def test_memory_sample_is_real() -> None:
+    mem = sample_memory()
+    assert mem.rss_bytes > 10 * 1024 * 1024 and mem.available_bytes > 0

@@ -1,0 +1,257 @@
+"""The pretrain job end to end, in real child processes: unattended run, exact resume after
+SIGKILL, graceful stop, damaged-checkpoint fallback, torchrun with two processes, dry runs."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdt.jobs import run_job
+from pdt.presets.dryrun import tiny_variant
+from pdt.presets.loader import SHIPPED_DIR, load_preset_file
+from pdt.telemetry.events import Event, Metric
+from tests.conftest import MAIN, PYTHON, child_env
+
+TINY = {
+    "extends": "pretrain_tiny.json",
+    "kind": "pretrain",
+    "description": "test preset",
+    "data": {"sources": [{"type": "wiki_vital", "limit": 300}]},
+    "tokenizer": {"vocab_size": 1024},
+    "trunk": {
+        "config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        }
+    },
+    "train": {
+        "seq_len": 32,
+        "micro_batch_size": 4,
+        "token_budget": 8 * 32 * 4,
+        "warmup_steps": 2,
+        "log_every": 1,
+        "eval_every": 4,
+        "eval_batches": 2,
+        "sample_every": 100,
+        "sample_tokens": 6,
+    },
+    "checkpoint": {"every_steps": 4, "every_minutes": 100.0},
+}
+
+
+def write_preset(tmp: Path, name: str, **overrides: object) -> Path:
+    data = json.loads(json.dumps(TINY))
+    data["name"] = name
+    for key, value in overrides.items():
+        data.setdefault(key, {}).update(value)  # type: ignore[union-attr]
+    path = tmp / "presets" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def run_main(tmp: Path, preset: Path, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PYTHON, MAIN],
+        env=child_env(tmp, PDT_PRESET=str(preset), **env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def events_of(tmp: Path, preset_name: str) -> list[list[dict]]:
+    """Events of every run of a preset, oldest run first."""
+    runs = sorted((tmp / "logs").glob(f"{preset_name}-*"), key=lambda p: p.stat().st_mtime)
+    out = []
+    for run in runs:
+        lines = (run / "events.jsonl").read_text().splitlines()
+        out.append([json.loads(line) for line in lines if line.strip()])
+    return out
+
+
+def losses(events: list[dict]) -> dict[int, float]:
+    return {e["step"]: e["value"] for e in events if e["kind"] == "metric" and e["name"] == "train/loss"}
+
+
+def test_unattended_run_completes_and_exports(tmp_path: Path) -> None:
+    preset = write_preset(tmp_path, "tiny_a")
+    proc = run_main(tmp_path, preset)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "step 8/8" in proc.stdout
+    (events,) = events_of(tmp_path, "tiny_a")
+    kinds = [e["kind"] for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "done" and events[-1]["status"] == "finished"
+    assert {"progress", "metric", "checkpoint", "sample", "memory", "log"} <= set(kinds)
+    assert all("t" in e for e in events)
+    assert any(e["kind"] == "metric" and e["name"] == "eval/ppl" for e in events)
+    ckpt = tmp_path / "checkpoints" / "tiny_a"
+    state = json.loads((ckpt / "current" / "state.json").read_text())
+    assert state["step"] == 8 and state["finished"] is True
+    assert state["tokenizer"]["vocab_size"] == 1025
+    export = ckpt / "export"
+    assert (export / "config.json").is_file() and (export / "pdt_tokenizer.json").is_file()
+    assert list(export.glob("*.safetensors"))
+    # The export is a standard HF folder with the trained weights.
+    from safetensors.torch import load_file
+
+    from pdt.model.trunk import load_trunk
+
+    model = load_trunk(export)
+    trained = load_file(str(ckpt / "current" / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(model.state_dict()[key], trained[key])
+    # Running again after it finished does nothing and says so.
+    again = run_main(tmp_path, preset)
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_loss_falls(tmp_path: Path) -> None:
+    preset = write_preset(tmp_path, "tiny_fall", train={"token_budget": 40 * 32 * 4, "lr": 0.01})
+    proc = run_main(tmp_path, preset)
+    assert proc.returncode == 0, proc.stderr
+    curve = losses(events_of(tmp_path, "tiny_fall")[0])
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (38, 39, 40)) / 3
+    assert last < first - 1.0, (first, last)
+
+
+def _wait_for_checkpoint(
+    tmp: Path, name: str, step: int, proc: subprocess.Popen, timeout: float = 240
+) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        runs = list((tmp / "logs").glob(f"{name}-*/events.jsonl"))
+        if runs and any(
+            '"kind": "checkpoint", "t"' in line and f'"step": {step},' in line
+            for line in runs[0].read_text().splitlines()
+        ):
+            return
+        assert proc.poll() is None, "the job ended before the checkpoint"
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint at step {step}")
+
+
+def test_resume_after_sigkill_is_exact(tmp_path: Path) -> None:
+    straight = write_preset(tmp_path, "tiny_straight")
+    assert run_main(tmp_path, straight).returncode == 0
+    reference = losses(events_of(tmp_path, "tiny_straight")[0])
+    assert sorted(reference) == list(range(1, 9))
+
+    killed = write_preset(tmp_path, "tiny_killed")
+    child = subprocess.Popen(
+        [PYTHON, MAIN],
+        env=child_env(tmp_path, PDT_PRESET=str(killed)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _wait_for_checkpoint(tmp_path, "tiny_killed", 4, child)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    resumed = run_main(tmp_path, killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 4" in resumed.stdout
+    first, second = events_of(tmp_path, "tiny_killed")
+    after = losses(second)
+    assert sorted(after) == [5, 6, 7, 8]
+    for step in range(1, 5):
+        assert losses(first)[step] == reference[step]
+    for step in range(5, 9):
+        assert after[step] == reference[step], (step, after[step], reference[step])
+
+
+def test_sigint_checkpoints_then_exits(tmp_path: Path) -> None:
+    preset = write_preset(
+        tmp_path, "tiny_stop", train={"token_budget": 400 * 32 * 4}, checkpoint={"every_steps": 1000}
+    )
+    child = subprocess.Popen(
+        [PYTHON, MAIN],
+        env=child_env(tmp_path, PDT_PRESET=str(preset)),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        runs = list((tmp_path / "logs").glob("tiny_stop-*/events.jsonl"))
+        if runs and '"name": "train/loss"' in runs[0].read_text():
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    (events,) = events_of(tmp_path, "tiny_stop")
+    assert events[-1] == {**events[-1], "kind": "done", "status": "stopped"}
+    saved = [e for e in events if e["kind"] == "checkpoint"]
+    assert len(saved) == 1 and 0 < saved[0]["step"] < 400
+    state = json.loads((tmp_path / "checkpoints" / "tiny_stop" / "current" / "state.json").read_text())
+    assert state["step"] == saved[0]["step"] and state["finished"] is False
+
+
+def test_damaged_current_falls_back_to_prev(tmp_path: Path) -> None:
+    preset = write_preset(tmp_path, "tiny_damage")
+    assert run_main(tmp_path, preset).returncode == 0
+    ckpt = tmp_path / "checkpoints" / "tiny_damage"
+    weights = ckpt / "current" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated file
+    more = write_preset(tmp_path, "tiny_damage", train={"token_budget": 12 * 32 * 4})
+    proc = run_main(tmp_path, more)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from step 4" in proc.stdout  # prev held step 4; current (8) was damaged
+    warnings = [
+        e["message"]
+        for e in events_of(tmp_path, "tiny_damage")[1]
+        if e["kind"] == "log" and e["level"] == "warning"
+    ]
+    assert any("damaged" in w for w in warnings), warnings
+    assert list(ckpt.glob("damaged-*")), "the damaged folder must be kept aside"
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    preset = write_preset(tmp_path, "tiny_ddp")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN]
+    proc = subprocess.run(
+        cmd,
+        env=child_env(tmp_path, PDT_PRESET=str(preset)),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=380,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = list((tmp_path / "logs").glob("tiny_ddp-*"))
+    assert len(runs) == 1, runs
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["tiny_ddp"]
+    state = json.loads((tmp_path / "checkpoints" / "tiny_ddp" / "current" / "state.json").read_text())
+    assert state["world_size"] == 2 and len(state["data"]) == 2 and state["finished"]
+    # 2 ranks x 4 blocks x 32 tokens per step: the budget is reached in half the steps.
+    assert state["step"] == 4
+    (events,) = events_of(tmp_path, "tiny_ddp")
+    assert sum(1 for e in events if e["kind"] == "run_started") == 1
+
+
+PRETRAIN_PRESETS = [
+    p for p in sorted(SHIPPED_DIR.glob("*.json")) if json.loads(p.read_text()).get("kind") == "pretrain"
+]
+
+
+@pytest.mark.parametrize("path", PRETRAIN_PRESETS, ids=[p.stem for p in PRETRAIN_PRESETS])
+def test_shipped_preset_dry_run(tmp_path: Path, path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Event] = []
+    tiny = tiny_variant(load_preset_file(path))
+    code = run_job(tiny, tmp_path / "run", console=False, extra_sinks=[seen.append])
+    assert code == 0, [e for e in seen if e.kind == "error"]
+    assert any(isinstance(e, Metric) and e.name == "train/loss" for e in seen)
+    assert (tmp_path / "checkpoints" / tiny.name / "export" / "config.json").is_file()

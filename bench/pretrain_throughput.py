@@ -38,9 +38,11 @@ from pdt.telemetry.flops import matmul_peak_flops  # noqa: E402
 WARMUP_STEPS = 5
 
 
-def _variant(name: str, steps: int, **train: Any) -> Any:
+def _variant(name: str, steps: int, workers: int | None = None, **train: Any) -> Any:
     preset = load_preset_file(ROOT / "presets" / f"{name}.json")
     data = preset.model_dump(mode="json")
+    if workers is not None:
+        data["data"]["num_workers"] = workers
     t = data["train"]
     t.update(train)
     per_step = t["seq_len"] * t["micro_batch_size"] * t["grad_accum"]
@@ -115,7 +117,7 @@ def main() -> None:
         records.append(
             measure(
                 "pretrain_tiny (micro_batch 256, bf16)",
-                _variant("pretrain_tiny", 40, micro_batch_size=256, precision="bf16", compile=True),
+                _variant("pretrain_tiny", 40, workers=4, micro_batch_size=256, precision="bf16", compile=True),
                 gpu,
             )
         )

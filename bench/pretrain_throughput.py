@@ -117,7 +117,9 @@ def main() -> None:
         records.append(
             measure(
                 "pretrain_tiny (micro_batch 256, bf16)",
-                _variant("pretrain_tiny", 40, workers=4, micro_batch_size=256, precision="bf16", compile=True),
+                _variant(
+                    "pretrain_tiny", 40, workers=4, micro_batch_size=256, precision="bf16", compile=True
+                ),
                 gpu,
             )
         )

@@ -89,9 +89,13 @@ def _resolve_on_rank0() -> dict[str, Any]:
 
 
 def run_unattended() -> int:
-    from pdt.train.distributed import broadcast_object, setup, teardown, under_torchrun
+    from pdt.train.distributed import DistributedSetupError, broadcast_object, setup, teardown, under_torchrun
 
-    dist = setup() if under_torchrun() else None
+    try:
+        dist = setup() if under_torchrun() else None
+    except DistributedSetupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         choice = _resolve_on_rank0() if dist is None or dist.is_main else None
         if dist is not None:

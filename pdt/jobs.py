@@ -109,6 +109,7 @@ def user_message(exc: BaseException) -> str | None:
         ("pdt.model.trunk", "TrunkError"),
         ("pdt.data.tokenizer", "TokenizerError"),
         ("pdt.train.pretrain", "ResumeError"),
+        ("pdt.train.distributed", "DistributedSetupError"),
     ):
         cls = getattr(sys.modules.get(mod), name, None)
         if isinstance(cls, type):

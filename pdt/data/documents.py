@@ -122,8 +122,11 @@ class Source:
     @property
     def label(self) -> str:
         """How messages name this source: `source 1 (text_dir 'notes/')`."""
-        what = getattr(self.cfg, "path", None) or getattr(self.cfg, "dataset", None) or getattr(
-            self.cfg, "lang", "")
+        what = (
+            getattr(self.cfg, "path", None)
+            or getattr(self.cfg, "dataset", None)
+            or getattr(self.cfg, "lang", "")
+        )
         return f"source {self.index} ({self.type} {what!r})" if what else f"source {self.index} ({self.type})"
 
     def fail(self, why: str) -> DataSourceError:

@@ -54,10 +54,17 @@ class _Plan:
 
     def layout(self) -> dict[str, Any]:
         """What a cursor is only valid for (the batch size is not: cursors count tokens)."""
-        return {"rank": self.rank, "n_shards": self.world_size * self.n_local, "workers": self.n_local,
-                "mix": self.data.mix, "shuffle": self.data.shuffle, "seed": self.seed,
-                "validation_fraction": self.data.validation_fraction, "seq_len": self.seq_len,
-                "sources": [s.label for s in self.sources]}
+        return {
+            "rank": self.rank,
+            "n_shards": self.world_size * self.n_local,
+            "workers": self.n_local,
+            "mix": self.data.mix,
+            "shuffle": self.data.shuffle,
+            "seed": self.seed,
+            "validation_fraction": self.data.validation_fraction,
+            "seq_len": self.seq_len,
+            "sources": [s.label for s in self.sources],
+        }
 
 
 class _ShardStream:
@@ -66,8 +73,9 @@ class _ShardStream:
     def __init__(self, plan: _Plan, local: int, state: dict[str, Any] | None) -> None:
         cfg = plan.data
         mixer = Mixer(plan.sources, cfg.mix, plan.seed, cfg.shuffle, plan.max_epochs)
-        docs = DocStream(mixer, "train", cfg.validation_fraction, plan.shard(local),
-                         plan.world_size * plan.n_local)
+        docs = DocStream(
+            mixer, "train", cfg.validation_fraction, plan.shard(local), plan.world_size * plan.n_local
+        )
         self.packer = Packer(docs, plan.tokenizer, plan.seq_len + 1)
         self.batch_size = plan.batch_size
         self.sources = plan.sources
@@ -84,7 +92,7 @@ class _ShardStream:
     def new_warnings(self) -> list[str]:
         out: list[str] = []
         for i, source in enumerate(self.sources):
-            out.extend(source.warnings[self._told[i]:])
+            out.extend(source.warnings[self._told[i] :])
             self._told[i] = len(source.warnings)
         return out
 
@@ -106,8 +114,12 @@ class _WorkerBatches(torch.utils.data.IterableDataset):
         stream = _ShardStream(self.plan, local, self.states.get(local))
         while (batch := stream.next_batch()) is not None:
             # The cursor travels as JSON text so DataLoader's conversion leaves it untouched.
-            yield torch.from_numpy(batch.astype(np.int64)), local, json.dumps(stream.state_dict()), \
-                stream.new_warnings()
+            yield (
+                torch.from_numpy(batch.astype(np.int64)),
+                local,
+                json.dumps(stream.state_dict()),
+                stream.new_warnings(),
+            )
 
 
 class TrainBatches:
@@ -130,8 +142,11 @@ class TrainBatches:
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in layout.items() if saved.get(k) != v]
         if changed:
             if self._warn is not None:
-                self._warn("the saved data cursor does not fit this run (" + "; ".join(changed)
-                           + "): the data order restarts from the beginning")
+                self._warn(
+                    "the saved data cursor does not fit this run ("
+                    + "; ".join(changed)
+                    + "): the data order restarts from the beginning"
+                )
             return {}, 0
         first = self.plan.shard(0)
         states = {int(k) - first: v for k, v in state["shards"].items()}
@@ -170,8 +185,13 @@ class TrainBatches:
     def _data_loader(self) -> torch.utils.data.DataLoader:
         dataset = _WorkerBatches(self.plan, dict(self._states), self._next)
         # batch_size=None: workers yield whole batches; DataLoader serves workers strictly in turn.
-        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.plan.data.num_workers,
-                                           pin_memory=torch.cuda.is_available(), prefetch_factor=4)
+        return torch.utils.data.DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.plan.data.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4,
+        )
 
     def _tell(self, warnings: list[str]) -> None:
         if self._warn is not None:
@@ -187,9 +207,19 @@ class TrainBatches:
             self._iter = None
 
 
-def make_train_batches(data_cfg: DataConfig, tokenizer: Any, seq_len: int, batch_size: int, seed: int,
-                       rank: int = 0, world_size: int = 1, state: dict[str, Any] | None = None,
-                       warn: Warn | None = None, *, max_epochs: int | None = None) -> TrainBatches:
+def make_train_batches(
+    data_cfg: DataConfig,
+    tokenizer: Any,
+    seq_len: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict[str, Any] | None = None,
+    warn: Warn | None = None,
+    *,
+    max_epochs: int | None = None,
+) -> TrainBatches:
     """This rank's infinite stream of train batches (finite with `max_epochs`, e.g. for tests)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -202,8 +232,15 @@ def make_train_batches(data_cfg: DataConfig, tokenizer: Any, seq_len: int, batch
     return TrainBatches(plan, state, warn)
 
 
-def make_eval_batches(data_cfg: DataConfig, tokenizer: Any, seq_len: int, batch_size: int, max_batches: int,
-                      rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
+def make_eval_batches(
+    data_cfg: DataConfig,
+    tokenizer: Any,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[torch.Tensor]:
     """The first `max_batches` validation batches of this rank's shard — the same every call.
 
     Every rank returns the same number of batches (so collective ops line up): a shard with too

@@ -58,8 +58,9 @@ def permutation(count: int, groups: list[int] | None, seed: int, source: int, ep
 class Mixer:
     """The global document order over opened sources (both splits, every shard walks the same)."""
 
-    def __init__(self, sources: list[Source], mode: str, seed: int, shuffle: bool,
-                 max_epochs: int | None = None) -> None:
+    def __init__(
+        self, sources: list[Source], mode: str, seed: int, shuffle: bool, max_epochs: int | None = None
+    ) -> None:
         if mode not in MIX_MODES:
             raise DataSourceError(f"unknown mix mode {mode!r} (known: {', '.join(MIX_MODES)})")
         self.sources, self.mode, self.seed, self.shuffle = sources, mode, seed, shuffle
@@ -76,14 +77,22 @@ class Mixer:
         self._yielded = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "draw": self.draw, "turn": self.turn, "ended": self.ended,
-                "pos": list(self.pos), "src_epoch": list(self.src_epoch), "done": list(self.done),
-                "passes": list(self.passes)}
+        return {
+            "epoch": self.epoch,
+            "draw": self.draw,
+            "turn": self.turn,
+            "ended": self.ended,
+            "pos": list(self.pos),
+            "src_epoch": list(self.src_epoch),
+            "done": list(self.done),
+            "passes": list(self.passes),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["pos"]) != len(self.sources):
-            raise DataSourceError(f"data cursor has {len(state['pos'])} sources, the preset opens "
-                                  f"{len(self.sources)}")
+            raise DataSourceError(
+                f"data cursor has {len(state['pos'])} sources, the preset opens {len(self.sources)}"
+            )
         self.epoch, self.draw, self.turn = int(state["epoch"]), int(state["draw"]), int(state["turn"])
         self.ended = bool(state["ended"])
         self.pos = [int(x) for x in state["pos"]]
@@ -175,8 +184,9 @@ class Mixer:
     def _new_epoch(self) -> None:
         self._empty_epochs = 0 if self._yielded else self._empty_epochs + 1
         if self._empty_epochs >= 2:  # a resume can land exactly on an epoch end, so allow one
-            raise DataSourceError("every source came back empty for a whole pass; "
-                                  + ", ".join(s.label for s in self.sources))
+            raise DataSourceError(
+                "every source came back empty for a whole pass; " + ", ".join(s.label for s in self.sources)
+            )
         n = len(self.sources)
         self.epoch += 1
         self.turn, self._yielded = 0, False
@@ -246,12 +256,15 @@ class DocStream:
                 raise DataSourceError(
                     f"shard {self.shard} of {self.n_shards} found no readable {self.split} documents in two "
                     f"full passes over the sources ({self.seen} {self.split} documents seen in all); "
-                    "add text, lower validation_fraction, or use fewer ranks / data workers")
+                    "add text, lower validation_fraction, or use fewer ranks / data workers"
+                )
             got = self.mixer.next()
             if got is None:
                 if self.mixer.max_epochs is None:
-                    raise DataSourceError("every source stopped giving documents: "
-                                          + ", ".join(s.label for s in self.mixer.sources))
+                    raise DataSourceError(
+                        "every source stopped giving documents: "
+                        + ", ".join(s.label for s in self.mixer.sources)
+                    )
                 return None
             i, ref = got
             source = self.mixer.sources[i]

@@ -98,8 +98,11 @@ class Packer:
             if self._exhausted or not self._read_chunk():
                 return None
         lo, hi = self._pos, self._pos + n
-        parts = [c.tokens[max(lo, c.start) - c.start: min(hi, c.end) - c.start]
-                 for c in self._chunks if c.start < hi and c.end > lo]
+        parts = [
+            c.tokens[max(lo, c.start) - c.start : min(hi, c.end) - c.start]
+            for c in self._chunks
+            if c.start < hi and c.end > lo
+        ]
         self._pos = hi
         while self._chunks and self._chunks[0].end <= self._pos:
             self._chunks.popleft()

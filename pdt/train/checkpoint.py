@@ -80,7 +80,7 @@ def _write_file(path: Path, data: bytes) -> dict[str, Any]:
     view = memoryview(data)
     with open(path, "xb") as f:
         for start in range(0, len(view), _CHUNK):
-            piece = view[start:start + _CHUNK]
+            piece = view[start : start + _CHUNK]
             f.write(piece)
             digest.update(piece)
         f.flush()
@@ -92,11 +92,15 @@ def _os_error_message(exc: OSError, root: Path, step: int) -> str:
     where = exc.filename or root
     head = f"could not save checkpoint step {step}: {exc.strerror or exc} ({where})"
     if exc.errno == errno.ENOSPC or exc.errno == errno.EDQUOT:
-        return (f"{head}. Free space on the filesystem holding {root} (or point PDT_CHECKPOINTS_DIR "
-                f"elsewhere) and run again; the previous checkpoint is untouched.")
+        return (
+            f"{head}. Free space on the filesystem holding {root} (or point PDT_CHECKPOINTS_DIR "
+            f"elsewhere) and run again; the previous checkpoint is untouched."
+        )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return (f"{head}. Check permissions of {root} (it must be writable by this user) and run "
-                f"again; the previous checkpoint is untouched.")
+        return (
+            f"{head}. Check permissions of {root} (it must be writable by this user) and run "
+            f"again; the previous checkpoint is untouched."
+        )
     return f"{head}. The previous checkpoint is untouched; fix the cause and run again."
 
 
@@ -139,8 +143,10 @@ def _dedup(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[s
 def _check_names(names: list[str]) -> None:
     for name in names:
         if not _NAME_RE.match(name):
-            raise CheckpointError(f"checkpoint entry name {name!r} is not usable as a file name; use "
-                                  "letters, digits, '_', '-' and '.'")
+            raise CheckpointError(
+                f"checkpoint entry name {name!r} is not usable as a file name; use "
+                "letters, digits, '_', '-' and '.'"
+            )
 
 
 # --------------------------------------------------------------------------- the store
@@ -155,15 +161,23 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
 
-    def save(self, *, step: int, tensors: dict[str, dict[str, torch.Tensor]], objects: dict[str, Any],
-             state: dict[str, Any]) -> Path:
+    def save(
+        self,
+        *,
+        step: int,
+        tensors: dict[str, dict[str, torch.Tensor]],
+        objects: dict[str, Any],
+        state: dict[str, Any],
+    ) -> Path:
         """Write a complete checkpoint, make it `current`, and return its real folder."""
         _check_names([*tensors, *objects])
         try:
             state_bytes = json.dumps({**state, "step": step}, indent=1).encode()
         except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint state for step {step} is not JSON-serialisable ({exc}); "
-                                  "put tensors in `tensors`/`objects`, not in `state`") from None
+            raise CheckpointError(
+                f"checkpoint state for step {step} is not JSON-serialisable ({exc}); "
+                "put tensors in `tensors`/`objects`, not in `state`"
+            ) from None
         name = f"ckpt-{step:08d}-{secrets.token_hex(4)}"
         tmp = self.root / f".tmp-{name}"
         final = self.root / name
@@ -184,14 +198,21 @@ class CheckpointManager:
         self._cleanup()
         return final
 
-    def _write_folder(self, folder: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
-                      objects: dict[str, Any], state_bytes: bytes) -> None:
+    def _write_folder(
+        self,
+        folder: Path,
+        step: int,
+        tensors: dict[str, dict[str, torch.Tensor]],
+        objects: dict[str, Any],
+        state_bytes: bytes,
+    ) -> None:
         files: dict[str, dict[str, Any]] = {}
         aliases: dict[str, dict[str, str]] = {}
         for name in sorted(tensors):
             stored, alias = _dedup(tensors[name])
-            files[f"{name}.safetensors"] = _write_file(folder / f"{name}.safetensors",
-                                                       safetensors_save(stored))
+            files[f"{name}.safetensors"] = _write_file(
+                folder / f"{name}.safetensors", safetensors_save(stored)
+            )
             aliases[f"{name}.safetensors"] = alias
         for name in sorted(objects):
             buf = io.BytesIO()
@@ -201,8 +222,13 @@ class CheckpointManager:
         files["state.json"] = _write_file(folder / "state.json", state_bytes)
         _fsync_dir(folder)  # the data files' names are durable before the manifest that vouches for them
         _hold_for_test()
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "files": files, "aliases": aliases,
-                    "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "files": files,
+            "aliases": aliases,
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         _write_file(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
         _fsync_dir(folder)
 
@@ -212,9 +238,11 @@ class CheckpointManager:
         buf.seek(0)
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(buf)
         if unsafe:
-            raise CheckpointError(f"checkpoint object {name!r} (step {step}) holds types that "
-                                  f"torch.load(weights_only=True) refuses: {', '.join(unsafe)}; convert "
-                                  "them to tensors, lists or plain numbers before saving")
+            raise CheckpointError(
+                f"checkpoint object {name!r} (step {step}) holds types that "
+                f"torch.load(weights_only=True) refuses: {', '.join(unsafe)}; convert "
+                "them to tensors, lists or plain numbers before saving"
+            )
 
     def _rotate(self, name: str) -> None:
         """prev2 <- prev, prev <- current, current <- new, each one atomic os.replace. Links to missing
@@ -224,7 +252,7 @@ class CheckpointManager:
             target = self._target(slot)
             if target and target not in chain and (self.root / target).is_dir():
                 chain.append(target)
-        chain = chain[:len(SLOTS)]
+        chain = chain[: len(SLOTS)]
         for i in reversed(range(len(SLOTS))):
             self._set_slot(SLOTS[i], chain[i] if i < len(chain) else None)
         _fsync_dir(self.root)
@@ -256,8 +284,10 @@ class CheckpointManager:
         keep = {os.path.basename(t) for t in self._targets()}
         try:
             for entry in self.root.iterdir():
-                if not (entry.name.startswith(".tmp-") or (entry.name.startswith("ckpt-")
-                                                             and entry.name not in keep)):
+                if not (
+                    entry.name.startswith(".tmp-")
+                    or (entry.name.startswith("ckpt-") and entry.name not in keep)
+                ):
                     continue
                 if entry.is_symlink() or entry.is_file():
                     entry.unlink(missing_ok=True)
@@ -282,17 +312,20 @@ class CheckpointManager:
                 problems.append((slot, shown, str(exc), self._quarantine(folder)))
                 continue
             instead = f"loaded '{slot}' (step {loaded.state.get('step')}) instead"
-            loaded.warnings = [f"checkpoint '{s}' ({f}) is damaged ({r}); {instead}{w}"
-                               for s, f, r, w in problems]
+            loaded.warnings = [
+                f"checkpoint '{s}' ({f}) is damaged ({r}); {instead}{w}" for s, f, r, w in problems
+            ]
             if problems:
                 self._repoint(i)
             for message in loaded.warnings:
                 self._warn(message)
             return loaded
         listing = "; ".join(f"'{s}' ({f}): {r}{w}" for s, f, r, w in problems)
-        raise CheckpointError(f"no loadable checkpoint in {self.root}: {listing}. The damaged folders were "
-                              f"kept (renamed damaged-*) for you to inspect; to start from scratch, move "
-                              f"{self.root} aside and run again.")
+        raise CheckpointError(
+            f"no loadable checkpoint in {self.root}: {listing}. The damaged folders were "
+            f"kept (renamed damaged-*) for you to inspect; to start from scratch, move "
+            f"{self.root} aside and run again."
+        )
 
     def _read(self, slot: str, map_location: str) -> LoadedCheckpoint:
         link = self.root / slot
@@ -300,8 +333,9 @@ class CheckpointManager:
             raise _Damaged("the slot is missing")
         folder = self.root / self._target(slot) if link.is_symlink() else link
         if not folder.is_dir():
-            raise _Damaged(f"the link points to a missing folder {folder.name}"
-                           + self._where_moved(folder.name))
+            raise _Damaged(
+                f"the link points to a missing folder {folder.name}" + self._where_moved(folder.name)
+            )
         manifest = self._read_manifest(folder)
         state: dict = {}
         tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -318,10 +352,13 @@ class CheckpointManager:
                     tensors[fname.removesuffix(".safetensors")] = sd
                 elif fname.endswith(".pt"):
                     objects[fname.removesuffix(".pt")] = torch.load(
-                        io.BytesIO(data), map_location=map_location, weights_only=True)
+                        io.BytesIO(data), map_location=map_location, weights_only=True
+                    )
             except Exception as exc:  # noqa: BLE001 - any failure to decode a verified file is damage
-                raise _Damaged(f"{fname} does not load ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+                raise _Damaged(
+                    f"{fname} does not load ({type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''})"
+                ) from None
         if not isinstance(state, dict) or state.get("step") != manifest.get("step"):
             raise _Damaged("state.json is missing or disagrees with the manifest's step")
         return LoadedCheckpoint(path=folder, slot=slot, state=state, tensors=tensors, objects=objects)
@@ -348,15 +385,17 @@ class CheckpointManager:
         except FileNotFoundError:
             raise _Damaged(f"{fname} is missing") from None
         except PermissionError as exc:
-            raise CheckpointError(f"cannot read {path} ({exc.strerror}); check permissions of "
-                                  f"{folder} and run again") from None
+            raise CheckpointError(
+                f"cannot read {path} ({exc.strerror}); check permissions of {folder} and run again"
+            ) from None
         except OSError as exc:
             raise _Damaged(f"{fname} cannot be read ({exc.strerror})") from None
         if not isinstance(entry, dict):
             raise _Damaged(f"manifest.json has a malformed entry for {fname}")
         if len(data) != entry.get("bytes"):
-            raise _Damaged(f"{fname} has {len(data)} bytes, the manifest says {entry.get('bytes')} "
-                           "(truncated?)")
+            raise _Damaged(
+                f"{fname} has {len(data)} bytes, the manifest says {entry.get('bytes')} (truncated?)"
+            )
         if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
             raise _Damaged(f"sha256 mismatch in {fname}")
         return data
@@ -388,8 +427,10 @@ class CheckpointManager:
                 self._set_slot(slot, chain[i] if i < len(chain) else None)
             _fsync_dir(self.root)
         except OSError as exc:
-            self._warn(f"could not repoint the checkpoint slots in {self.root} ({exc.strerror}); the next "
-                       "save will repair them")
+            self._warn(
+                f"could not repoint the checkpoint slots in {self.root} ({exc.strerror}); the next "
+                "save will repair them"
+            )
 
     def current_state(self) -> dict | None:
         """`state.json` of `current`, unverified (cheap, for status displays); None if unreadable."""

@@ -20,6 +20,10 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+class DistributedSetupError(Exception):
+    """The process layout does not fit this machine; the message says what to change."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -42,6 +46,12 @@ def setup(backend: str = "auto", want_cuda: bool | None = None) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if want_cuda is None else want_cuda
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise DistributedSetupError(
+            f"process {local_rank} of this node needs GPU {local_rank}, but only "
+            f"{torch.cuda.device_count()} GPU(s) are visible: lower distributed.nproc_per_node (or "
+            "torchrun --nproc_per_node) to the number of GPUs"
+        )
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)

@@ -32,11 +32,15 @@ def three_sources(tmp_path) -> list:
         text = f"Note {i}: the harbour crane lifted crate {i * 7}."
         (notes / f"n{i}.txt").write_text(text, encoding="utf-8")
     path = tmp_path / "qa.jsonl"
-    path.write_text("".join(json.dumps({"q": f"What is {i}+{i}?", "a": f"It is {2 * i}."}) + "\n"
-                            for i in range(6)), encoding="utf-8")
-    return [WikiVitalSource(limit=8, format="{title}: {description}."),
-            TextDirSource(path=str(notes), weight=2.0),
-            JsonlSource(path=str(path), format="Q: {q}\nA: {a}", weight=0.5)]
+    path.write_text(
+        "".join(json.dumps({"q": f"What is {i}+{i}?", "a": f"It is {2 * i}."}) + "\n" for i in range(6)),
+        encoding="utf-8",
+    )
+    return [
+        WikiVitalSource(limit=8, format="{title}: {description}."),
+        TextDirSource(path=str(notes), weight=2.0),
+        JsonlSource(path=str(path), format="Q: {q}\nA: {a}", weight=0.5),
+    ]
 
 
 def take(it, n: int) -> list[torch.Tensor]:
@@ -100,8 +104,9 @@ def test_two_ranks_two_workers_partition_the_documents(tmp_path, tok):
     docs = equal_length_docs(tok, 40)
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    cfg = DataConfig(sources=[JsonlSource(path=str(path), field="text")], validation_fraction=0.0,
-                     num_workers=2)
+    cfg = DataConfig(
+        sources=[JsonlSource(path=str(path), field="text")], validation_fraction=0.0, num_workers=2
+    )
     seq_len = len(tok.encode(docs[0]))  # a block is exactly one document + eot
     seen: dict[int, list[str]] = {}
     for rank in range(2):
@@ -150,8 +155,12 @@ def test_a_cursor_for_another_layout_restarts_with_a_warning(three_sources, tok)
 
 
 def test_every_source_failing_stops_with_one_message(tmp_path, tok):
-    cfg = DataConfig(sources=[TextDirSource(path=str(tmp_path / "missing")),
-                              JsonlSource(path=str(tmp_path / "none.jsonl"), field="text")])
+    cfg = DataConfig(
+        sources=[
+            TextDirSource(path=str(tmp_path / "missing")),
+            JsonlSource(path=str(tmp_path / "none.jsonl"), field="text"),
+        ]
+    )
     with pytest.raises(DataSourceError, match="no training text: source 0 .*missing.*source 1 .*none.jsonl"):
         make_train_batches(cfg, tok, SEQ_LEN, BATCH, seed=0)
 

@@ -34,8 +34,9 @@ def texts(stream: DocStream, n: int) -> list[str]:
     return out
 
 
-def stream(sources, mode, seed=0, shuffle=False, fraction=0.0, split="train", shard=0, n_shards=1,
-           max_epochs=None) -> DocStream:
+def stream(
+    sources, mode, seed=0, shuffle=False, fraction=0.0, split="train", shard=0, n_shards=1, max_epochs=None
+) -> DocStream:
     return DocStream(Mixer(sources, mode, seed, shuffle, max_epochs), split, fraction, shard, n_shards)
 
 
@@ -114,8 +115,10 @@ def test_validation_split_is_stable_and_disjoint(wiki):
 def test_shards_are_disjoint_and_cover_the_split(tmp_path):
     sources = jsonl_sources(tmp_path, {"A": 11, "B": 6, "C": 9})
     full = texts(stream(sources, "round_robin", seed=2, shuffle=True, max_epochs=1), 100)
-    parts = [texts(stream(sources, "round_robin", 2, True, 0.0, "train", k, 4, max_epochs=1), 100)
-             for k in range(4)]
+    parts = [
+        texts(stream(sources, "round_robin", 2, True, 0.0, "train", k, 4, max_epochs=1), 100)
+        for k in range(4)
+    ]
     assert [t for k in range(4) for t in parts[k]] != full  # really split...
     assert sorted(t for p in parts for t in p) == sorted(full)  # ...into disjoint parts covering all
     assert parts[1] == full[1::4]

@@ -26,16 +26,20 @@ from pdt.presets.schema import (
 def make_pdf(pages: list[str]) -> bytes:
     """A minimal valid PDF: one Helvetica text object per page, a correct xref table."""
     kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(len(pages)))
-    objs = [b"<< /Type /Catalog /Pages 2 0 R >>",
-            f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode(),
-            b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    objs = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        f"<< /Type /Pages /Kids [{kids}] /Count {len(pages)} >>".encode(),
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
     for i, text in enumerate(pages):
         ops = ["BT", "/F1 12 Tf", "14 TL", "72 720 Td"]
         for line in text.split("\n"):
             ops.append("(" + line.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ") Tj T*")
         stream = "\n".join(ops + ["ET"]).encode("latin-1")
-        objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R "
-                    f">> >> /Contents {5 + 2 * i} 0 R >>".encode())
+        objs.append(
+            f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R "
+            f">> >> /Contents {5 + 2 * i} 0 R >>".encode()
+        )
         objs.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
     out = bytearray(b"%PDF-1.4\n")
     offsets = []
@@ -135,9 +139,11 @@ def test_missing_path_names_it(tmp_path):
     with pytest.raises(DataSourceError) as err:
         build_source(TextDirSource(path=str(missing)), 3).open()
     assert "source 3 (text_dir" in str(err.value) and str(missing) in str(err.value)
-    for cfg in (JsonlSource(path=str(missing / "x.jsonl"), field="text"),
-                ParquetSource(path=str(missing / "x.parquet"), field="text"),
-                PdfDirSource(path=str(missing))):
+    for cfg in (
+        JsonlSource(path=str(missing / "x.jsonl"), field="text"),
+        ParquetSource(path=str(missing / "x.parquet"), field="text"),
+        PdfDirSource(path=str(missing)),
+    ):
         with pytest.raises(DataSourceError, match="nowhere") as err:
             build_source(cfg, 1).open()
         assert f"source 1 ({cfg.type}" in str(err.value)
@@ -208,9 +214,14 @@ def test_jsonl_field_glob_and_skips(tmp_path):
 
 
 def test_jsonl_format_string(tmp_path):
-    write_jsonl(tmp_path / "qa.jsonl", [{"question": "Why?", "answer": "Because.", "id": 1},
-                                        {"question": "Who?"},
-                                        {"question": "How?", "answer": "Carefully."}])
+    write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"question": "Why?", "answer": "Because.", "id": 1},
+            {"question": "Who?"},
+            {"question": "How?", "answer": "Carefully."},
+        ],
+    )
     source = opened(JsonlSource(path=str(tmp_path / "qa.jsonl"), format="Q: {question}\nA: {answer}"))
     docs = read_all(source)
     assert docs[0].text == "Q: Why?\nA: Because." and docs[2].text == "Q: How?\nA: Carefully."
@@ -229,9 +240,13 @@ def test_jsonl_every_record_failing_is_an_error(tmp_path):
 
 
 def write_parquet(path, n, row_group_size=4):
-    table = pa.table({"question": [f"q{i}" for i in range(n)],
-                      "answer": [None if i == 5 else f"a{i}" for i in range(n)],
-                      "text": [f"text number {i}" for i in range(n)]})
+    table = pa.table(
+        {
+            "question": [f"q{i}" for i in range(n)],
+            "answer": [None if i == 5 else f"a{i}" for i in range(n)],
+            "text": [f"text number {i}" for i in range(n)],
+        }
+    )
     pq.write_table(table, path, row_group_size=row_group_size)
 
 
@@ -323,8 +338,11 @@ def test_some_sources_failing_warns_and_continues(tmp_path):
     (tmp_path / "ok" / "a.txt").write_text("fine", encoding="utf-8")
     (tmp_path / "empty").mkdir()
     warnings: list[str] = []
-    cfgs = [TextDirSource(path=str(tmp_path / "missing")), TextDirSource(path=str(tmp_path / "ok")),
-            TextDirSource(path=str(tmp_path / "empty"))]
+    cfgs = [
+        TextDirSource(path=str(tmp_path / "missing")),
+        TextDirSource(path=str(tmp_path / "ok")),
+        TextDirSource(path=str(tmp_path / "empty")),
+    ]
     opened_sources = open_sources(cfgs, warnings.append)
     assert [s.index for s in opened_sources] == [1]
     assert len(warnings) == 2 and "missing" in warnings[0] and "no documents" in warnings[1]

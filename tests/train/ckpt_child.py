@@ -18,8 +18,12 @@ def main() -> None:
     for step in range(1, last + 1):
         if step == last:
             os.environ["PDT_TEST_SAVE_HOLD"] = hold
-        manager.save(step=step, tensors={"model": {"w": torch.full((64, 64), float(step))}},
-                     objects={"optimizer": {"step": torch.tensor(step)}}, state={"tokens_seen": 100 * step})
+        manager.save(
+            step=step,
+            tensors={"model": {"w": torch.full((64, 64), float(step))}},
+            objects={"optimizer": {"step": torch.tensor(step)}},
+            state={"tokens_seen": 100 * step},
+        )
 
 
 if __name__ == "__main__":

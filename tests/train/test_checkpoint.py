@@ -39,8 +39,12 @@ class TiedLM(nn.Module):
 
 
 def _save(manager: CheckpointManager, step: int) -> Path:
-    return manager.save(step=step, tensors={"model": {"w": torch.full((8, 8), float(step))}},
-                        objects={"optimizer": {"step": torch.tensor(step)}}, state={"tokens_seen": 10 * step})
+    return manager.save(
+        step=step,
+        tensors={"model": {"w": torch.full((8, 8), float(step))}},
+        objects={"optimizer": {"step": torch.tensor(step)}},
+        state={"tokens_seen": 10 * step},
+    )
 
 
 def _slot_steps(root: Path) -> dict[str, int | None]:
@@ -61,8 +65,11 @@ def _folder(root: Path, slot: str) -> Path:
 
 def _rng_states() -> dict:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])},
+    }
 
 
 def test_round_trip_tensors_objects_state_and_tied_weights(tmp_path: Path) -> None:
@@ -72,21 +79,35 @@ def test_round_trip_tensors_objects_state_and_tied_weights(tmp_path: Path) -> No
     model(torch.tensor([[1, 2, 3]])).sum().backward()
     opt.step()
     base = torch.randn(4, 5)
-    extra = {"bf16": torch.randn(3, 7).to(torch.bfloat16), "ids": torch.arange(9, dtype=torch.int64),
-             "transposed": torch.randn(5, 3).t(), "base": base, "row_of_base": base[1]}
+    extra = {
+        "bf16": torch.randn(3, 7).to(torch.bfloat16),
+        "ids": torch.arange(9, dtype=torch.int64),
+        "transposed": torch.randn(5, 3).t(),
+        "base": base,
+        "row_of_base": base[1],
+    }
     assert not extra["transposed"].is_contiguous()
     rng = _rng_states()
     expect_torch, expect_py, expect_np = torch.rand(3), random.random(), np.random.rand()
     state = {"tokens_seen": 1234, "data": [{"cursor": 5}], "stage": "pretrain"}
     manager = CheckpointManager(tmp_path / "ck")
-    path = manager.save(step=7, tensors={"model": model.state_dict(), "extra": extra},
-                        objects={"optimizer": opt.state_dict(), "rng": rng}, state=state)
+    path = manager.save(
+        step=7,
+        tensors={"model": model.state_dict(), "extra": extra},
+        objects={"optimizer": opt.state_dict(), "rng": rng},
+        state=state,
+    )
 
     assert path.name.startswith("ckpt-00000007-") and path.is_dir()
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["aliases"]["model.safetensors"] == {"head.weight": "emb.weight"}
-    assert set(manifest["files"]) == {"model.safetensors", "extra.safetensors", "optimizer.pt", "rng.pt",
-                                      "state.json"}
+    assert set(manifest["files"]) == {
+        "model.safetensors",
+        "extra.safetensors",
+        "optimizer.pt",
+        "rng.pt",
+        "state.json",
+    }
     loaded = CheckpointManager(tmp_path / "ck").load()
     assert loaded is not None and loaded.slot == "current" and loaded.warnings == []
     assert loaded.path.resolve() == path.resolve()
@@ -149,8 +170,9 @@ def test_rotation_keeps_three_and_deletes_the_oldest(tmp_path: Path) -> None:
     for slot in SLOTS:
         assert (tmp_path / slot).is_symlink() and not os.path.isabs(os.readlink(tmp_path / slot))
     assert not folders[0].exists() and all(f.is_dir() for f in folders[1:])
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-")) == \
-        sorted(f.name for f in folders[1:])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("ckpt-")) == sorted(
+        f.name for f in folders[1:]
+    )
     assert not list(tmp_path.glob(".tmp-*"))
     assert manager.current_state() == {"tokens_seen": 40, "step": 4}
 
@@ -161,8 +183,12 @@ def test_rotation_keeps_three_and_deletes_the_oldest(tmp_path: Path) -> None:
 def test_sigkill_mid_save_leaves_previous_current_loadable(tmp_path: Path) -> None:
     root, hold = tmp_path / "ck", tmp_path / "hold"
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.Popen([sys.executable, str(CHILD), str(root), str(hold), "3"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), str(root), str(hold), "3"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 30
         while not hold.exists():
@@ -215,8 +241,12 @@ def _no_manifest(folder: Path) -> str:
     return "manifest.json is missing"
 
 
-DAMAGE = {"truncated": _truncate, "bad-manifest": _bad_manifest, "flipped-byte": _flip_byte,
-          "no-manifest": _no_manifest}
+DAMAGE = {
+    "truncated": _truncate,
+    "bad-manifest": _bad_manifest,
+    "flipped-byte": _flip_byte,
+    "no-manifest": _no_manifest,
+}
 
 
 @pytest.mark.parametrize("kind", list(DAMAGE))
@@ -267,8 +297,11 @@ def test_all_slots_damaged_raises_and_keeps_every_folder(tmp_path: Path) -> None
     manager = CheckpointManager(tmp_path)
     for step in (1, 2, 3):
         _save(manager, step)
-    reasons = [_flip_byte(_folder(tmp_path, "current")), _bad_manifest(_folder(tmp_path, "prev")),
-               _truncate(_folder(tmp_path, "prev2"))]
+    reasons = [
+        _flip_byte(_folder(tmp_path, "current")),
+        _bad_manifest(_folder(tmp_path, "prev")),
+        _truncate(_folder(tmp_path, "prev2")),
+    ]
     with pytest.raises(CheckpointError) as info:
         manager.load()
     message = str(info.value)
@@ -292,8 +325,9 @@ def _assert_untouched(root: Path, before: dict[str, str]) -> None:
 
 
 @pytest.mark.parametrize("where", ["writing", "switching"])
-def test_disk_full_removes_partial_save_and_keeps_previous(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           where: str) -> None:
+def test_disk_full_removes_partial_save_and_keeps_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
     manager = CheckpointManager(tmp_path)
     _save(manager, 1)
     _save(manager, 2)
@@ -337,8 +371,10 @@ def test_permission_denied_keeps_previous(tmp_path: Path, monkeypatch: pytest.Mo
         except PermissionError:
             chmod_works = True
         if not chmod_works:
+
             def denied(path: Path, *args: object) -> None:
                 raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
             monkeypatch.setattr(ck, "_write_file", denied)
         with pytest.raises(CheckpointError) as info:
             _save(manager, 3)
@@ -351,8 +387,9 @@ def test_permission_denied_keeps_previous(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.parametrize("failing_replace", [1, 2, 3])
-def test_switch_interrupted_at_any_replace_keeps_old_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             failing_replace: int) -> None:
+def test_switch_interrupted_at_any_replace_keeps_old_current(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_replace: int
+) -> None:
     """prev2, prev, then current: until the last os.replace, `current` and its `prev` are the old ones."""
     manager = CheckpointManager(tmp_path)
     for step in (1, 2, 3):

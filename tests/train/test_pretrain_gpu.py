@@ -24,8 +24,17 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_bf16_run_learns_and_reports_gpu_figures(tmp_path: Path, compile_model: bool) -> None:
     data = json.loads((ROOT / "presets" / "pretrain_tiny.json").read_text())
     data["name"] = f"gpu_tiny_{int(compile_model)}"
-    data["train"].update({"token_budget": 60 * 128 * 16, "precision": "bf16", "compile": compile_model,
-                          "log_every": 1, "eval_every": 30, "sample_every": 60, "lr": 0.003})
+    data["train"].update(
+        {
+            "token_budget": 60 * 128 * 16,
+            "precision": "bf16",
+            "compile": compile_model,
+            "log_every": 1,
+            "eval_every": 30,
+            "sample_every": 60,
+            "lr": 0.003,
+        }
+    )
     preset = validate_preset(data)
     seen: list[Event] = []
     assert run_job(preset, tmp_path / "run", console=False, extra_sinks=[seen.append]) == 0

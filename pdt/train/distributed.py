@@ -45,7 +45,16 @@ def setup(backend: str = "auto", want_cuda: bool | None = None) -> DistContext:
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    use_cuda = torch.cuda.is_available() if want_cuda is None else want_cuda
+    forced = os.environ.get("PDT_DEVICE", "").strip().lower()
+    if forced not in ("", "cpu", "cuda"):
+        raise DistributedSetupError(f'PDT_DEVICE={forced!r}: use "cpu", "cuda" or leave it unset')
+    if forced == "cuda" and not torch.cuda.is_available():
+        raise DistributedSetupError(
+            "PDT_DEVICE=cuda, but torch sees no CUDA GPU (check the driver and torch build)"
+        )
+    if want_cuda is None:
+        want_cuda = torch.cuda.is_available() if not forced else forced == "cuda"
+    use_cuda = want_cuda
     if use_cuda and local_rank >= torch.cuda.device_count():
         raise DistributedSetupError(
             f"process {local_rank} of this node needs GPU {local_rank}, but only "

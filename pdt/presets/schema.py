@@ -241,6 +241,54 @@ class CheckpointConfig(StrictModel):
     """At the end, export the trunk as a standard HF folder under checkpoints/<preset>/export."""
 
 
+class SidecarConfig(StrictModel):
+    """The PDT sidecars attached to a frozen trunk (SPEC §2). Defaults keep them ≤ 5% of a 124M trunk."""
+
+    num_streams: int = Field(3, ge=1, le=64)
+    """K: output streams written in parallel (stream ids are 0-based)."""
+    n_layers: int = Field(4, ge=1)
+    """Instrument the top n decoder layers (SNC after attention, adapter after the MLP)."""
+    d_notes: int = Field(256, ge=8)
+    """d_n: width of a note vector on the notes bus."""
+    snc_width: int | None = Field(None, ge=8)
+    """Inner width of notes cross-attention; None: min(d_model / 4, 512) rounded to the heads."""
+    snc_heads: int = Field(4, ge=1)
+    """Heads of notes cross-attention."""
+    adapter_rank: int = Field(64, ge=1)
+    """r: bottleneck of the per-stream adapters (d → r → d)."""
+    plan_vocab: int = Field(16384, ge=2)
+    """V_p: latent plan ids (plan items hash into this many ids)."""
+    plan_slots: int = Field(16, ge=1)
+    """S: plan slots the planner predicts."""
+    d_plan: int = Field(64, ge=4)
+    """Width of the plan codebook E_plan (the planner head costs V_p × d_plan)."""
+    max_rounds: int = Field(64, ge=1)
+    """Rounds the note round/age embedding distinguishes (older rounds share the last id)."""
+    gate_init: float = -4.0
+    """Initial logit of every learned gate (sigmoid(-4) ≈ 0.018), so the trunk is unchanged at start."""
+    plan_salt: str = "pdt-plan-v1"
+    """Salt of the stable hash from plan-item text to plan id; stored with the checkpoint."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SidecarConfig:
+        if self.snc_width is not None and self.snc_width % self.snc_heads:
+            raise ValueError(
+                f"snc_width = {self.snc_width} is not divisible by snc_heads = {self.snc_heads}"
+            )
+        return self
+
+
+class BusConfig(StrictModel):
+    """The Dynamic Notes Bus: who sees which notes, and when (SPEC §2)."""
+
+    lag: int = Field(1, ge=0)
+    """Δ: a note committed in round r becomes visible to other streams from round r + Δ."""
+    window: int = Field(8, ge=1)
+    """W: at most this many notes per producer in a window (the newest are kept)."""
+    topology: Literal["all_to_all", "triangular"] = "all_to_all"
+    """all_to_all: every stream reads every stream; triangular: stream k reads streams j < k (and itself)."""
+
+
 class DistributedConfig(StrictModel):
     """How many processes the TUI launches (torchrun) and how they talk."""
 

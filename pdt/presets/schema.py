@@ -282,7 +282,8 @@ class BusConfig(StrictModel):
     """The Dynamic Notes Bus: who sees which notes, and when (SPEC §2)."""
 
     lag: int = Field(1, ge=0)
-    """Δ: a note committed in round r becomes visible to other streams from round r + Δ."""
+    """Δ (rounds): a note of round r is visible to other streams in round v iff r ≤ v − Δ and r < v
+    (it exists only once round r ends, so Δ = 0 and Δ = 1 both reveal it from round r + 1)."""
     window: int = Field(8, ge=1)
     """W: at most this many notes per producer in a window (the newest are kept)."""
     topology: Literal["all_to_all", "triangular"] = "all_to_all"

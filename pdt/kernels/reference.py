@@ -1,0 +1,105 @@
+"""Plain PyTorch references of the sidecar ops: the ground truth every fast kernel is tested against.
+
+What it is: `grouped_adapter` (a per-row, per-stream bottleneck MLP: rows of one batch belong to
+different streams, each with its own weights) and `snc_attend` (scaled dot-product attention of
+each position over its visible notes, with an exact zero for a position that sees no note). Both
+are differentiable with ordinary autograd and run on any device.
+What it is not: fast. No Triton, no fused gate/residual; `pdt.kernels` dispatches here today and
+to a Triton path later, behind the same signatures. Shapes are checked here, once, so a kernel
+launcher may assume them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_adapter_shapes(
+    x: torch.Tensor,
+    stream_ids: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+) -> None:
+    if x.dim() != 2 or stream_ids.shape != (x.shape[0],):
+        raise ValueError(
+            f"grouped_adapter: x must be [N, D] and stream_ids [N]; got {tuple(x.shape)}, "
+            f"{tuple(stream_ids.shape)}"
+        )
+    k, d, r = w_down.shape
+    expected = {"w_down": (k, x.shape[1], r), "b_down": (k, r), "w_up": (k, r, d), "b_up": (k, d)}
+    actual = {"w_down": w_down.shape, "b_down": b_down.shape, "w_up": w_up.shape, "b_up": b_up.shape}
+    for name, shape in expected.items():
+        if tuple(actual[name]) != shape:
+            raise ValueError(f"grouped_adapter: {name} must be {shape}, got {tuple(actual[name])}")
+    if stream_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"grouped_adapter: stream_ids must be an integer tensor, got {stream_ids.dtype}")
+
+
+def grouped_adapter(
+    x: torch.Tensor,
+    stream_ids: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+) -> torch.Tensor:
+    """Row n: `gelu(x[n] @ w_down[s] + b_down[s]) @ w_up[s] + b_up[s]` with s = stream_ids[n].
+
+    x [N, D], stream_ids [N] (0-based, < K), w_down [K, D, r], b_down [K, r], w_up [K, r, D],
+    b_up [K, D] → [N, D]. Rows are sorted by stream and each contiguous group does two dense
+    matmuls (the grouped-GEMM layout a kernel mirrors). Gathering per-row weights instead would
+    materialise N·D·r floats — 1.5 GB for 2048 rows at D=2880, r=64 — so it is not done.
+    """
+    _check_adapter_shapes(x, stream_ids, w_down, b_down, w_up, b_up)
+    num_streams = w_down.shape[0]
+    stream_ids = stream_ids.long()
+    if stream_ids.numel() and (int(stream_ids.min()) < 0 or int(stream_ids.max()) >= num_streams):
+        raise ValueError(
+            f"grouped_adapter: stream ids must lie in [0, {num_streams}), got "
+            f"[{int(stream_ids.min())}, {int(stream_ids.max())}]"
+        )
+    order = torch.argsort(stream_ids, stable=True)  # [N] rows grouped by stream
+    counts = torch.bincount(stream_ids, minlength=num_streams).tolist()  # K group sizes
+    groups = torch.split(x.index_select(0, order), counts)  # K tensors [N_k, D]
+    outs = [
+        F.gelu(xs @ w_down[s] + b_down[s]) @ w_up[s] + b_up[s]  # [N_k, r] → [N_k, D]
+        for s, xs in enumerate(groups)
+    ]
+    sorted_out = torch.cat(outs, dim=0)  # [N, D] in stream order
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)  # [N] back to row order
+    return sorted_out.index_select(0, inverse)
+
+
+def snc_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of each position over its visible notes; a position that sees none gets exactly 0.
+
+    q [R, H, T, dh], k and v [R, H, N, dh], mask [R, T, N] bool (True = visible) → [R, H, T, dh].
+    Why not `softmax(masked_fill(-inf))`: a row of all −inf is NaN in the forward and poisons
+    every gradient (SPEC §2b.2). Here fully masked rows score 0 (a harmless uniform softmax),
+    then their probabilities are multiplied by 0, so the output is an exact zero and every
+    gradient through that row is an exact zero too. Softmax runs in fp32 for bf16/fp16 inputs.
+    """
+    if q.dim() != 4 or k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            f"snc_attend: q must be [R, H, T, dh], k and v [R, H, N, dh]; got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    rows, _, t, dh = q.shape
+    if mask.shape != (rows, t, k.shape[2]) or mask.dtype != torch.bool:
+        raise ValueError(
+            f"snc_attend: mask must be bool [R, T, N] = {(rows, t, k.shape[2])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    scores = (q @ k.transpose(-1, -2)).float() * (1.0 / math.sqrt(dh))  # [R, H, T, N]
+    visible = mask[:, None]  # [R, 1, T, N] shared by every head
+    any_visible = visible.any(dim=-1, keepdim=True)  # [R, 1, T, 1]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    scores = torch.where(any_visible, scores, torch.zeros_like(scores))  # no all −inf row
+    probs = torch.softmax(scores, dim=-1) * any_visible  # [R, H, T, N], empty rows → 0
+    return probs.to(v.dtype) @ v  # [R, H, T, dh]

@@ -1,0 +1,142 @@
+"""The decode-step API: K streams as the rows of ONE batched trunk forward per token.
+
+What it is: a shared prompt prefilled once and broadcast to every row's cache; then per-token
+steps where each row (stream) has its own logical length and position ids; inactive rows (done,
+or waiting for a shorter prefix) take a masked placeholder slot; `rollback(row, length)` resets a
+row to an earlier commit point by masking its later cache slots — no cache copy, no re-prefill
+(SPEC §2b.3). Rows share physical cache slots; a per-row validity mask hides each row's holes,
+and explicit position ids keep every row's positions contiguous, so a row conditions exactly on
+its own committed tokens. What it is not: the orchestrator (rounds, commit/rollback policy,
+sampling) — that lives in `pdt.infer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pdt.model.instrument import SidecarContext
+from pdt.model.pdt_model import PDTModel
+
+
+@dataclass
+class DecodeState:
+    """The batched cache and the per-row bookkeeping that makes it R independent caches."""
+
+    cache: object  # transformers Cache, batch R
+    valid: torch.Tensor  # [R, P] bool: physical slot p holds a live token of row r
+    logical: torch.Tensor  # [R, P] long: that token's logical index in row r (-1: placeholder)
+    lengths: torch.Tensor  # [R] long: tokens row r conditions on (prompt + its own tokens)
+    prompt_len: int = 0
+    tokens: list[list[int]] = field(default_factory=list)  # each row's own tokens after the prompt
+
+    @property
+    def rows(self) -> int:
+        return int(self.lengths.numel())
+
+    def kv_bytes(self) -> int:
+        """Real bytes held by the KV cache (all layers, keys and values)."""
+        total = 0
+        for layer in getattr(self.cache, "layers", []):
+            for name in ("keys", "values"):
+                t = getattr(layer, name, None)
+                if isinstance(t, torch.Tensor):
+                    total += t.numel() * t.element_size()
+        return total
+
+
+class StreamDecoder:
+    """Prefill once, then step all rows together; sidecars read the window given per step."""
+
+    def __init__(self, model: PDTModel) -> None:
+        self.model = model
+        self.device = next(model.trunk.parameters()).device
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: list[int], rows: int) -> tuple[DecodeState, torch.Tensor]:
+        """Encode the prompt once (plain trunk: it is shared, so no stream-specific sidecar touches it)
+        and give every row that cache. Returns the state and the last prompt position's logits [R, V]."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, P]
+        cache = DynamicCache()
+        out = self.model.trunk(input_ids=ids, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(rows)  # the prefix's K/V, once per row
+        p = len(prompt_ids)
+        state = DecodeState(
+            cache=cache,
+            valid=torch.ones(rows, p, dtype=torch.bool, device=self.device),
+            logical=torch.arange(p, device=self.device).expand(rows, p).clone(),  # [R, P]
+            lengths=torch.full((rows,), p, dtype=torch.long, device=self.device),
+            prompt_len=p,
+            tokens=[[] for _ in range(rows)],
+        )
+        return state, out.logits[:, -1].expand(rows, -1)
+
+    @torch.no_grad()
+    def step(
+        self, state: DecodeState, tokens: torch.Tensor, active: torch.Tensor, context: SidecarContext | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one token per row. tokens [R] long; active [R] bool (inactive rows: placeholder slot).
+
+        Returns (logits [R, V], last hidden [R, D]) at the new position of each row.
+        """
+        rows = state.rows
+        position = state.lengths.clone()  # [R] the logical index of the new token
+        mask = torch.cat([state.valid, active[:, None]], dim=1)  # [R, P+1]
+        logical = torch.cat([state.logical, position[:, None]], dim=1)  # [R, P+1]
+        ids = tokens.to(self.device)[:, None]  # [R, 1]
+        kwargs = dict(
+            input_ids=ids,
+            past_key_values=state.cache,
+            attention_mask=self._mask(mask, logical, position),
+            position_ids=position[:, None],
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        if context is None:
+            out = self.model.trunk(**kwargs)
+        else:
+            with self.model.instrumentation.active(context):
+                out = self.model.trunk(**kwargs)
+        state.cache = out.past_key_values
+        state.valid = mask
+        new_logical = torch.where(active, position, torch.full_like(position, -1))
+        state.logical = torch.cat([state.logical, new_logical[:, None]], dim=1)  # [R, P+1]
+        state.lengths = state.lengths + active.long()
+        for r in range(rows):
+            if bool(active[r]):
+                state.tokens[r].append(int(tokens[r]))
+        return out.logits[:, -1], out.hidden_states[-1][:, -1]
+
+    def _mask(self, valid: torch.Tensor, logical: torch.Tensor, position: torch.Tensor) -> object:
+        """The attention mask for one step: a 2D padding mask, or — for trunks with sliding-window
+        layers — prepared 4D masks per layer type, because HF's sliding window counts physical cache
+        slots and our rows have holes; the window must count each row's own (logical) tokens."""
+        layer_types = getattr(self.model.trunk.config, "layer_types", None)
+        window = getattr(self.model.trunk.config, "sliding_window", None)
+        if not layer_types or "sliding_attention" not in layer_types or not window:
+            return valid.long()
+        dtype = self.model.trunk.get_input_embeddings().weight.dtype
+        blocked = torch.finfo(dtype).min
+
+        def additive(allowed: torch.Tensor) -> torch.Tensor:  # [R, P+1] → [R, 1, 1, P+1]
+            zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            return zeros.masked_fill(~allowed, blocked)[:, None, None, :]
+
+        in_window = logical > (position[:, None] - window)  # HF keeps keys with kv > q - window
+        masks = {"full_attention": additive(valid), "sliding_attention": additive(valid & in_window)}
+        return {t: masks[t] for t in set(layer_types)}
+
+    def rollback(self, state: DecodeState, row: int, length: int) -> None:
+        """Truncate row `row` to `length` tokens (prompt included): its later slots are masked for good."""
+        if not state.prompt_len <= length <= int(state.lengths[row]):
+            raise ValueError(
+                f"rollback of row {row} to {length}: must be within "
+                f"[{state.prompt_len}, {int(state.lengths[row])}]"
+            )
+        state.valid[row] &= state.logical[row] < length
+        state.lengths[row] = length
+        del state.tokens[row][length - state.prompt_len :]

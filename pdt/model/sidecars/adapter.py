@@ -1,0 +1,65 @@
+"""Stream adapters: a per-stream bottleneck MLP with a gated residual, applied after a trunk MLP.
+
+What it is: K small adapters `d → r → d` (GELU), one per stream; each row of a batch uses the
+weights of its own stream (rows of one batch belong to different streams, SPEC §2), computed by
+`pdt.kernels.grouped_adapter`. Output: `h + sigmoid(gate[s]) · adapter_s(h)`.
+What it is not: the hook that puts it into the trunk (`pdt.model.instrument`) nor LoRA on the
+trunk's own weights (curriculum stage 4).
+
+Identity at init (SPEC §2b.2): the up-projection and its bias start at exactly zero, so the
+adapter's output is exactly 0 and the trunk is unchanged bit for bit; the down-projection is
+random so the up-projection receives a useful gradient from the first step (the LoRA recipe).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from pdt.kernels import grouped_adapter
+
+
+class StreamAdapters(nn.Module):
+    """K per-stream bottleneck adapters with per-stream gates.
+
+    Parameters: w_down [K, D, r], b_down [K, r], w_up [K, r, D] (zero), b_up [K, D] (zero),
+    gate [K] (logits, init `gate_init`) — K·(2·D·r + r + D + 1) in all.
+    """
+
+    def __init__(self, d_model: int, rank: int, num_streams: int, gate_init: float = -4.0) -> None:
+        super().__init__()
+        self.d_model, self.rank, self.num_streams = d_model, rank, num_streams
+        # Same scale as nn.Linear's default (uniform ±1/sqrt(fan_in)): GELU inputs start O(1).
+        bound = 1.0 / math.sqrt(d_model)
+        self.w_down = nn.Parameter(torch.empty(num_streams, d_model, rank).uniform_(-bound, bound))
+        self.b_down = nn.Parameter(torch.zeros(num_streams, rank))
+        self.w_up = nn.Parameter(torch.zeros(num_streams, rank, d_model))  # zero: exact identity at init
+        self.b_up = nn.Parameter(torch.zeros(num_streams, d_model))  # zero: exact identity at init
+        # sigmoid(-4) ≈ 0.018: even once w_up moves, the first steps barely perturb the trunk.
+        self.gate = nn.Parameter(torch.full((num_streams,), float(gate_init)))
+
+    def forward(self, hidden: torch.Tensor, stream_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [R, T, D] (or [R, D]), stream_ids [R] → same shape as hidden, same dtype."""
+        if stream_ids.shape != (hidden.shape[0],):
+            raise ValueError(
+                f"StreamAdapters: stream_ids must be [R] = [{hidden.shape[0]}], got {tuple(stream_ids.shape)}"
+            )
+        squeeze = hidden.dim() == 2
+        h = hidden[:, None] if squeeze else hidden  # [R, T, D]
+        rows, t, d = h.shape
+        x = h.reshape(rows * t, d).to(self.w_down.dtype)  # [R·T, D]: one flat row per token
+        token_streams = stream_ids.to(h.device).long().repeat_interleave(t)  # [R·T]
+        delta = grouped_adapter(x, token_streams, self.w_down, self.b_down, self.w_up, self.b_up)
+        gate = torch.sigmoid(self.gate)[token_streams]  # [R·T] gate of each token's stream
+        delta = (gate[:, None] * delta).reshape(rows, t, d)  # [R·T, D] → [R, T, D]
+        out = h + delta.to(h.dtype)
+        return out[:, 0] if squeeze else out
+
+    def gate_value(self) -> torch.Tensor:
+        """sigmoid(gate) per stream, detached: [K]."""
+        return torch.sigmoid(self.gate.detach())
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, rank={self.rank}, num_streams={self.num_streams}"

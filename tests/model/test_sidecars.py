@@ -1,0 +1,351 @@
+"""The sidecar modules on their own: the SPEC §2b traps each module can cause, caught at the source.
+
+Identity at init (exact), an empty window that contributes an exact zero with finite gradients,
+notes / producers / the external gate that really change (or stop changing) the output, per-row
+stream weights, a planner that costs O(V_p·d_plan), a snapshot 0 that ignores inactive slots,
+stable salted plan ids, a deterministic padding-blind text embedder, padding-blind coverage, and
+gradients that reach every parameter.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdt.model.sidecars import (
+    PAD_LOGIT,
+    AgreementHead,
+    CoverageHead,
+    NotesCrossAttention,
+    NotesHead,
+    Planner,
+    SpeculationHead,
+    StreamAdapters,
+    StreamClassifier,
+    TextEmbedder,
+    coverage_summary,
+    plan_item_id,
+)
+
+D, DN, WIDTH, HEADS, K, ROUNDS, RANK = 16, 8, 8, 2, 3, 4, 5
+R, T, N = 3, 5, 4
+VP, S, DP = 512, 4, 8
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def open_module(module: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Simulate training: gates wide open, zero-initialised projections given random weights."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name == "gate":
+                p.fill_(4.0)
+            elif not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen(seed)) * 0.3)
+    return module
+
+
+# --------------------------------------------------------------------------- adapters
+
+
+def test_adapters_are_an_exact_identity_at_init() -> None:
+    adapters = StreamAdapters(D, RANK, K, gate_init=-4.0)
+    hidden = torch.randn(R, T, D, generator=gen(0))
+    ids = torch.tensor([2, 0, 1])
+    assert torch.equal(adapters(hidden, ids), hidden)
+    assert torch.equal(adapters(hidden[:, 0], ids), hidden[:, 0])  # [R, D] decode shape
+    bf16 = hidden.bfloat16()
+    out = adapters(bf16, ids)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, bf16)
+    assert torch.allclose(adapters.gate_value(), torch.sigmoid(torch.tensor(-4.0)).expand(K))
+
+
+def test_adapter_rows_use_their_own_streams_weights() -> None:
+    adapters = open_module(StreamAdapters(D, RANK, K))
+    hidden = torch.randn(R, T, D, generator=gen(2))
+    out = adapters(hidden, torch.tensor([0, 1, 2]))
+    for row, s in enumerate([0, 1, 2]):  # row `row` is stream `s`: stream-s weights, written out
+        h = hidden[row]
+        manual = F.gelu(h @ adapters.w_down[s] + adapters.b_down[s]) @ adapters.w_up[s] + adapters.b_up[s]
+        torch.testing.assert_close(
+            out[row], h + torch.sigmoid(adapters.gate[s]) * manual, atol=1e-5, rtol=1e-5
+        )
+    other = adapters(hidden, torch.tensor([0, 0, 2]))
+    assert torch.equal(other[0], out[0]) and torch.equal(other[2], out[2])
+    assert (other[1] - out[1]).abs().max() > 1e-3, "row 1 as stream 0 must differ from row 1 as stream 1"
+
+
+# --------------------------------------------------------------------------- notes cross-attention
+
+
+def snc_inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = gen(seed)
+    return {
+        "hidden": torch.randn(R, T, D, generator=g),
+        "notes": F.normalize(torch.randn(R, N, DN, generator=g), dim=-1),
+        "producer": torch.tensor([[K, 0, 1, 2]] * R),  # [R, N], K = snapshot 0
+        "rounds": torch.tensor([[0, 1, 1, 2]] * R),
+        "visible": torch.ones(R, T, N, dtype=torch.bool),
+    }
+
+
+def make_snc(gate_init: float = -4.0) -> NotesCrossAttention:
+    torch.manual_seed(0)
+    return NotesCrossAttention(D, DN, WIDTH, HEADS, K, ROUNDS, gate_init)
+
+
+def test_snc_is_an_exact_identity_at_init() -> None:
+    snc = make_snc()
+    x = snc_inputs()
+    assert torch.equal(snc(**x), x["hidden"])
+    assert snc.gate_value() == pytest.approx(float(torch.sigmoid(torch.tensor(-4.0))))
+
+
+def test_snc_empty_window_gives_zero_delta_and_finite_gradients() -> None:
+    snc = open_module(make_snc())
+    x = snc_inputs()
+    x["visible"][0] = False  # row 0 sees nothing
+    x["visible"][1, 2] = False  # one position of row 1 sees nothing
+    x["hidden"].requires_grad_()
+    out = snc(**x)
+    assert torch.equal(out[0], x["hidden"][0]) and torch.equal(out[1, 2], x["hidden"][1, 2])
+    assert (out[2] - x["hidden"][2]).abs().max() > 1e-3  # the open rows do move
+    out.square().sum().backward()
+    assert torch.isfinite(x["hidden"].grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in snc.parameters())
+
+
+def test_snc_reads_the_notes_and_their_producers() -> None:
+    snc = open_module(make_snc())
+    x = snc_inputs()
+    base = snc(**x)
+    changed = dict(x, notes=snc_inputs(seed=9)["notes"])
+    assert (snc(**changed) - base).abs().max() > 1e-3, "other notes must change the output"
+    same_round = dict(x, rounds=torch.zeros(R, N, dtype=torch.long))
+    base_same = snc(**same_round)
+    swapped = dict(same_round, notes=x["notes"][:, [0, 2, 1, 3]])  # producers 0 and 1 exchange notes
+    assert (snc(**swapped) - base_same).abs().max() > 1e-3, "the producer embedding must matter"
+    # Control: permuting whole entries (note + its tags) is a no-op, so the change above is the tags.
+    perm = [3, 1, 0, 2]
+    permuted = dict(same_round, notes=x["notes"][:, perm], producer=x["producer"][:, perm])
+    torch.testing.assert_close(snc(**permuted), base_same, atol=1e-5, rtol=1e-5)
+
+
+def test_snc_round_embedding_and_clipping() -> None:
+    snc = open_module(make_snc())
+    x = snc_inputs()
+    later = dict(x, rounds=x["rounds"] + 1)
+    assert (snc(**later) - snc(**x)).abs().max() > 1e-3, "the round embedding must matter"
+    old = dict(x, rounds=torch.full((R, N), ROUNDS - 1))
+    older = dict(x, rounds=torch.full((R, N), ROUNDS + 50))
+    assert torch.equal(snc(**old), snc(**older)), "rounds past max_rounds share the last id"
+
+
+def test_snc_external_gate_and_decode_window() -> None:
+    snc = open_module(make_snc())
+    x = snc_inputs()
+    assert torch.equal(snc(**x, g=0.0), x["hidden"])
+    per_row = snc(**x, g=torch.tensor([0.0, 1.0, 0.5]))
+    full = snc(**x, g=1.0)
+    assert torch.equal(per_row[0], x["hidden"][0]) and torch.allclose(per_row[1], full[1])
+    torch.testing.assert_close(per_row[2] - x["hidden"][2], 0.5 * (full[2] - x["hidden"][2]))
+    window = torch.tensor([[True, False, True, True]] * R)  # [R, N], same for every position
+    decode = snc(**dict(x, visible=window))
+    teacher = snc(**dict(x, visible=window[:, None, :].expand(R, T, N)))
+    assert torch.equal(decode, teacher)
+
+
+# --------------------------------------------------------------------------- planner and plan ids
+
+
+def test_planner_shapes_and_parameter_count() -> None:
+    planner = Planner(D, DN, VP, S, DP)
+    hidden, mask = torch.randn(2, T, D, generator=gen(0)), torch.ones(2, T, dtype=torch.bool)
+    logits, snapshot = planner(hidden, mask)
+    assert logits.shape == (2, S, VP) and snapshot.shape == (2, DN)
+    torch.testing.assert_close(snapshot, planner.snapshot0(logits.argmax(-1)))
+    count = sum(p.numel() for p in planner.parameters())
+    assert count == 2 * D + (D + 2) * S * DP + VP * DP + DP * DN
+    assert count < 2 * VP * DP + 2 * D + (D + 2) * S * DP + DP * DN
+    assert count < 2 * VP * DP + 1024 and count < D * S * VP / 4  # far below a dense D × S·V_p head
+
+
+def test_planner_pool_ignores_padding() -> None:
+    planner = Planner(D, DN, VP, S, DP)
+    hidden = torch.randn(2, T, D, generator=gen(1))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    noisy = hidden.clone()
+    noisy[0, 3:] = float("nan")
+    assert torch.equal(planner.logits(hidden, mask), planner.logits(noisy, mask))
+
+
+def test_snapshot0_is_unit_norm_and_ignores_inactive_slots() -> None:
+    planner = Planner(D, DN, VP, S, DP)
+    ids = torch.tensor([[3, 7, 11, 13], [5, 5, 9, 2]])
+    active = torch.tensor([[True, True, False, False], [True, True, True, True]])
+    snap = planner.snapshot0(ids, active)
+    torch.testing.assert_close(snap.norm(dim=-1), torch.ones(2))
+    other = ids.clone()
+    other[0, 2:] = torch.tensor([-100, 400])  # padding ids, even invalid ones, change nothing
+    assert torch.equal(planner.snapshot0(other, active)[0], snap[0])
+    assert (planner.snapshot0(ids)[0] - snap[0]).abs().max() > 1e-4  # ...but the slots count when active
+    none = planner.snapshot0(ids, torch.zeros_like(active))
+    assert torch.equal(none, torch.zeros_like(none))
+
+
+GOLDEN = ("The causes of the war", "pdt-plan-v1", 16384, 2561)  # pinned: ids must never drift
+
+
+def test_plan_item_id_is_stable_normalised_and_salted() -> None:
+    text, salt, vocab, expect = GOLDEN
+    assert plan_item_id(text, salt, vocab) == expect
+    assert plan_item_id("  the CAUSES of the war \n", salt, vocab) == expect
+    assert plan_item_id("Caf\u00e9", salt, vocab) == plan_item_id("CAFE\u0301", salt, vocab)  # NFC
+    items = [f"plan item {i}" for i in range(50)]
+    ids = [plan_item_id(t, salt, vocab) for t in items]
+    salted = [plan_item_id(t, "another-salt", vocab) for t in items]
+    assert sum(a != b for a, b in zip(ids, salted, strict=True)) >= 45
+    assert all(0 <= i < vocab for i in ids) and len(set(ids)) >= 45
+    with pytest.raises(ValueError):
+        plan_item_id(text, salt, 0)
+
+
+def test_plan_item_id_across_processes_without_torch() -> None:
+    code = (
+        "import sys; from pdt.data.plan_ids import plan_item_id; "
+        f"print(plan_item_id({GOLDEN[0]!r}, {GOLDEN[1]!r}, {GOLDEN[2]})); print('torch' in sys.modules)"
+    )
+    for hash_seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=hash_seed)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        )
+        assert out.stdout.split() == [str(GOLDEN[3]), "False"]
+
+
+# --------------------------------------------------------------------------- text embedder
+
+
+@pytest.mark.parametrize("d_model", [DN, DN - 3, 3 * DN + 1], ids=["identity", "pad", "project"])
+def test_text_embedder_is_fixed_deterministic_unit_norm_and_padding_blind(d_model: int) -> None:
+    a, b = TextEmbedder(d_model, DN, seed=7), TextEmbedder(d_model, DN, seed=7)
+    assert not list(a.parameters()) and torch.equal(a.proj, b.proj)
+    eye = a.proj.t() @ a.proj if d_model > DN else a.proj @ a.proj.t()
+    torch.testing.assert_close(eye, torch.eye(min(d_model, DN)))  # isometric: identity / pad / orthonormal
+    hidden = torch.randn(2, T, d_model, generator=gen(3))
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    out = a(hidden, mask)
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))
+    assert torch.equal(out, b(hidden, mask))
+    noisy = hidden.clone()
+    noisy[0, 2:] = float("nan")
+    assert torch.equal(a(noisy, mask), out)
+    pooled = F.normalize(hidden[0, :2].mean(0), dim=-1)
+    if d_model == DN:
+        torch.testing.assert_close(out[0], pooled)
+    if d_model < DN:
+        torch.testing.assert_close(out[0, :d_model], pooled)
+        assert not out[0, d_model:].any()
+
+
+def test_text_embedder_seed_matters_and_builds_on_meta() -> None:
+    assert not torch.equal(TextEmbedder(40, DN, seed=1).proj, TextEmbedder(40, DN, seed=2).proj)
+    with torch.device("meta"):
+        TextEmbedder(40, DN, seed=1)
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def test_coverage_head_ignores_padded_items() -> None:
+    head = CoverageHead(D, DN)
+    state = torch.randn(2, D, generator=gen(0))
+    items = torch.randn(2, 5, DN, generator=gen(1))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    logits = head(state, items, mask)
+    assert logits.shape == (2, 5) and torch.equal(logits[0, 3:], torch.full((2,), PAD_LOGIT))
+    changed = items.clone().requires_grad_()
+    with torch.no_grad():
+        changed[0, 3] = torch.randn(DN, generator=gen(2)) * 100
+        changed[0, 4] = float("nan")
+    again = head(state, changed, mask)
+    assert torch.equal(again, logits)
+    again.sum().backward()
+    assert torch.isfinite(changed.grad).all() and not changed.grad[0, 3:].any()
+    summary = coverage_summary(logits, mask)
+    probs = torch.sigmoid(logits[0, :3])
+    torch.testing.assert_close(summary[0], torch.stack([probs.mean(), probs.max()]))
+
+
+def test_agreement_score_is_a_probability() -> None:
+    head = AgreementHead(D, DN, coverage_dim=2)
+    args = (
+        torch.randn(4, D, generator=gen(0)) * 50,
+        torch.randn(4, DN, generator=gen(1)),
+        torch.rand(4, 2, generator=gen(2)),
+        torch.randn(4, DN, generator=gen(3)),
+    )
+    logit, score = head(*args), head.score(*args)
+    assert logit.shape == (4,) and score.shape == (4,)
+    assert ((score >= 0) & (score <= 1)).all()
+    torch.testing.assert_close(score, torch.sigmoid(logit))
+
+
+def test_note_heads_and_classifier_shapes() -> None:
+    notes, spec = NotesHead(D, DN), SpeculationHead(D, DN)
+    hidden = torch.randn(2, T, D, generator=gen(0))
+    assert notes(hidden).shape == (2, T, DN) and spec(hidden).shape == (2, T, DN)
+    assert not torch.equal(notes.inp.weight, spec.inp.weight)  # separate weights
+    assert StreamClassifier(D, K)(hidden).shape == (2, T, K)
+
+
+# --------------------------------------------------------------------------- gradients everywhere
+
+
+def test_backward_reaches_every_parameter_of_every_module() -> None:
+    torch.manual_seed(0)
+    snc, adapters = open_module(make_snc()), open_module(StreamAdapters(D, RANK, K))
+    planner, embed = Planner(D, DN, VP, S, DP), TextEmbedder(D + 4, DN, seed=0)
+    heads = [
+        NotesHead(D, DN),
+        SpeculationHead(D, DN),
+        CoverageHead(D, DN),
+        AgreementHead(D, DN, 2),
+        StreamClassifier(D, K),
+    ]
+    x = snc_inputs()
+    x["visible"][0] = False  # an empty window must not block or poison the gradients
+    h = adapters(snc(**x), torch.tensor([0, 1, 2]))  # [R, T, D]
+    mask = torch.ones(R, T, dtype=torch.bool)
+    logits, snapshot = planner(h, mask)
+    state = h[:, -1]  # [R, D]
+    note = heads[0](state)
+    items = embed(torch.randn(R * 2, T, D + 4, generator=gen(5))).reshape(
+        R, 2, DN
+    )  # [R·2, d_n] → [R, 2, d_n]
+    items_mask = torch.tensor([[True, True], [True, False], [True, True]])
+    cov = heads[2](state, items, items_mask)
+    ready = heads[3](state, snapshot, coverage_summary(cov, items_mask), note)
+    loss = (
+        logits.logsumexp(-1).mean()
+        + snapshot.sum()
+        + note.square().mean()
+        + heads[1](state).square().mean()
+        + (cov * items_mask).sum()
+        + ready.sum()
+        + heads[4](h).logsumexp(-1).mean()
+    )
+    loss.backward()
+    for module in [snc, adapters, planner, *heads]:
+        for name, p in module.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (
+                f"{type(module).__name__}.{name}: no gradient"
+            )
+            assert torch.isfinite(p.grad).all(), f"{type(module).__name__}.{name}: non-finite gradient"

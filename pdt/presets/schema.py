@@ -272,9 +272,7 @@ class SidecarConfig(StrictModel):
     @model_validator(mode="after")
     def _check(self) -> SidecarConfig:
         if self.snc_width is not None and self.snc_width % self.snc_heads:
-            raise ValueError(
-                f"snc_width = {self.snc_width} is not divisible by snc_heads = {self.snc_heads}"
-            )
+            raise ValueError(f"snc_width = {self.snc_width} is not divisible by snc_heads = {self.snc_heads}")
         return self
 
 

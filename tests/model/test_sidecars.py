@@ -349,3 +349,14 @@ def test_backward_reaches_every_parameter_of_every_module() -> None:
                 f"{type(module).__name__}.{name}: no gradient"
             )
             assert torch.isfinite(p.grad).all(), f"{type(module).__name__}.{name}: non-finite gradient"
+
+
+def test_alpha_blend() -> None:
+    from pdt.model.sidecars.blend import blend_logits
+
+    attended, base = torch.randn(3, 11), torch.randn(3, 11)
+    assert blend_logits(attended, base, 1.0) is attended
+    assert blend_logits(attended, base, 0.0) is base
+    assert torch.allclose(blend_logits(attended, base, 0.25), 0.25 * attended + 0.75 * base)
+    with pytest.raises(ValueError, match="alpha"):
+        blend_logits(attended, base, 1.5)

@@ -1,0 +1,206 @@
+"""Sidecar overhead: a frozen-trunk training step and a K = 3 decode step, sidecars on vs off.
+
+Both sides run in the same process on the same trunk, inputs and sizes:
+- train step, on: teacher-forced forward with the notes windows + CE loss + backward into every
+  sidecar; off: the plain trunk forward + CE loss + backward through the same top layers (the
+  input of the lowest instrumented layer is made to require grad), so the only difference is the
+  sidecars themselves;
+- decode step, on: one batched token for K = 3 streams with their windows; off: the same step with
+  the hooks inactive.
+CPU: the `pretrain_tiny` trunk shape, fp32. GPU: the `pretrain_124m` shape, bf16 autocast, eager.
+Writes bench/results/sidecar_overhead.json (or $OUT/...) with a `records` list; prints a table last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pdt.bus import section_pos_round, teacher_windows  # noqa: E402
+from pdt.model.decode import StreamDecoder  # noqa: E402
+from pdt.model.instrument import SidecarContext, decoder_layers  # noqa: E402
+from pdt.model.pdt_model import GROUPS, PDTModel  # noqa: E402
+from pdt.model.trunk import build_trunk  # noqa: E402
+from pdt.presets.loader import load_preset_file  # noqa: E402
+from pdt.presets.schema import BusConfig, SidecarConfig  # noqa: E402
+
+K = 3
+
+
+def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> float:
+    """Median seconds per call (device-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# Sidecars sized for each trunk: the defaults target ~124M and up; the 5M CPU trunk gets a smaller set.
+SIDECARS = {
+    "pretrain_124m": SidecarConfig(num_streams=K),
+    "pretrain_tiny": SidecarConfig(num_streams=K, d_notes=64, adapter_rank=16, plan_vocab=4096, d_plan=32),
+}
+
+
+def _model(preset: str, device: torch.device) -> PDTModel:
+    p = load_preset_file(ROOT / "presets" / f"{preset}.json")
+    vocab = (p.tokenizer.vocab_size or 100276) + 1
+    trunk = build_trunk(p.trunk, vocab, p.train.seq_len, vocab - 1, seed=0).to(device)
+    model = PDTModel(trunk, SIDECARS[preset])
+    model.set_trainable(list(GROUPS))
+    return model
+
+
+def _train_fns(model: PDTModel, batch: int, seq: int, device: torch.device, dtype: torch.dtype | None):
+    rows = batch * K
+    ids = torch.randint(0, model.trunk.config.vocab_size, (rows, seq + 1), device=device)
+    streams = torch.arange(rows, device=device) % K
+    start = torch.full((rows,), 16, device=device)
+    pos_round = section_pos_round(start, seq, 32)  # [R, T]
+    rn = int(pos_round.max()) + 1
+    notes = torch.randn(batch, K, rn, model.cfg.d_notes, device=device)
+    snap = torch.randn(batch, model.cfg.d_notes, device=device)
+    window = teacher_windows(
+        snap,
+        notes,
+        torch.ones(batch, K, rn, dtype=torch.bool, device=device),
+        pos_round,
+        BusConfig(),
+        model.cfg.max_rounds,
+    )
+    positions = torch.arange(seq, device=device)[None, :] >= start[:, None]  # [R, T]
+    first = decoder_layers(model.trunk)[model.layer_ids[0]]
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
+    )
+
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))
+
+    def on() -> None:
+        with autocast:
+            out = model.forward_teacher(ids[:, :-1], None, streams, window, sidecar_positions=positions)
+        loss_of(out.logits).backward()
+        model.zero_grad(set_to_none=True)
+
+    def grad_from_here(_mod: Any, args: tuple, kwargs: dict) -> Any:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        hidden.requires_grad_(True)
+
+    def off() -> None:
+        handle = first.register_forward_pre_hook(grad_from_here, with_kwargs=True)
+        try:
+            with autocast:
+                out = model.forward_base(ids[:, :-1])
+            loss_of(out.logits).backward()
+        finally:
+            handle.remove()
+
+    return on, off
+
+
+def _decode_fns(model: PDTModel, device: torch.device, dtype: torch.dtype | None):
+    decoder = StreamDecoder(model)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
+    )
+    with autocast:
+        state, _ = decoder.prefill(list(range(1, 65)), rows=K)
+    n = 1 + K * 8
+    ctx = SidecarContext(
+        stream_ids=torch.arange(K, device=device),
+        notes=torch.randn(K, n, model.cfg.d_notes, device=device),
+        producer=torch.arange(n, device=device).remainder(K + 1).expand(K, n),
+        rounds=torch.zeros(K, n, dtype=torch.long, device=device),
+        visible=torch.ones(K, n, dtype=torch.bool, device=device),
+    )
+    tokens = torch.tensor([5, 6, 7], device=device)
+    active = torch.ones(K, dtype=torch.bool, device=device)
+
+    def step(context: SidecarContext | None) -> None:
+        with autocast, torch.no_grad():
+            decoder.step(state, tokens, active, context)
+        decoder.rollback(state, 0, int(state.lengths[0]) - 1)  # keep the cache length steady
+        decoder.rollback(state, 1, int(state.lengths[1]) - 1)
+        decoder.rollback(state, 2, int(state.lengths[2]) - 1)
+
+    return (lambda: step(ctx)), (lambda: step(None)), state
+
+
+def measure(device: torch.device) -> dict[str, Any]:
+    gpu = device.type == "cuda"
+    preset, batch, seq, dtype = (
+        ("pretrain_124m", 4, 1024, torch.bfloat16) if gpu else ("pretrain_tiny", 2, 128, None)
+    )
+    model = _model(preset, device)
+    reps = 20 if gpu else 5
+    on, off = _train_fns(model, batch, seq, device, dtype)
+    t_on, t_off = _timed(on, device, 3, reps), _timed(off, device, 3, reps)
+    d_on, d_off, _state = _decode_fns(model, device, dtype)
+    s_on, s_off = _timed(d_on, device, 5, 50), _timed(d_off, device, 5, 50)
+    report = model.parameter_report()
+    return {
+        "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+        "trunk": preset,
+        "train_step_ratio": t_on / t_off,
+        "decode_step_ratio": s_on / s_off,
+        "train_step_on_s": t_on,
+        "train_step_off_s": t_off,
+        "decode_step_on_s": s_on,
+        "decode_step_off_s": s_off,
+        "rows": batch * K,
+        "seq_len": seq,
+        "precision": "bf16" if gpu else "fp32",
+        "mode": "eager",
+        "sidecar_params": report["sidecars"],
+        "percent_of_trunk": report["percent_of_trunk"],
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    record = measure(device)
+    out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "sidecar_overhead.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {"records": []}
+    records = [r for r in existing.get("records", []) if r.get("device") != record["device"]] + [record]
+    path.write_text(json.dumps({"records": records}, indent=2))
+    print(
+        f"\n{'device':<24} {'trunk':<15} {'train on/off':>13} {'decode on/off':>14} {'sidecars % trunk':>17}"
+    )
+    for r in records:
+        print(
+            f"{r['device']:<24} {r['trunk']:<15} {r['train_step_ratio']:>13.3f} "
+            f"{r['decode_step_ratio']:>14.3f} "
+            f"{r['percent_of_trunk']:>16.2f}%"
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -154,7 +154,7 @@ def measure(device: torch.device) -> dict[str, Any]:
         ("pretrain_124m", 4, 1024, torch.bfloat16) if gpu else ("pretrain_tiny", 2, 128, None)
     )
     model = _model(preset, device)
-    reps = 20 if gpu else 5
+    reps = 20 if gpu else 12
     on, off = _train_fns(model, batch, seq, device, dtype)
     t_on, t_off = _timed(on, device, 3, reps), _timed(off, device, 3, reps)
     d_on, d_off, _state = _decode_fns(model, device, dtype)

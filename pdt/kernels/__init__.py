@@ -14,7 +14,7 @@ import torch
 
 from pdt.kernels import reference
 
-__all__ = ["grouped_adapter", "snc_attend", "reference"]
+__all__ = ["grouped_adapter", "row_adapter", "snc_attend", "reference"]
 
 
 def grouped_adapter(
@@ -31,6 +31,18 @@ def grouped_adapter(
     `pdt.kernels.reference.grouped_adapter`.
     """
     return reference.grouped_adapter(x, stream_ids, w_down, b_down, w_up, b_up)
+
+
+def row_adapter(
+    h: torch.Tensor,
+    stream_ids: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+) -> torch.Tensor:
+    """h [R, T, D], stream_ids [R] → [R, T, D]: the adapter when each row is one stream (no sync)."""
+    return reference.row_adapter(h, stream_ids, w_down, b_down, w_up, b_up)
 
 
 def snc_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -103,3 +103,25 @@ def snc_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     scores = torch.where(any_visible, scores, torch.zeros_like(scores))  # no all −inf row
     probs = torch.softmax(scores, dim=-1) * any_visible  # [R, H, T, N], empty rows → 0
     return probs.to(v.dtype) @ v  # [R, H, T, dh]
+
+
+def row_adapter(
+    h: torch.Tensor,
+    stream_ids: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+) -> torch.Tensor:
+    """The adapter when every row is one stream (the PDT layout): h [R, T, D], stream_ids [R] → [R, T, D].
+
+    Gathers each row's weights (R·D·r floats — rows, not tokens) and runs two batched matmuls: no
+    sorting and no device→host sync, which the token-level `grouped_adapter` needs for its groups.
+    """
+    ids = stream_ids.long()
+    dtype = h.dtype  # compute in the activations' dtype (bf16 on GPU); weights are cast, not x
+    down = w_down.index_select(0, ids).to(dtype)  # [R, D, r]
+    up = w_up.index_select(0, ids).to(dtype)  # [R, r, D]
+    bias_down = b_down.index_select(0, ids)[:, None, :].to(dtype)  # [R, 1, r]
+    z = F.gelu(torch.baddbmm(bias_down, h, down))  # [R, T, r]
+    return torch.baddbmm(b_up.index_select(0, ids)[:, None, :].to(dtype), z, up)  # [R, T, D]

@@ -127,9 +127,10 @@ class Instrumentation:
                 return None
             hidden = _first_hidden(args, kwargs)  # [R, T, D], what the attention read
             attn_out = output[0] if isinstance(output, tuple) else output
-            delta = module.delta(hidden, ctx.notes, ctx.producer, ctx.rounds, ctx.visible, ctx.g)
-            if ctx.positions is not None:
-                delta = delta * ctx.positions[..., None].to(delta.dtype)  # [R, T, 1]
+            visible = ctx.visible
+            if ctx.positions is not None:  # off the stream's tokens the window is empty: exact zero delta
+                visible = (visible if visible.dim() == 3 else visible[:, None, :]) & ctx.positions[..., None]
+            delta = module.delta(hidden, ctx.notes, ctx.producer, ctx.rounds, visible, ctx.g)
             attn_out = attn_out + delta.to(attn_out.dtype)
             return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
 
@@ -141,10 +142,7 @@ class Instrumentation:
             if ctx is None or not ctx.adapters:
                 return None
             mlp_out = output[0] if isinstance(output, tuple) else output  # MoE MLPs return (out, router)
-            adapted = module(mlp_out, ctx.stream_ids).to(mlp_out.dtype)
-            if ctx.positions is not None:
-                adapted = torch.where(ctx.positions[..., None], adapted, mlp_out)  # [R, T, D]
-            mlp_out = adapted
+            mlp_out = module(mlp_out, ctx.stream_ids, ctx.positions).to(mlp_out.dtype)
             return (mlp_out, *output[1:]) if isinstance(output, tuple) else mlp_out
 
         return hook

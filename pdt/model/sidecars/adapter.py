@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from pdt.kernels import grouped_adapter
+from pdt.kernels import row_adapter
 
 
 class StreamAdapters(nn.Module):
@@ -40,21 +40,25 @@ class StreamAdapters(nn.Module):
         # sigmoid(-4) ≈ 0.018: even once w_up moves, the first steps barely perturb the trunk.
         self.gate = nn.Parameter(torch.full((num_streams,), float(gate_init)))
 
-    def forward(self, hidden: torch.Tensor, stream_ids: torch.Tensor) -> torch.Tensor:
-        """hidden [R, T, D] (or [R, D]), stream_ids [R] → same shape as hidden, same dtype."""
+    def forward(
+        self, hidden: torch.Tensor, stream_ids: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """hidden [R, T, D] (or [R, D]), stream_ids [R] → same shape and dtype as hidden.
+
+        `positions` [R, T] bool (optional): tokens the adapter acts on; elsewhere it is an exact identity.
+        """
         if stream_ids.shape != (hidden.shape[0],):
             raise ValueError(
                 f"StreamAdapters: stream_ids must be [R] = [{hidden.shape[0]}], got {tuple(stream_ids.shape)}"
             )
         squeeze = hidden.dim() == 2
         h = hidden[:, None] if squeeze else hidden  # [R, T, D]
-        rows, t, d = h.shape
-        x = h.reshape(rows * t, d).to(self.w_down.dtype)  # [R·T, D]: one flat row per token
-        token_streams = stream_ids.to(h.device).long().repeat_interleave(t)  # [R·T]
-        delta = grouped_adapter(x, token_streams, self.w_down, self.b_down, self.w_up, self.b_up)
-        gate = torch.sigmoid(self.gate)[token_streams]  # [R·T] gate of each token's stream
-        delta = (gate[:, None] * delta).reshape(rows, t, d)  # [R·T, D] → [R, T, D]
-        out = h + delta.to(h.dtype)
+        ids = stream_ids.to(h.device).long()
+        delta = row_adapter(h, ids, self.w_down, self.b_down, self.w_up, self.b_up)  # [R, T, D]
+        scale = torch.sigmoid(self.gate).index_select(0, ids)[:, None, None]  # [R, 1, 1] each row's gate
+        if positions is not None:
+            scale = scale * positions[..., None].to(scale.dtype)  # [R, T, 1]: 0 off the stream's tokens
+        out = h + (scale.to(delta.dtype) * delta).to(h.dtype)
         return out[:, 0] if squeeze else out
 
     def gate_value(self) -> torch.Tensor:

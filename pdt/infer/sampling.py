@@ -7,10 +7,8 @@ per-row sampling. What it is not: the PDT orchestrator (no notes bus, no rollbac
 from __future__ import annotations
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# cuDNN attention re-plans for every new key length (each decoded token); see pdt/model/decode.py.
-_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+from pdt.model.attention import decode_attention
 
 
 def banned_by_ngram(history: list[int], n: int) -> list[int]:
@@ -83,7 +81,7 @@ def generate(
     past = None
     try:
         for _ in range(max_new_tokens):
-            with sdpa_kernel(_DECODE_BACKENDS):
+            with decode_attention():
                 result = model(input_ids=ids, past_key_values=past, use_cache=True)
             past = result.past_key_values
             token = sample_next(

@@ -15,15 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from pdt.model.attention import decode_attention
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
-
-# cuDNN attention rebuilds its execution plan for every new key length, which a decode step has
-# each token: measured on an H100 (bench/profile_decode.py), 4.8 ms of CPU per attention call for
-# 0.007 ms of GPU work. The other SDPA backends have no such per-shape cost.
-_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -102,7 +97,7 @@ class StreamDecoder:
             use_cache=True,
             output_hidden_states=True,
         )
-        with sdpa_kernel(_DECODE_BACKENDS):
+        with decode_attention():
             if context is None:
                 out = self.model.trunk(**kwargs)
             else:

@@ -198,7 +198,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN]
     proc = subprocess.run(
         cmd,
-        env=child_env(tmp_path, PDT_PRESET=str(preset)),
+        env=child_env(tmp_path, PDT_PRESET=str(preset), PDT_DEVICE="cpu"),  # gloo on CPU, even on a GPU box
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,

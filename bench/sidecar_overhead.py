@@ -5,8 +5,9 @@ Both sides run in the same process on the same trunk, inputs and sizes:
   sidecar; off: the plain trunk forward + CE loss + backward through the same top layers (the
   input of the lowest instrumented layer is made to require grad), so the only difference is the
   sidecars themselves;
-- decode step, on: one batched token for K = 3 streams with their windows; off: the same step with
-  the hooks inactive.
+- decode step, on: one batched token for K = 3 streams with their windows (the notes' keys/values
+  projected once, as the decoder does once per round of τ tokens); off: the same step with the
+  hooks inactive.
 CPU: the `pretrain_tiny` trunk shape, fp32. GPU: the `pretrain_124m` shape, bf16 autocast, eager.
 Writes bench/results/sidecar_overhead.json (or $OUT/...) with a `records` list; prints a table last.
 """
@@ -134,6 +135,7 @@ def _decode_fns(model: PDTModel, device: torch.device, dtype: torch.dtype | None
         producer=torch.arange(n, device=device).remainder(K + 1).expand(K, n),
         rounds=torch.zeros(K, n, dtype=torch.long, device=device),
         visible=torch.ones(K, n, dtype=torch.bool, device=device),
+        kv_cache={},  # one window for the whole measurement, as for the τ tokens of a round
     )
     tokens = torch.tensor([5, 6, 7], device=device)
     active = torch.ones(K, dtype=torch.bool, device=device)

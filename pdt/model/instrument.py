@@ -90,6 +90,9 @@ class SidecarContext:
     # [R, T] bool: positions the sidecars act on (None: all). The prompt is excluded in teacher
     # forcing because at inference it is prefilled once, by the plain trunk, for every stream.
     positions: torch.Tensor | None = None
+    # Decode only (no grad): per-layer note keys/values, filled on first use. A round's window is the
+    # same for all its τ tokens, so one context per round projects the notes once, not τ times.
+    kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _first_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -130,7 +133,12 @@ class Instrumentation:
             visible = ctx.visible
             if ctx.positions is not None:  # off the stream's tokens the window is empty: exact zero delta
                 visible = (visible if visible.dim() == 3 else visible[:, None, :]) & ctx.positions[..., None]
-            delta = module.delta(hidden, ctx.notes, ctx.producer, ctx.rounds, visible, ctx.g)
+            kv = None
+            if ctx.kv_cache is not None and not torch.is_grad_enabled():
+                kv = ctx.kv_cache.get(id(module))
+                if kv is None:
+                    kv = ctx.kv_cache[id(module)] = module.project_notes(ctx.notes, ctx.producer, ctx.rounds)
+            delta = module.delta(hidden, ctx.notes, ctx.producer, ctx.rounds, visible, ctx.g, kv)
             attn_out = attn_out + delta.to(attn_out.dtype)
             return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
 

@@ -94,3 +94,28 @@ def test_rollback_bounds_are_checked() -> None:
     state, _ = decoder.prefill(PROMPT, rows=2)
     with pytest.raises(ValueError, match="within"):
         decoder.rollback(state, 0, len(PROMPT) - 1)
+
+
+def test_note_kv_cache_gives_the_same_logits() -> None:
+    """A context reused for a round projects the notes once; the logits equal recomputing them."""
+    model = PDTModel(tiny_trunk("llama"), CFG)
+    open_gates(model, snc=True, adapters=True)
+    gen = torch.Generator().manual_seed(4)
+    n = 4
+    base = dict(
+        stream_ids=torch.arange(K),
+        notes=torch.randn(K, n, DN, generator=gen),
+        producer=torch.tensor([[K, 0, 1, 2]] * K),
+        rounds=torch.zeros(K, n, dtype=torch.long),
+        visible=torch.ones(K, n, dtype=torch.bool),
+    )
+    cached = SidecarContext(**base, kv_cache={})
+    decoder = StreamDecoder(model)
+    a_state, _ = decoder.prefill(PROMPT, rows=K)
+    b_state, _ = decoder.prefill(PROMPT, rows=K)
+    active = torch.ones(K, dtype=torch.bool)
+    for token in (11, 12, 13):
+        a, _ = decoder.step(a_state, torch.full((K,), token), active, cached)
+        b, _ = decoder.step(b_state, torch.full((K,), token), active, SidecarContext(**base))
+        assert torch.allclose(a, b, atol=1e-6)
+    assert len(cached.kv_cache) == CFG.n_layers

@@ -79,6 +79,18 @@ class NotesCrossAttention(nn.Module):
             )
         return visible.bool()
 
+    def project_notes(
+        self, notes: torch.Tensor, producer: torch.Tensor, rounds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a window: notes [R, N, d_n] (+ producer, round embeddings) → 2 × [R, H, N, dh].
+
+        A decode round reuses one window for all its τ tokens, so the decoder computes these once a round.
+        """
+        dtype = self.w_q.weight.dtype
+        rounds = rounds.long().clamp(0, self.max_rounds - 1)  # older rounds share the last id
+        kv_in = notes.to(dtype) + self.producer_emb(producer.long()) + self.round_emb(rounds)  # [R, N, d_n]
+        return self._heads(self.w_k(kv_in)), self._heads(self.w_v(kv_in))  # [R, H, N, dh] each
+
     def attend(
         self,
         hidden: torch.Tensor,
@@ -86,17 +98,18 @@ class NotesCrossAttention(nn.Module):
         producer: torch.Tensor,
         rounds: torch.Tensor,
         visible: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The ungated output `C · W_o`: hidden [R, T, D], notes [R, N, d_n] → [R, T, D] (param dtype)."""
+        """The ungated output `C · W_o`: hidden [R, T, D], notes [R, N, d_n] → [R, T, D] (param dtype).
+
+        `kv`: keys and values from `project_notes` for this window, if already computed.
+        """
         rows, t, _ = hidden.shape
         n = notes.shape[1]
         dtype = self.w_q.weight.dtype
         mask = self._visible(visible.to(hidden.device), rows, t, n)  # [R, T, N]
-        rounds = rounds.long().clamp(0, self.max_rounds - 1)  # older rounds share the last id
-        kv_in = notes.to(dtype) + self.producer_emb(producer.long()) + self.round_emb(rounds)  # [R, N, d_n]
+        k, v = kv if kv is not None else self.project_notes(notes, producer, rounds)
         q = self._heads(self.w_q(self.norm(hidden.to(dtype))))  # [R, H, T, dh]
-        k = self._heads(self.w_k(kv_in))  # [R, H, N, dh]
-        v = self._heads(self.w_v(kv_in))  # [R, H, N, dh]
         context = snc_attend(q, k, v, mask)  # [R, H, T, dh], exact 0 where nothing is visible
         context = context.transpose(1, 2).reshape(rows, t, self.width)  # [R, H, T, dh] → [R, T, w]
         return self.w_o(context)  # [R, T, D]
@@ -109,6 +122,7 @@ class NotesCrossAttention(nn.Module):
         rounds: torch.Tensor,
         visible: torch.Tensor,
         g: float | torch.Tensor = 1.0,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`λ · g · C W_o`: what the hook adds to the attention output; [R, T, D] in hidden's dtype.
 
@@ -117,7 +131,7 @@ class NotesCrossAttention(nn.Module):
         """
         if not torch.is_tensor(g) and float(g) == 0.0:
             return torch.zeros_like(hidden)  # g = 0: the `independent` baseline, skip the work
-        out = self.attend(hidden, notes, producer, rounds, visible)  # [R, T, D]
+        out = self.attend(hidden, notes, producer, rounds, visible, kv)  # [R, T, D]
         scale = torch.sigmoid(self.gate) * torch.as_tensor(g, dtype=out.dtype, device=out.device)
         if scale.dim() == 1:
             scale = scale.reshape(-1, 1, 1)  # [R] → [R, 1, 1]: one external gate per row

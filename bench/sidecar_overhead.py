@@ -41,20 +41,24 @@ from pdt.presets.schema import BusConfig, SidecarConfig  # noqa: E402
 K = 3
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, warmup: int, reps: int) -> float:
-    """Median seconds per call (device-synchronised)."""
+def _timed_pair(
+    on: Callable[[], Any], off: Callable[[], Any], device: torch.device, warmup: int, reps: int
+) -> tuple[float, float]:
+    """Median seconds per call of each, measured alternately so drift hits both sides alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        on()
+        off()
+    times: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for side, fn in enumerate((on, off)):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[side].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 # Sidecars sized for each trunk: the defaults target ~124M and up; the 5M CPU trunk gets a smaller set.
@@ -158,9 +162,9 @@ def measure(device: torch.device) -> dict[str, Any]:
     model = _model(preset, device)
     reps = 20 if gpu else 12
     on, off = _train_fns(model, batch, seq, device, dtype)
-    t_on, t_off = _timed(on, device, 3, reps), _timed(off, device, 3, reps)
+    t_on, t_off = _timed_pair(on, off, device, 3, reps)
     d_on, d_off, _state = _decode_fns(model, device, dtype)
-    s_on, s_off = _timed(d_on, device, 5, 50), _timed(d_off, device, 5, 50)
+    s_on, s_off = _timed_pair(d_on, d_off, device, 10, 200)
     report = model.parameter_report()
     return {
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",

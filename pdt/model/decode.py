@@ -84,7 +84,6 @@ class StreamDecoder:
 
         Returns (logits [R, V], last hidden [R, D]) at the new position of each row.
         """
-        rows = state.rows
         position = state.lengths.clone()  # [R] the logical index of the new token
         mask = torch.cat([state.valid, active[:, None]], dim=1)  # [R, P+1]
         logical = torch.cat([state.logical, position[:, None]], dim=1)  # [R, P+1]
@@ -108,9 +107,11 @@ class StreamDecoder:
         new_logical = torch.where(active, position, torch.full_like(position, -1))
         state.logical = torch.cat([state.logical, new_logical[:, None]], dim=1)  # [R, P+1]
         state.lengths = state.lengths + active.long()
-        for r in range(rows):
-            if bool(active[r]):
-                state.tokens[r].append(int(tokens[r]))
+        for r, (token, live) in enumerate(
+            zip(tokens.tolist(), active.tolist(), strict=True)
+        ):  # one sync each
+            if live:
+                state.tokens[r].append(int(token))
         return out.logits[:, -1], out.hidden_states[-1][:, -1]
 
     def _mask(self, valid: torch.Tensor, logical: torch.Tensor, position: torch.Tensor) -> object:

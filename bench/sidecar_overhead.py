@@ -154,12 +154,15 @@ def _decode_fns(model: PDTModel, device: torch.device, dtype: torch.dtype | None
     return (lambda: step(ctx)), (lambda: step(None)), state
 
 
-def measure(device: torch.device) -> dict[str, Any]:
+def measure(device: torch.device, mode: str) -> dict[str, Any]:
+    """mode `eager`, or `compiled` (GPU: the sidecar math under torch.compile; the trunk eager)."""
     gpu = device.type == "cuda"
     preset, batch, seq, dtype = (
         ("pretrain_124m", 4, 1024, torch.bfloat16) if gpu else ("pretrain_tiny", 2, 128, None)
     )
     model = _model(preset, device)
+    if mode == "compiled":
+        model.compile_sidecars()
     reps = 20 if gpu else 12
     on, off = _train_fns(model, batch, seq, device, dtype)
     t_on, t_off = _timed_pair(on, off, device, 3, reps)
@@ -169,6 +172,7 @@ def measure(device: torch.device) -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",
         "trunk": preset,
+        "mode": mode,
         "train_step_ratio": t_on / t_off,
         "decode_step_ratio": s_on / s_off,
         "train_step_on_s": t_on,
@@ -178,7 +182,6 @@ def measure(device: torch.device) -> dict[str, Any]:
         "rows": batch * K,
         "seq_len": seq,
         "precision": "bf16" if gpu else "fp32",
-        "mode": "eager",
         "sidecar_params": report["sidecars"],
         "percent_of_trunk": report["percent_of_trunk"],
         "torch": torch.__version__,
@@ -189,21 +192,23 @@ def measure(device: torch.device) -> dict[str, Any]:
 def main() -> None:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    record = measure(device)
+    fresh = [measure(device, "eager")]
+    if device.type == "cuda":
+        fresh.append(measure(device, "compiled"))
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "sidecar_overhead.json"
     existing = json.loads(path.read_text()) if path.is_file() else {"records": []}
-    records = [r for r in existing.get("records", []) if r.get("device") != record["device"]] + [record]
+    records = [r for r in existing.get("records", []) if r.get("device") != fresh[0]["device"]] + fresh
     path.write_text(json.dumps({"records": records}, indent=2))
     print(
-        f"\n{'device':<24} {'trunk':<15} {'train on/off':>13} {'decode on/off':>14} {'sidecars % trunk':>17}"
+        f"\n{'device':<24} {'trunk':<15} {'mode':<9} {'train on/off':>13} {'decode on/off':>14} {'% trunk':>8}"
     )
     for r in records:
         print(
-            f"{r['device']:<24} {r['trunk']:<15} {r['train_step_ratio']:>13.3f} "
-            f"{r['decode_step_ratio']:>14.3f} "
-            f"{r['percent_of_trunk']:>16.2f}%"
+            f"{r['device']:<24} {r['trunk']:<15} {r.get('mode', 'eager'):<9} "
+            f"{r['train_step_ratio']:>13.3f} "
+            f"{r['decode_step_ratio']:>14.3f} {r['percent_of_trunk']:>7.2f}%"
         )
     print(f"wrote {path}")
 

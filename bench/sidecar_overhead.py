@@ -202,7 +202,8 @@ def main() -> None:
     records = [r for r in existing.get("records", []) if r.get("device") != fresh[0]["device"]] + fresh
     path.write_text(json.dumps({"records": records}, indent=2))
     print(
-        f"\n{'device':<24} {'trunk':<15} {'mode':<9} {'train on/off':>13} {'decode on/off':>14} {'% trunk':>8}"
+        f"\n{'device':<24} {'trunk':<15} {'mode':<9} {'train on/off':>13} "
+        f"{'decode on/off':>14} {'% trunk':>8}"
     )
     for r in records:
         print(

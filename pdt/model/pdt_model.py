@@ -163,17 +163,6 @@ class PDTModel(nn.Module):
         hidden = self.forward_base(input_ids, attention_mask).hidden  # [B, T, D]
         return self.text_embedder(hidden, attention_mask)
 
-    def compile_sidecars(self) -> None:
-        """torch.compile each SNC delta and adapter (GPU): fewer kernel launches per layer.
-
-        The trunk stays eager; only the sidecar math inside the hooks is compiled, so the hooks, the
-        identity at init and the state dict are unchanged.
-        """
-        for snc in self.snc:
-            snc.delta = torch.compile(snc.delta, dynamic=False)
-        for adapter in self.adapters:
-            adapter.forward = torch.compile(adapter.forward, dynamic=False)
-
     # ------------------------------------------------------------------ groups and reports
 
     def sidecar_modules(self) -> dict[str, nn.Module]:

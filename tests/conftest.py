@@ -69,3 +69,41 @@ TINY_PRETRAIN = {
     },
     "checkpoint": {"every_steps": 4, "every_minutes": 100.0},
 }
+
+
+#: Tiny configs (3 layers, d = 32) of every architecture in the instrumentation table.
+TINY_ARCH_CONFIGS = {
+    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2},
+    "qwen2": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    "mistral": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    },
+    "gpt2": {"n_embd": 32, "n_layer": 3, "n_head": 2},
+    "gpt_neox": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+    },
+    "gpt_oss": {
+        "hidden_size": 32,
+        "intermediate_size": 32,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "sliding_window": 8,
+    },
+}

@@ -14,42 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from pdt.model.instrument import ARCHITECTURES, UnsupportedTrunkError
 from pdt.model.pdt_model import GROUPS, PDTModel, SidecarLoadError
 from pdt.presets.schema import SidecarConfig
+from tests.conftest import TINY_ARCH_CONFIGS
 
-TINY = {
-    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2},
-    "qwen2": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    },
-    "mistral": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    },
-    "gpt2": {"n_embd": 32, "n_layer": 3, "n_head": 2},
-    "gpt_neox": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-    },
-    "gpt_oss": {
-        "hidden_size": 32,
-        "intermediate_size": 32,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-        "head_dim": 16,
-        "num_local_experts": 4,
-        "num_experts_per_tok": 2,
-        "sliding_window": 8,
-    },
-}
+TINY = TINY_ARCH_CONFIGS
 ARCHS = sorted(TINY)
 V, K, DN = 97, 3, 16
 CFG = SidecarConfig(

@@ -17,7 +17,7 @@ from pdt.jobs import run_job
 from pdt.presets.dryrun import tiny_variant
 from pdt.presets.loader import SHIPPED_DIR, load_preset_file
 from pdt.telemetry.events import Event, Metric
-from tests.conftest import MAIN, PYTHON, TINY_PRETRAIN, child_env
+from tests.conftest import MAIN, PYTHON, TINY_ARCH_CONFIGS, TINY_PRETRAIN, child_env
 
 TINY = TINY_PRETRAIN
 
@@ -275,30 +275,7 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-ARCHITECTURES = {
-    "llama": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
-    "qwen2": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    },
-    "mistral": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 1,
-    },
-    "gpt2": {"n_embd": 32, "n_layer": 2, "n_head": 2},
-    "gpt_neox": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-    },
-}
+ARCHITECTURES = {k: v for k, v in TINY_ARCH_CONFIGS.items() if k != "gpt_oss"}  # gpt_oss: see tests/model
 
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))

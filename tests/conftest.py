@@ -87,6 +87,7 @@ TINY_ARCH_CONFIGS = {
         "num_hidden_layers": 3,
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
+        "sliding_window": 8,  # small, so decode tests cross it
     },
     "gpt2": {"n_embd": 32, "n_layer": 3, "n_head": 2},
     "gpt_neox": {

@@ -115,22 +115,32 @@ class StreamDecoder:
         return out.logits[:, -1], out.hidden_states[-1][:, -1]
 
     def _mask(self, valid: torch.Tensor, logical: torch.Tensor, position: torch.Tensor) -> object:
-        """The attention mask for one step: a 2D padding mask, or — for trunks with sliding-window
-        layers — prepared 4D masks per layer type, because HF's sliding window counts physical cache
-        slots and our rows have holes; the window must count each row's own (logical) tokens."""
-        layer_types = getattr(self.model.trunk.config, "layer_types", None)
-        window = getattr(self.model.trunk.config, "sliding_window", None)
-        if not layer_types or "sliding_attention" not in layer_types or not window:
-            return valid.long()
+        """The attention mask for one step, prepared as 4D so HF does not rebuild it every token.
+
+        Sliding-window layers get their own mask counted in each row's logical tokens: HF's window
+        counts physical cache slots, and our rows have holes (placeholders, rolled-back blocks).
+        sdpa takes a bool mask (True = attend); eager takes an additive float mask.
+        """
+        config = self.model.trunk.config
+        impl = getattr(config, "_attn_implementation", None)
+        if impl not in ("sdpa", "eager"):
+            return valid.long()  # other kernels build their own masks from a 2D padding mask
         dtype = self.model.trunk.get_input_embeddings().weight.dtype
-        blocked = torch.finfo(dtype).min
 
-        def additive(allowed: torch.Tensor) -> torch.Tensor:  # [R, P+1] → [R, 1, 1, P+1]
+        def prepared(allowed: torch.Tensor) -> torch.Tensor:  # [R, P+1] → [R, 1, 1, P+1]
+            if impl == "sdpa":
+                return allowed[:, None, None, :]
             zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            return zeros.masked_fill(~allowed, blocked)[:, None, None, :]
+            return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None, :]
 
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        if not window or (layer_types and "sliding_attention" not in layer_types):
+            return prepared(valid)
         in_window = logical > (position[:, None] - window)  # HF keeps keys with kv > q - window
-        masks = {"full_attention": additive(valid), "sliding_attention": additive(valid & in_window)}
+        if not layer_types:  # one window for every layer (Mistral)
+            return prepared(valid & in_window)
+        masks = {"full_attention": prepared(valid), "sliding_attention": prepared(valid & in_window)}
         return {t: masks[t] for t in set(layer_types)}
 
     def rollback(self, state: DecodeState, row: int, length: int) -> None:

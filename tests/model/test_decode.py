@@ -32,7 +32,7 @@ def feed_prefixes(decoder: StreamDecoder, state, context=None):  # noqa: ANN001,
     return logits
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gpt_neox", "gpt_oss"])
 def test_batched_rows_equal_solo_decodes_and_rollback(arch: str) -> None:
     model = PDTModel(tiny_trunk(arch), CFG)
     decoder = StreamDecoder(model)

@@ -55,6 +55,8 @@ class RunState:
     total: int = 0
     tokens: int = 0
     stage: str = ""
+    # stage → (done, total), in the order the stages first reported (a dataset build has five)
+    stages: dict[str, tuple[int, int]] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     history: dict[str, list[tuple[int, float]]] = field(
         default_factory=lambda: {name: [] for name in PLOTTED_METRICS}
@@ -88,6 +90,8 @@ class RunState:
                 event.tokens,
                 event.stage,
             )
+            if event.stage:
+                self.stages[event.stage] = (event.step, event.total)
             if self._rate_origin is None:
                 self._rate_origin = (event.t, event.step)
             return "progress"

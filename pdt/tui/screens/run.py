@@ -33,6 +33,7 @@ from pdt.tui.widgets.metrics_pane import MetricsPane
 from pdt.tui.widgets.progress_pane import ProgressPane
 from pdt.tui.widgets.run_status import RunStatus
 from pdt.tui.widgets.sample_pane import SamplePane
+from pdt.tui.widgets.stage_bars import StageBars
 
 #: Redraws per second at most: the eye does not need more, a fast job must not starve input.
 MAX_FPS = 20
@@ -82,6 +83,7 @@ A live view of one job (or the replay of a finished one).
         yield Header()
         yield RunStatus(id="run-status")
         yield ProgressPane(id="progress")
+        yield StageBars(id="stages")
         with Horizontal(id="run-main"):
             yield LossPlot(id="loss-plot")
             with Vertical(id="run-side"):
@@ -163,6 +165,8 @@ A live view of one job (or the replay of a finished one).
         state = self.state
         if dirty & {"progress", "status"}:
             self.query_one(ProgressPane).show(state, time.time())
+        if dirty & {"progress", "metrics"}:
+            self.query_one(StageBars).show(state)
         if dirty & {"plot", "metrics"}:
             self.query_one(MetricsPane).show(state.metrics)
         if "plot" in dirty:

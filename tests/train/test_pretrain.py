@@ -307,3 +307,38 @@ def test_oom_message_names_the_keys_to_lower() -> None:
     assert message is not None
     assert "train.micro_batch_size" in message and "train.grad_accum" in message
     assert "resumes from the last checkpoint" in message
+
+
+def test_disk_full_during_a_save_stops_with_a_message_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import pdt.train.checkpoint as ck
+    from pdt.presets.loader import validate_preset
+    from pdt.telemetry.events import Error
+
+    data = json.loads(json.dumps(TINY))
+    data.pop("extends")
+    base = load_preset_file(SHIPPED_DIR / "pretrain_tiny.json").model_dump(mode="json")
+    for key in ("data", "tokenizer", "trunk", "train", "checkpoint"):
+        data[key] = {**base[key], **data[key]}
+    data.update({"name": "tiny_full_disk"})
+    real_write, saves = ck._write_file, []
+
+    def disk_fills_up(path: Path, *args: object) -> None:
+        if Path(path).name == "state.json":
+            saves.append(path)
+        if len(saves) >= 2:  # the first checkpoint lands; the second finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_write(path, *args)
+
+    monkeypatch.setattr(ck, "_write_file", disk_fills_up)
+    seen: list[Event] = []
+    code = run_job(validate_preset(data), tmp_path / "run", console=False, extra_sinks=[seen.append])
+    assert code == 1
+    errors = [e.message for e in seen if isinstance(e, Error)]
+    assert errors and "No space left on device" in errors[0] and "Free space" in errors[0]
+    assert "Traceback" not in errors[0]
+    state = json.loads((tmp_path / "checkpoints" / "tiny_full_disk" / "current" / "state.json").read_text())
+    assert state["step"] == 4  # the last good checkpoint is intact

@@ -342,3 +342,25 @@ def test_disk_full_during_a_save_stops_with_a_message_and_keeps_the_last_checkpo
     assert "Traceback" not in errors[0]
     state = json.loads((tmp_path / "checkpoints" / "tiny_full_disk" / "current" / "state.json").read_text())
     assert state["step"] == 4  # the last good checkpoint is intact
+
+
+def test_continue_pretraining_from_an_exported_folder(tmp_path: Path) -> None:
+    """trunk.source = folder + tokenizer.type = trunk: the export of one run is the start of another."""
+    first = write_preset(tmp_path, "tiny_first")
+    assert run_main(tmp_path, first).returncode == 0
+    export = tmp_path / "checkpoints" / "tiny_first" / "export"
+    data = json.loads(first.read_text())
+    data.update(
+        {
+            "name": "tiny_second",
+            "trunk": {"source": "folder", "path": str(export)},
+            "tokenizer": {"type": "trunk"},
+        }
+    )
+    second = tmp_path / "presets" / "tiny_second.json"
+    second.write_text(json.dumps(data))
+    proc = run_main(tmp_path, second)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    first_losses = losses(events_of(tmp_path, "tiny_first")[0])
+    second_losses = losses(events_of(tmp_path, "tiny_second")[0])
+    assert second_losses[1] < first_losses[1] - 0.2  # it starts from trained weights, not from scratch

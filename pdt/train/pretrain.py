@@ -119,9 +119,43 @@ def _setup(ctx: JobContext, preset: PretrainPreset) -> Trainer:
     loaded = _load_checkpoint(ctx, ckpt, dist)
     model = _make_model(preset, tokenizer, cfg.seq_len).to(dist.device)
     tokens_per_step = cfg.seq_len * cfg.micro_batch_size * cfg.grad_accum * dist.world_size
-    total_steps = max(1, math.ceil(cfg.token_budget / tokens_per_step))
     optimizer = build_optimizer(model, cfg, dist.device)
     data_state = _restore(ctx, loaded, model, optimizer, tokenizer, dist)
+    train_iter, eval_batches = _make_data(ctx, preset, tokenizer, dist, data_state)
+    trainer = Trainer(
+        ctx,
+        preset,
+        dist,
+        _wrap(model, dist),
+        model,
+        optimizer,
+        tokenizer,
+        ckpt,
+        train_iter,
+        eval_batches,
+        _precision(preset, dist.device),
+        max(1, math.ceil(cfg.token_budget / tokens_per_step)),
+        tokens_per_step,
+    )
+    if loaded is not None:
+        trainer.step = int(loaded.state["step"])
+        trainer.tokens = int(loaded.state.get("tokens_seen", 0))
+        trainer.last_saved_step = trainer.step
+        trainer.elapsed_s = float(loaded.state.get("elapsed_s", 0.0))
+    if cfg.compile and dist.device.type == "cuda":
+        trainer.loss_fn = torch.compile(next_token_loss)
+    trainer.flops_per_token = flops_per_token(model, cfg.seq_len)
+    if dist.device.type == "cuda":
+        trainer.peak_flops = matmul_peak_flops(str(dist.device))
+    _announce(trainer, loaded)
+    return trainer
+
+
+def _make_data(
+    ctx: JobContext, preset: PretrainPreset, tokenizer: Any, dist: D.DistContext, data_state: dict | None
+) -> tuple[Any, list[torch.Tensor]]:
+    """This rank's training stream (resumed from its cursor) and its fixed validation batches."""
+    cfg = preset.train
     warn = (lambda m: ctx.log(m, "warning")) if dist.is_main else None
     train_iter = make_train_batches(
         preset.data,
@@ -145,34 +179,7 @@ def _setup(ctx: JobContext, preset: PretrainPreset) -> Trainer:
             dist.world_size,
         )
     )
-    wrapped = _wrap(model, dist)
-    trainer = Trainer(
-        ctx,
-        preset,
-        dist,
-        wrapped,
-        model,
-        optimizer,
-        tokenizer,
-        ckpt,
-        train_iter,
-        eval_batches,
-        _precision(preset, dist.device),
-        total_steps,
-        tokens_per_step,
-    )
-    if loaded is not None:
-        trainer.step = int(loaded.state["step"])
-        trainer.tokens = int(loaded.state.get("tokens_seen", 0))
-        trainer.last_saved_step = trainer.step
-        trainer.elapsed_s = float(loaded.state.get("elapsed_s", 0.0))
-    if cfg.compile and dist.device.type == "cuda":
-        trainer.loss_fn = torch.compile(next_token_loss)
-    trainer.flops_per_token = flops_per_token(model, cfg.seq_len)
-    if dist.device.type == "cuda":
-        trainer.peak_flops = matmul_peak_flops(str(dist.device))
-    _announce(trainer, loaded)
-    return trainer
+    return train_iter, eval_batches
 
 
 def _make_model(preset: PretrainPreset, tokenizer: Any, seq_len: int) -> nn.Module:

@@ -54,8 +54,14 @@ def _pretrain(ctx: JobContext) -> str:
     return run_pretrain(ctx)
 
 
-#: Preset kind → job. Later kinds (dataset, curriculum, inference, pipeline) add one row each.
-JOBS: dict[str, JobFn] = {"pretrain": _pretrain}
+def _dataset(ctx: JobContext) -> str:
+    from pdt.data.build.pipeline import run_dataset
+
+    return run_dataset(ctx)
+
+
+#: Preset kind → job. Later kinds (curriculum, inference, pipeline) add one row each.
+JOBS: dict[str, JobFn] = {"pretrain": _pretrain, "dataset": _dataset}
 
 
 class _SignalGuard:
@@ -110,6 +116,7 @@ def user_message(exc: BaseException) -> str | None:
         ("pdt.data.tokenizer", "TokenizerError"),
         ("pdt.train.pretrain", "ResumeError"),
         ("pdt.train.distributed", "DistributedSetupError"),
+        ("pdt.data.build.teacher_openai", "TeacherError"),
     ):
         cls = getattr(sys.modules.get(mod), name, None)
         if isinstance(cls, type):
@@ -139,6 +146,19 @@ def oom_message(exc: BaseException) -> str:
         "train.seq_len, then run again: training resumes from the last checkpoint."
     )
     return " ".join(lines)
+
+
+def _failure_message(exc: BaseException, run_dir: Path, rank: int) -> str:
+    """The user's message for a known failure; otherwise say it is a bug and keep the traceback."""
+    message = user_message(exc)
+    if message is not None:
+        return message
+    if rank == 0:
+        (run_dir / "traceback.txt").write_text(traceback.format_exc(), encoding="utf-8")
+    return (
+        f"{type(exc).__name__}: {exc} — this is a bug in PDT Workbench, not in your preset; "
+        f"the traceback is in {run_dir / 'traceback.txt'}"
+    )
 
 
 def run_job(
@@ -178,14 +198,7 @@ def run_job(
         emitter(Done(status=status))
         return 0
     except BaseException as exc:  # noqa: BLE001 - every failure must end in an error event
-        message = user_message(exc)
-        if message is None:
-            tb = traceback.format_exc()
-            (run_dir / "traceback.txt").write_text(tb, encoding="utf-8") if rank == 0 else None
-            message = (
-                f"{type(exc).__name__}: {exc} — this is a bug in PDT Workbench, not in your "
-                f"preset; the traceback is in {run_dir / 'traceback.txt'}"
-            )
+        message = _failure_message(exc, run_dir, rank)
         emitter(Error(message=message))
         if rank != 0:
             print(f"[rank {rank}] error: {message}", file=sys.stderr, flush=True)

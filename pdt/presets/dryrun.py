@@ -78,7 +78,21 @@ def _tiny_pretrain(data: dict[str, Any]) -> dict[str, Any]:
 
 
 #: Preset kind → shrinking rule. New kinds add one row.
-TINY_RULES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"pretrain": _tiny_pretrain}
+def _tiny_dataset(data: dict[str, Any]) -> dict[str, Any]:
+    for src in data.setdefault("data", {}).setdefault("sources", [{"type": "wiki_vital"}]):
+        src["limit"] = min(int(src.get("limit") or 40), 40)
+    data["max_documents"] = min(int(data.get("max_documents") or 40), 40)
+    data["shard_size"] = min(int(data.get("shard_size") or 8), 8)
+    tok = data.setdefault("tokenizer", {})
+    if tok.get("type", "tiktoken") == "tiktoken":
+        tok["vocab_size"] = min(int(tok.get("vocab_size") or 1024), 1024)
+    return data
+
+
+TINY_RULES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "pretrain": _tiny_pretrain,
+    "dataset": _tiny_dataset,
+}
 
 
 def tiny_variant(preset: PresetBase) -> PresetBase:

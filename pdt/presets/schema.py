@@ -336,6 +336,72 @@ class PretrainPreset(PresetBase):
         return self
 
 
-# The registry of preset kinds: later kinds (dataset, curriculum, inference, pipeline) add one row.
-PRESET_KINDS: dict[str, type[PresetBase]] = {"pretrain": PretrainPreset}
+class ExtractiveTeacher(StrictModel):
+    """Offline, deterministic teacher: sections, plan items and notes extracted from the text itself."""
+
+    type: Literal["extractive"] = "extractive"
+
+
+class OpenAICompatibleTeacher(StrictModel):
+    """A chat-completions HTTP endpoint that writes the plan items (notes stay extractive)."""
+
+    type: Literal["openai_compatible"] = "openai_compatible"
+    base_url: str
+    """Endpoint root, e.g. "http://127.0.0.1:8000/v1"."""
+    model: str
+    """Model name sent with each request."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """NAME of the environment variable holding the API key (the key itself never goes in a preset)."""
+    timeout: float = Field(60.0, gt=0)
+    """Seconds per HTTP request."""
+    max_retries: int = Field(3, ge=0)
+    """Retries (with backoff) after an HTTP error, a timeout or malformed JSON."""
+
+
+TeacherConfig = Annotated[ExtractiveTeacher | OpenAICompatibleTeacher, Field(discriminator="type")]
+
+
+class DatasetPreset(PresetBase):
+    """Build a PDT dataset (sections, plans, notes, snapshots) from real text (SPEC §3)."""
+
+    kind: Literal["dataset"]
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Text sources (only `sources` is used by the build)."""
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    """Tokenizer that balances sections, measures strides and produces the exported token ids."""
+    num_streams: int = Field(3, ge=1, le=64)
+    """K: sections (streams) each document is split into."""
+    stride: int = Field(32, ge=1)
+    """B: tokens per round; one notes snapshot per stride of a section."""
+    validation_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    """Share of documents in the validation split (stable hash of the document id)."""
+    test_fraction: float = Field(0.02, ge=0.0, lt=0.5)
+    """Share of documents in the test split (stable hash of the document id)."""
+    teacher: TeacherConfig = Field(default_factory=ExtractiveTeacher)
+    """Who writes plans and notes: extractive (offline) or openai_compatible."""
+    plan_vocab: int = Field(16384, ge=2)
+    """V_p: plan items hash into this many ids (must match the sidecars' plan_vocab)."""
+    plan_salt: str = "pdt-plan-v1"
+    """Salt of the plan-item hash (must match the sidecars' plan_salt); recorded in the manifest."""
+    min_section_tokens: int = Field(8, ge=1)
+    """A document whose any section would be shorter than this is rejected (too short)."""
+    max_documents: int | None = Field(None, ge=1)
+    """Keep at most this many documents after filtering (None: all)."""
+    shard_size: int = Field(64, ge=1)
+    """Documents per shard: the unit of resumption for the plans and notes stages."""
+    seed: int = 1337
+    """Seeds the choice of corrupted variants."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetPreset:
+        if self.validation_fraction + self.test_fraction >= 0.5:
+            raise ValueError(
+                f"validation_fraction + test_fraction = {self.validation_fraction + self.test_fraction} "
+                "leaves less than half the documents for training; lower one of them"
+            )
+        return self
+
+
+# The registry of preset kinds: later kinds (curriculum, inference, pipeline) add one row.
+PRESET_KINDS: dict[str, type[PresetBase]] = {"pretrain": PretrainPreset, "dataset": DatasetPreset}
 Preset = PretrainPreset

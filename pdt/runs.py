@@ -113,11 +113,19 @@ def list_runs(root: Path | None = None) -> list[RunInfo]:
     return sorted((i for i in infos if i is not None), key=lambda i: i.started, reverse=True)
 
 
-def preset_status(preset_name: str) -> dict[str, object]:
-    """Checkpoint status of a preset, read from `checkpoints/<name>/current/state.json`.
+def data_root() -> Path:
+    return Path(os.environ.get("PDT_DATA_DIR", "data"))
+
+
+def preset_status(preset_name: str, kind: str = "") -> dict[str, object]:
+    """Status of a preset. Training kinds: `checkpoints/<name>/current/state.json`; a dataset: whether
+    `data/processed/<name>/export/manifest.json` (written last by the build) exists.
 
     Returns {"step": int | None, "finished": bool, "total_steps": int | None}. Cheap: no hashing.
     """
+    if kind == "dataset":
+        built = (data_root() / "processed" / preset_name / "export" / "manifest.json").is_file()
+        return {"step": None, "finished": built, "total_steps": None}
     state_path = checkpoints_root() / preset_name / "current" / "state.json"
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))

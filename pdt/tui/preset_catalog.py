@@ -70,13 +70,13 @@ class PresetRow:
 
     @property
     def status(self) -> str:
-        """'running' / 'finished' / 'step N/M' / 'not started' (or 'invalid')."""
+        """'running' / 'finished' (a dataset: 'built') / 'step N/M' / 'not started' (or 'invalid')."""
         if self.info.error:
             return INVALID
         if self.running:
             return "running"
         if self.finished:
-            return "finished"
+            return "built" if self.info.kind == "dataset" else "finished"
         if self.checkpoint_step is not None:
             total = f"/{self.total_steps}" if self.total_steps else ""
             return f"step {self.checkpoint_step}{total}"
@@ -164,7 +164,7 @@ def load_catalog(
         last_runs.setdefault(run.preset, run)
     rows = []
     for info in list_presets(folder):
-        status = preset_status(info.name) if info.error is None else {}
+        status = preset_status(info.name, info.kind) if info.error is None else {}
         last = last_runs.get(info.name)
         resolved = resolved_settings(info)
         rows.append(

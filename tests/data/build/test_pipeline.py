@@ -169,3 +169,62 @@ def test_export_records_for_the_trainer(tiny_preset: DatasetPreset, data_dir: Pa
         labels.update(rec["variant_labels"])
         assert len(rec["variant_texts"]) == len(rec["variant_labels"]) == len(rec["variant_streams"])
     assert labels == {"entity_swap", "dropped_fact", "wrong_owner"}
+
+
+def _hf_tokenizer_folder(folder: Path) -> Path:
+    """A real Hugging Face tokenizer folder, trained here on bundled text (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from pdt.data.sources import open_sources
+    from pdt.presets.schema import WikiVitalSource
+
+    (source,) = open_sources([WikiVitalSource(limit=200)])
+    docs = (source.load(source.ref(i)) for i in range(source.count() or 0))
+    texts = [doc.text for doc in docs if doc is not None]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=600,
+            special_tokens=["<unk>", "<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    from tokenizers import decoders
+
+    bpe.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", unk_token="<unk>").save_pretrained(
+        folder
+    )
+    return folder
+
+
+def test_export_uses_the_trunk_folders_own_tokenizer(data_dir: Path, tmp_path: Path) -> None:
+    from pdt.data.tokenizer import load_tokenizer
+    from pdt.presets.loader import validate_preset
+
+    folder = _hf_tokenizer_folder(tmp_path / "trunk")
+    preset = validate_preset(
+        {**TINY, "name": "ds_trunk_tok", "tokenizer": {"type": "trunk", "path": str(folder)}}
+    )
+    run_dataset(_ctx(preset, tmp_path)[0])
+    root = build_root(preset.name)
+    tok = load_tokenizer(folder)
+    assert json.loads((root / "manifest.json").read_text())["tokenizer"] == tok.identity()
+    collated = {r["id"]: r for r in pq.read_table(root / "train.parquet").to_pylist()}
+    records = pq.read_table(root / "export" / "train.parquet").to_pylist()
+    assert records
+    for rec in records:
+        for k, (ids, mask) in enumerate(zip(rec["token_ids"], rec["label_mask"], strict=True)):
+            assert max(ids) < 600  # the trunk's vocabulary, not cl100k's
+            section = tok.decode([t for t, m in zip(ids, mask, strict=True) if m])
+            assert section.strip() == collated[rec["id"]]["sections"][k].strip()
+
+
+def test_trunk_tokenizer_without_a_folder_is_refused() -> None:
+    from pdt.presets.loader import PresetError, validate_preset
+
+    with pytest.raises(PresetError, match="tokenizer.path"):
+        validate_preset({**TINY, "tokenizer": {"type": "trunk"}})

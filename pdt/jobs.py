@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pdt.presets.schema import PresetBase
+from pdt.runs import checkpoints_root
 from pdt.telemetry.events import Done, Error, Event, Log, RunStarted
 from pdt.telemetry.sinks import ConsolePrinter, Emitter, JsonlSink
 
@@ -177,7 +178,7 @@ def run_job(
         emitter.add(jsonl)
     if console and rank == 0:
         emitter.add(ConsolePrinter())
-    ckpt_root = Path(os.environ.get("PDT_CHECKPOINTS_DIR", "checkpoints")) / preset.name
+    ckpt_root = checkpoints_root() / preset.name
     ctx = JobContext(
         preset=preset,
         run_dir=run_dir,

@@ -124,7 +124,9 @@ def preset_status(preset_name: str, kind: str = "") -> dict[str, object]:
     Returns {"step": int | None, "finished": bool, "total_steps": int | None}. Cheap: no hashing.
     """
     if kind == "dataset":
-        built = (data_root() / "processed" / preset_name / "export" / "manifest.json").is_file()
+        from pdt.data.build.layout import build_root  # light: no torch, no pyarrow
+
+        built = (build_root(preset_name) / "export" / "manifest.json").is_file()
         return {"step": None, "finished": built, "total_steps": None}
     state_path = checkpoints_root() / preset_name / "current" / "state.json"
     try:
@@ -138,7 +140,7 @@ def preset_status(preset_name: str, kind: str = "") -> dict[str, object]:
     }
 
 
-def job_command(preset_ref: str, nproc: int = 1) -> list[str]:
+def job_command(nproc: int = 1) -> list[str]:
     """The command line of a job child: the same main.py, unattended; torchrun for nproc > 1."""
     if nproc > 1:
         return [
@@ -166,7 +168,7 @@ def launch_job(
     out = open(log_file, "ab")
     try:
         return subprocess.Popen(
-            job_command(preset_ref, nproc),
+            job_command(nproc),
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

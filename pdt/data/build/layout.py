@@ -14,10 +14,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from pdt.runs import data_root
+
 
 def build_root(name: str) -> Path:
     """`$PDT_DATA_DIR/processed/<name>` (default `data/processed/<name>`)."""
-    return Path(os.environ.get("PDT_DATA_DIR", "data")) / "processed" / name
+    return data_root() / "processed" / name
 
 
 def dumps(obj: Any) -> str:

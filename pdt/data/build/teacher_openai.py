@@ -23,6 +23,7 @@ from typing import Any
 
 from pdt.data.build.layout import dumps, write_atomic
 from pdt.presets.schema import OpenAICompatibleTeacher
+from pdt.runs import data_root
 
 BACKOFF_S = 0.5  # first retry waits this long, then doubles (capped at 8 s)
 SYSTEM = (
@@ -37,7 +38,7 @@ class TeacherError(Exception):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("PDT_DATA_DIR", "data")) / "teacher_cache"
+    return data_root() / "teacher_cache"
 
 
 def validate_reply(content: str, sections: list[str]) -> list[list[str]] | None:

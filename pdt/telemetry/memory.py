@@ -1,4 +1,4 @@
-"""Memory sampling: host RSS/available and GPU allocated/reserved/peak as a `Memory` event.
+"""Memory sampling: host RSS/available and GPU allocated/reserved/peak as a `Memory` event; byte units.
 
 What it is: one cheap function, safe to call every few seconds. What it is not: a profiler.
 """
@@ -30,3 +30,15 @@ def sample_memory() -> Memory:
         gpu_reserved_bytes=reserved,
         gpu_peak_bytes=peak,
     )
+
+
+def fmt_bytes(n: float | None) -> str:
+    """1536 -> '1.5 KiB' (binary units, like nvidia-smi and torch.cuda report)."""
+    if n is None:
+        return "–"
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

@@ -28,6 +28,7 @@ from pdt.telemetry.events import (
     Sample,
     event_from_dict,
 )
+from pdt.telemetry.memory import fmt_bytes
 
 Sink = Callable[[Event], None]
 
@@ -56,15 +57,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):  # numpy / torch scalars
         return obj.item()
     return str(obj)
-
-
-def _fmt_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 class ConsolePrinter:
@@ -109,10 +101,10 @@ class ConsolePrinter:
             gpu = ""
             if event.gpu_reserved_bytes:
                 gpu = (
-                    f"  gpu alloc {_fmt_bytes(event.gpu_allocated_bytes)} reserved "
-                    f"{_fmt_bytes(event.gpu_reserved_bytes)} peak {_fmt_bytes(event.gpu_peak_bytes)}"
+                    f"  gpu alloc {fmt_bytes(event.gpu_allocated_bytes)} reserved "
+                    f"{fmt_bytes(event.gpu_reserved_bytes)} peak {fmt_bytes(event.gpu_peak_bytes)}"
                 )
-            self._print(f"[memory] rss {_fmt_bytes(event.rss_bytes)}{gpu}")
+            self._print(f"[memory] rss {fmt_bytes(event.rss_bytes)}{gpu}")
         elif isinstance(event, RunStarted):
             resumed = f", resuming from step {event.resumed_from_step}" if event.resumed_from_step else ""
             self._print(

@@ -1,4 +1,4 @@
-"""Human units for the TUI: bytes, durations, counts, signals.
+"""Human units for the TUI: durations, counts, signals (bytes: `pdt.telemetry.memory.fmt_bytes`).
 
 What it is: tiny pure formatting functions the widgets share (so "1.2 GiB" and "3m05s" look the
 same everywhere). What it is not: a general helper module; it imports nothing from Textual.
@@ -7,18 +7,6 @@ same everywhere). What it is not: a general helper module; it imports nothing fr
 from __future__ import annotations
 
 import signal
-
-
-def fmt_bytes(n: float | None) -> str:
-    """1536 -> '1.5 KiB' (binary units, like nvidia-smi and torch.cuda report)."""
-    if n is None:
-        return "–"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -12,7 +12,7 @@ from textual.content import Content
 from textual.widgets import Static
 
 from pdt.telemetry.events import Memory
-from pdt.tui.units import fmt_bytes
+from pdt.telemetry.memory import fmt_bytes
 from pdt.tui.widgets.metrics_pane import pairs_grid
 
 

@@ -415,4 +415,3 @@ class DatasetPreset(PresetBase):
 
 # The registry of preset kinds: later kinds (curriculum, inference, pipeline) add one row.
 PRESET_KINDS: dict[str, type[PresetBase]] = {"pretrain": PretrainPreset, "dataset": DatasetPreset}
-Preset = PretrainPreset

@@ -79,11 +79,7 @@ def run_pretrain(ctx: JobContext) -> str:
     preset = ctx.preset
     assert isinstance(preset, PretrainPreset)
     trainer = _setup(ctx, preset)
-    if (
-        trainer.step >= trainer.total_steps
-        and trainer.ckpt.current_state()
-        and (trainer.ckpt.current_state() or {}).get("finished")
-    ):
+    if trainer.step >= trainer.total_steps and (trainer.ckpt.current_state() or {}).get("finished"):
         ctx.log(
             f"{preset.name} already finished at step {trainer.step}; nothing to do. To train again, "
             f"move {ctx.checkpoints_dir} aside or raise train.token_budget."
@@ -289,11 +285,15 @@ def _autocast(t: Trainer) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=t.dist.device.type, dtype=t.autocast_dtype)
 
 
-def _lm_loss(t: Trainer, block: torch.Tensor) -> torch.Tensor:
-    """Next-token CE over a [B, T+1] block: inputs block[:, :-1], targets block[:, 1:]."""
+def _lm_loss(t: Trainer, block: torch.Tensor, train: bool = True) -> torch.Tensor:
+    """Next-token CE over a [B, T+1] block: inputs block[:, :-1], targets block[:, 1:].
+
+    Training goes through the (possibly DDP-wrapped, compiled) loss; evaluation uses the plain model.
+    """
     block = block.to(t.dist.device, non_blocking=True)
+    loss_fn, model = (t.loss_fn, t.model) if train else (next_token_loss, t.raw)
     with _autocast(t):
-        return t.loss_fn(t.model, block[:, :-1], block[:, 1:])
+        return loss_fn(model, block[:, :-1], block[:, 1:])
 
 
 def _train_step(t: Trainer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,19 +389,13 @@ def _evaluate(t: Trainer) -> None:
     if not t.eval_batches:
         return
     t.raw.eval()
-    losses = [_lm_loss_raw(t, b) for b in t.eval_batches]
+    losses = [_lm_loss(t, b, train=False) for b in t.eval_batches]
     t.raw.train()
     mean = D.all_reduce_mean(torch.stack(losses).mean(), t.dist)
     if t.dist.is_main:
         value = float(mean)
         t.ctx.emit(Metric(name="eval/loss", value=value, step=t.step))
         t.ctx.emit(Metric(name="eval/ppl", value=math.exp(min(value, 50.0)), step=t.step))
-
-
-def _lm_loss_raw(t: Trainer, block: torch.Tensor) -> torch.Tensor:
-    block = block.to(t.dist.device)
-    with _autocast(t):
-        return next_token_loss(t.raw, block[:, :-1], block[:, 1:])
 
 
 def _samples(t: Trainer) -> None:

@@ -321,15 +321,9 @@ def test_disk_full_during_a_save_stops_with_a_message_and_keeps_the_last_checkpo
     import errno
 
     import pdt.train.checkpoint as ck
-    from pdt.presets.loader import validate_preset
     from pdt.telemetry.events import Error
 
-    data = json.loads(json.dumps(TINY))
-    data.pop("extends")
-    base = load_preset_file(SHIPPED_DIR / "pretrain_tiny.json").model_dump(mode="json")
-    for key in ("data", "tokenizer", "trunk", "train", "checkpoint"):
-        data[key] = {**base[key], **data[key]}
-    data.update({"name": "tiny_full_disk"})
+    preset = load_preset_file(write_preset(tmp_path, "tiny_full_disk"))  # `extends` resolved by the loader
     real_write, saves = ck._write_file, []
 
     def disk_fills_up(path: Path, *args: object) -> None:
@@ -341,7 +335,7 @@ def test_disk_full_during_a_save_stops_with_a_message_and_keeps_the_last_checkpo
 
     monkeypatch.setattr(ck, "_write_file", disk_fills_up)
     seen: list[Event] = []
-    code = run_job(validate_preset(data), tmp_path / "run", console=False, extra_sinks=[seen.append])
+    code = run_job(preset, tmp_path / "run", console=False, extra_sinks=[seen.append])
     assert code == 1
     errors = [e.message for e in seen if isinstance(e, Error)]
     assert errors and "No space left on device" in errors[0] and "Free space" in errors[0]

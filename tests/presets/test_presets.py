@@ -68,6 +68,10 @@ BAD = {
         ["data.sources[0].extnsions", 'did you mean "extensions"'],
     ),
     "bad_kind": ({"name": "bad_kind", "kind": "pretrian"}, ["unknown kind", 'did you mean "pretrain"']),
+    "trunk_tokenizer_without_folder": (
+        {"name": "trunk_tokenizer_without_folder", "kind": "pretrain", "tokenizer": {"type": "trunk"}},
+        ['tokenizer.type "trunk" needs a folder with a tokenizer', "tokenizer.path"],
+    ),
 }
 
 

@@ -364,3 +364,22 @@ def test_continue_pretraining_from_an_exported_folder(tmp_path: Path) -> None:
     first_losses = losses(events_of(tmp_path, "tiny_first")[0])
     second_losses = losses(events_of(tmp_path, "tiny_second")[0])
     assert second_losses[1] < first_losses[1] - 0.2  # it starts from trained weights, not from scratch
+
+
+def test_bad_pdt_device_is_named_without_a_traceback(tmp_path: Path) -> None:
+    proc = run_main(tmp_path, write_preset(tmp_path, "tiny_device"), timeout=120, PDT_DEVICE="tpu")
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "PDT_DEVICE='tpu'" in out and '"cpu", "cuda"' in out
+    assert "Traceback" not in out
+
+
+def test_more_processes_than_gpus_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pdt.train import distributed as D
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("PDT_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(D.DistributedSetupError, match="needs GPU 1, but only 1 GPU"):
+        D.setup()

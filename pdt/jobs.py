@@ -61,8 +61,14 @@ def _dataset(ctx: JobContext) -> str:
     return run_dataset(ctx)
 
 
-#: Preset kind → job. Later kinds (curriculum, inference, pipeline) add one row each.
-JOBS: dict[str, JobFn] = {"pretrain": _pretrain, "dataset": _dataset}
+def _curriculum(ctx: JobContext) -> str:
+    from pdt.train.curriculum import run_curriculum
+
+    return run_curriculum(ctx)
+
+
+#: Preset kind → job. Later kinds (inference, pipeline) add one row each.
+JOBS: dict[str, JobFn] = {"pretrain": _pretrain, "dataset": _dataset, "curriculum": _curriculum}
 
 
 class _SignalGuard:
@@ -118,6 +124,10 @@ def user_message(exc: BaseException) -> str | None:
         ("pdt.train.pretrain", "ResumeError"),
         ("pdt.train.distributed", "DistributedSetupError"),
         ("pdt.data.build.teacher_openai", "TeacherError"),
+        ("pdt.train.curriculum", "CurriculumError"),
+        ("pdt.train.curriculum_data", "CurriculumDataError"),
+        ("pdt.train.lora", "LoraError"),
+        ("pdt.model.pdt_model", "SidecarLoadError"),
     ):
         cls = getattr(sys.modules.get(mod), name, None)
         if isinstance(cls, type):

@@ -29,23 +29,29 @@ class UnsupportedTrunkError(Exception):
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Attribute paths for one architecture: `layers` from the model root, `attn`/`mlp` per layer."""
+    """Attribute paths for one architecture: `layers` from the model root, `attn`/`mlp` per layer,
+    and `lora`: the attention projections stage 4 adapts with LoRA (peft `target_modules`)."""
 
     layers: str
     attn: str
     mlp: str
+    lora: tuple[str, ...] = ()
 
+
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 #: model_type → where the decoder layers and their attention / MLP submodules live.
 #: Adding an architecture = one row (checked by tests/model against a tiny config of each).
 ARCHITECTURES: dict[str, ArchSpec] = {
-    "llama": ArchSpec("model.layers", "self_attn", "mlp"),
-    "qwen2": ArchSpec("model.layers", "self_attn", "mlp"),
-    "qwen3": ArchSpec("model.layers", "self_attn", "mlp"),
-    "mistral": ArchSpec("model.layers", "self_attn", "mlp"),
-    "gpt_oss": ArchSpec("model.layers", "self_attn", "mlp"),
-    "gpt2": ArchSpec("transformer.h", "attn", "mlp"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "attention", "mlp"),
+    "llama": ArchSpec("model.layers", "self_attn", "mlp", _QKVO),
+    "qwen2": ArchSpec("model.layers", "self_attn", "mlp", _QKVO),
+    "qwen3": ArchSpec("model.layers", "self_attn", "mlp", _QKVO),
+    "mistral": ArchSpec("model.layers", "self_attn", "mlp", _QKVO),
+    "gpt_oss": ArchSpec("model.layers", "self_attn", "mlp", _QKVO),
+    "gpt2": ArchSpec("transformer.h", "attn", "mlp", ("attn.c_attn", "attn.c_proj")),
+    "gpt_neox": ArchSpec(
+        "gpt_neox.layers", "attention", "mlp", ("attention.query_key_value", "attention.dense")
+    ),
 }
 
 

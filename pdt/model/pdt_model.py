@@ -208,17 +208,21 @@ class PDTModel(nn.Module):
             k: v.detach().contiguous() for k, v in self.state_dict().items() if not k.startswith("trunk.")
         }
 
+    def sidecar_meta(self) -> dict[str, Any]:
+        """What a sidecar checkpoint records to be loaded strictly: format, configuration, trunk identity."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "sidecar_config": self.cfg.model_dump(mode="json"),
+            "trunk": trunk_identity(self.trunk),
+        }
+
     def save_sidecars(self, folder: str | Path) -> Path:
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.sidecar_state_dict(), str(folder / SIDECAR_WEIGHTS))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "sidecar_config": self.cfg.model_dump(mode="json"),
-            "trunk": trunk_identity(self.trunk),
-        }
+        meta = self.sidecar_meta()
         (folder / SIDECAR_META).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
         return folder
 
@@ -231,13 +235,16 @@ class PDTModel(nn.Module):
             meta = json.loads((folder / SIDECAR_META).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise SidecarLoadError(f"{folder / SIDECAR_META}: cannot read ({exc})") from None
-        _check_meta(meta, self.cfg, trunk_identity(self.trunk), folder)
-        state = load_file(str(folder / SIDECAR_WEIGHTS))
+        self.load_sidecar_state(load_file(str(folder / SIDECAR_WEIGHTS)), meta, str(folder))
+
+    def load_sidecar_state(self, state: dict[str, torch.Tensor], meta: dict, where: str) -> None:
+        """Strict load of a sidecar state dict whose `sidecar_meta()` was saved beside it."""
+        _check_meta(meta, self.cfg, trunk_identity(self.trunk), where)
         own = self.sidecar_state_dict()
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
             raise SidecarLoadError(
-                f"{folder}: sidecar keys differ — missing {missing[:5]}, unexpected {extra[:5]}"
+                f"{where}: sidecar keys differ — missing {missing[:5]}, unexpected {extra[:5]}"
             )
         for attr in {key.split(".", 1)[0] for key in own}:  # each sidecar module strictly, never the trunk
             prefix = attr + "."
@@ -249,7 +256,7 @@ def _salt_seed(salt: str) -> int:
     return int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4], "little")
 
 
-def _check_meta(meta: dict, cfg: SidecarConfig, identity: dict, folder: Path) -> None:
+def _check_meta(meta: dict, cfg: SidecarConfig, identity: dict, folder: str) -> None:
     saved_cfg = meta.get("sidecar_config", {})
     for key in ("plan_salt", "plan_vocab"):
         if saved_cfg.get(key) != getattr(cfg, key):

@@ -1,5 +1,6 @@
 """Presets: JSON job descriptions, their schema and their loader (never code)."""
 
+from pdt.presets.kinds import PRESET_KINDS
 from pdt.presets.loader import (
     PresetError,
     PresetInfo,
@@ -10,7 +11,7 @@ from pdt.presets.loader import (
     preset_to_json,
     validate_preset,
 )
-from pdt.presets.schema import PRESET_KINDS, PresetBase, PretrainPreset
+from pdt.presets.schema import PresetBase, PretrainPreset
 
 __all__ = [
     "PRESET_KINDS",

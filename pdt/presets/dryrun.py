@@ -89,9 +89,34 @@ def _tiny_dataset(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _tiny_curriculum(data: dict[str, Any]) -> dict[str, Any]:
+    train = data.setdefault("train", {})
+    train.update(
+        {
+            "steps": 2,
+            "token_budget": None,
+            "micro_batch_size": 2,
+            "grad_accum": 1,
+            "warmup_steps": 0,
+            "eval_every": 1,
+            "eval_batches": 1,
+            "log_every": 1,
+            "max_stream_tokens": 64,
+            "note_tokens": 32,
+            "precision": "fp32",
+        }
+    )
+    if data.get("rollouts", {}).get("every"):
+        data["rollouts"].update({"every": 1, "rows": 2})
+    data.setdefault("checkpoint", {}).update({"every_steps": 1})
+    data.setdefault("distributed", {})["nproc_per_node"] = 1
+    return data
+
+
 TINY_RULES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "pretrain": _tiny_pretrain,
     "dataset": _tiny_dataset,
+    "curriculum": _tiny_curriculum,
 }
 
 

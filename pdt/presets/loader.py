@@ -18,7 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from pdt.presets.schema import PRESET_KINDS, PresetBase
+from pdt.presets.kinds import PRESET_KINDS
+from pdt.presets.schema import PresetBase
 
 #: The presets shipped with the repository (the folder beside the `pdt` package).
 SHIPPED_DIR = Path(__file__).resolve().parent.parent.parent / "presets"

@@ -184,17 +184,9 @@ def _check_heads(cfg: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- training
 
 
-class TrainConfig(StrictModel):
-    """Optimisation, budget, evaluation and sampling."""
+class OptimConfig(StrictModel):
+    """AdamW, the learning-rate schedule and precision (shared by every training kind)."""
 
-    seq_len: int = Field(256, ge=8)
-    """Tokens per training block (the packer fills blocks of this length + 1)."""
-    micro_batch_size: int = Field(8, ge=1)
-    """Blocks per forward pass per process."""
-    grad_accum: int = Field(1, ge=1)
-    """Micro-batches accumulated per optimizer step."""
-    token_budget: int = Field(1_000_000, ge=1)
-    """Total training tokens; steps = budget / (seq_len x micro_batch x grad_accum x world)."""
     lr: float = Field(3e-3, gt=0)
     """Peak learning rate (AdamW)."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
@@ -209,10 +201,23 @@ class TrainConfig(StrictModel):
     """Clip the global gradient norm (0 disables)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 autocast on a GPU that supports it, fp32 on CPU."""
+    seed: int = 1337
+    """Seeds initialisation, data order and sampling."""
+
+
+class TrainConfig(OptimConfig):
+    """Optimisation, budget, evaluation and sampling."""
+
+    seq_len: int = Field(256, ge=8)
+    """Tokens per training block (the packer fills blocks of this length + 1)."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Blocks per forward pass per process."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+    token_budget: int = Field(1_000_000, ge=1)
+    """Total training tokens; steps = budget / (seq_len x micro_batch x grad_accum x world)."""
     compile: bool = False
     """Wrap the model in torch.compile (GPU only; ignored on CPU)."""
-    seed: int = 1337
-    """Seeds model init, data order and sampling."""
     log_every: int = Field(10, ge=1)
     """Emit train metrics every N steps."""
     eval_every: int = Field(100, ge=1)
@@ -411,7 +416,3 @@ class DatasetPreset(PresetBase):
                 "leaves less than half the documents for training; lower one of them"
             )
         return self
-
-
-# The registry of preset kinds: later kinds (curriculum, inference, pipeline) add one row.
-PRESET_KINDS: dict[str, type[PresetBase]] = {"pretrain": PretrainPreset, "dataset": DatasetPreset}

@@ -1,8 +1,10 @@
 """Stage 5, export: the records the trainer streams directly, one Parquet file per split.
 
 What it is: from each collated split, `export/<split>.parquet` (schema `EXPORT_SCHEMA`, zstd):
-per stream the token ids of prefix + section (the preset's tokenizer), a label mask (0 on the
-prefix, 1 on the section the stream must write), plan item ids (salted hash into V_p; salt and
+the prompt's token ids, and per stream the token ids of prompt + stream prefix + section, each
+part tokenised on its own exactly as the decoder feeds them (the prompt is encoded once and shared;
+each stream then reads its prefix and writes its section), a label mask (0 on prompt and prefix,
+1 on the section the stream must write), plan item ids (salted hash into V_p; salt and
 V_p in `export/manifest.json`) with their texts, coverage targets per snapshot (0 missing,
 1 partial, 2 covered), the token position each snapshot belongs to and the snapshot rendered as
 note text; and the corrupted variants as note texts with their corruption label. Each split is
@@ -27,7 +29,8 @@ _ints = pa.list_(pa.list_(pa.int32()))
 EXPORT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("token_ids", _ints),  # K x T_k: prefix + section
+        ("prompt_ids", pa.list_(pa.int32())),  # the prompt alone: a prefix of every stream's token_ids
+        ("token_ids", _ints),  # K x T_k: prompt + stream prefix + section
         ("label_mask", pa.list_(pa.list_(pa.int8()))),  # K x T_k: 1 where the stream is trained
         ("plan_item_ids", _ints),  # K x items_k
         ("plan_item_texts", pa.list_(pa.list_(pa.string()))),  # K x items_k
@@ -41,9 +44,17 @@ EXPORT_SCHEMA = pa.schema(
 )
 
 
-def render_notes(ent: list[dict[str, Any]], facts: list[dict[str, Any]], cov: list[dict[str, Any]]) -> str:
-    """Notes as the text a teacher would emit: one ENT / FACT / COVERAGE line each."""
-    names = {e["id"]: e["name"] for e in ent}
+def render_notes(
+    ent: list[dict[str, Any]],
+    facts: list[dict[str, Any]],
+    cov: list[dict[str, Any]],
+    names: dict[str, str] | None = None,
+) -> str:
+    """Notes as the text a teacher would emit: one ENT / FACT / COVERAGE line each.
+
+    `names`: entity id → name across all streams (a wrong-owner fact names another stream's entity).
+    """
+    names = {**(names or {}), **{e["id"]: e["name"] for e in ent}}
     lines = [f"ENT {e['id']} {e['name']} ({e['type']})" for e in ent]
     lines += [
         f"FACT {names.get(f['subj_id'], f['subj_id'])} | {f['predicate']} | {f['object']}" for f in facts
@@ -52,8 +63,10 @@ def render_notes(ent: list[dict[str, Any]], facts: list[dict[str, Any]], cov: li
     return "\n".join(lines)
 
 
-def _stream(prefix: str, section: str, items: list[dict], notes: dict, stride: int, tok: Any) -> dict:
-    head, body = tok.encode(prefix + "\n"), tok.encode(section)
+def _stream(
+    prompt_ids: list[int], rest: str, section: str, items: list[dict], notes: dict, stride: int, tok: Any
+) -> dict:
+    head, body = prompt_ids + tok.encode(rest + "\n"), tok.encode(section)
     snaps = notes["snapshots"]
     return {
         "token_ids": head + body,
@@ -71,16 +84,26 @@ def _stream(prefix: str, section: str, items: list[dict], notes: dict, stride: i
 def export_row(row: dict[str, Any], stride: int, tok: Any) -> dict[str, Any]:
     """One trainer record from one collated row."""
     items, notes = json.loads(row["plan_items_json"]), json.loads(row["notes_json"])
+    prompt = row["prompt"]
+    prompt_ids = tok.encode(prompt)
+    # A prefix is the prompt plus the stream's part line; the part line is tokenised on its own.
+    rests = [p[len(prompt) :] if p.startswith(prompt) else " " + p for p in row["prefixes"]]
     streams = [
-        _stream(p, s, i, n, stride, tok)
-        for p, s, i, n in zip(row["prefixes"], row["sections"], items, notes, strict=True)
+        _stream(prompt_ids, r, s, i, n, stride, tok)
+        for r, s, i, n in zip(rests, row["sections"], items, notes, strict=True)
     ]
-    out: dict[str, Any] = {"id": row["id"]}
-    for key in EXPORT_SCHEMA.names[1:8]:
+    out: dict[str, Any] = {"id": row["id"], "prompt_ids": prompt_ids}
+    for key in EXPORT_SCHEMA.names[2:9]:
         out[key] = [s[key] for s in streams]
     variants = json.loads(row["variants_json"])
+    names = {e["id"]: e["name"] for n in notes for e in n["ent"]}
     out["variant_streams"] = [v["stream"] for v in variants]
-    out["variant_texts"] = [render_notes(v["ent"], v["fact"], []) for v in variants]
+    # A variant corrupts the stream's final notes; it is rendered exactly like the final snapshot
+    # (same coverage lines, entity names resolved across streams), so only the corruption differs.
+    out["variant_texts"] = [
+        render_notes(v["ent"], v["fact"], notes[v["stream"]]["snapshots"][-1]["coverage"], names)
+        for v in variants
+    ]
     out["variant_labels"] = [v["kind"] for v in variants]
     return out
 

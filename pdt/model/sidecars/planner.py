@@ -72,6 +72,10 @@ class Planner(nn.Module):
         mean = summed / active.sum(dim=1, keepdim=True).clamp_min(1)
         return F.normalize(mean, dim=-1, eps=1e-12)
 
+    def item_embeddings(self, plan_ids: torch.Tensor) -> torch.Tensor:
+        """plan_ids [...] long → [..., d_n] unit vectors: a plan item in note space (the coverage keys)."""
+        return F.normalize(self.proj(self.plan_emb(plan_ids.long())), dim=-1, eps=1e-12)
+
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, active: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -160,6 +161,10 @@ def test_export_records_for_the_trainer(tiny_preset: DatasetPreset, data_dir: Pa
             ids, mask = rec["token_ids"][k], rec["label_mask"][k]
             assert len(ids) == len(mask) and mask[0] == 0 and mask[-1] == 1
             assert tok.decode([t for t, m in zip(ids, mask, strict=True) if m]) == src["sections"][k]
+            # The prompt is shared and tokenised alone, as the decoder encodes it once for all streams.
+            n_prompt = len(rec["prompt_ids"])
+            assert ids[:n_prompt] == rec["prompt_ids"] == tok.encode(src["prompt"])
+            assert tok.decode(ids[: len(mask) - sum(mask)]) == src["prefixes"][k] + "\n"
             texts, pids = rec["plan_item_texts"][k], rec["plan_item_ids"][k]
             assert pids == [plan_item_id(t, tiny_preset.plan_salt, tiny_preset.plan_vocab) for t in texts]
             cov = rec["coverage_targets"][k]
@@ -167,6 +172,14 @@ def test_export_records_for_the_trainer(tiny_preset: DatasetPreset, data_dir: Pa
             assert all(len(row) == len(texts) for row in cov) and set(cov[0]) == {0} and set(cov[-1]) == {2}
             assert rec["snapshot_token_pos"][k][-1] == sum(mask)
         labels.update(rec["variant_labels"])
+        for stream, text in zip(rec["variant_streams"], rec["variant_texts"], strict=True):
+            final = rec["snapshot_texts"][stream][-1]
+            # Only the corruption differs from the real final notes: same coverage lines, names not ids.
+            assert text != final
+            assert [x for x in text.splitlines() if x.startswith("COVERAGE")] == [
+                x for x in final.splitlines() if x.startswith("COVERAGE")
+            ]
+            assert not re.search(r"^FACT s\d+e\d+ ", text, flags=re.M)
         assert len(rec["variant_texts"]) == len(rec["variant_labels"]) == len(rec["variant_streams"])
     assert labels == {"entity_swap", "dropped_fact", "wrong_owner"}
 

@@ -1,0 +1,98 @@
+"""Score calibration: ROC, AUC and the thresholds the decoder uses (readiness γ, coverage).
+
+What it is: pure functions over (score, label) arrays — the ROC curve, its area (the Mann–Whitney
+statistic, ties counted half), the readiness threshold γ chosen by Youden's J, the coverage
+threshold chosen by F1, and precision/recall/F1 at a threshold. What it is not: where the scores
+come from (`pdt.train.curriculum`) nor where γ is stored (the checkpoint's state).
+
+The rule for γ (SPEC §2 "calibrate γ on validation (ROC)"): among the ROC's operating points,
+take the one maximising J = TPR − FPR (Youden 1950), i.e. the point farthest above the chance
+diagonal; on a tie, the highest threshold (commit less, roll back more: the safer side). A block
+is committed when readiness ≥ γ. With only one class present there is no ROC: γ = 0.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Roc:
+    fpr: np.ndarray  # [M] rising from 0 to 1
+    tpr: np.ndarray  # [M]
+    thresholds: np.ndarray  # [M] falling; point i = predict positive when score >= thresholds[i]
+
+
+def _arrays(scores: object, labels: object) -> tuple[np.ndarray, np.ndarray]:
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels differ in length: {s.size} vs {y.size}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or inf")
+    return s, (y >= 0.5).astype(np.float64)
+
+
+def roc_curve(scores: object, labels: object) -> Roc:
+    """The ROC of `scores` for binary `labels` (≥ 0.5 = positive), one point per distinct score."""
+    s, y = _arrays(scores, labels)
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last_of_run = np.r_[np.nonzero(np.diff(s))[0], s.size - 1] if s.size else np.array([], dtype=int)
+    tp = np.cumsum(y)[last_of_run]
+    fp = np.cumsum(1.0 - y)[last_of_run]
+    pos, neg = max(float(y.sum()), 1e-12), max(float((1.0 - y).sum()), 1e-12)
+    return Roc(
+        fpr=np.r_[0.0, fp / neg],
+        tpr=np.r_[0.0, tp / pos],
+        thresholds=np.r_[np.inf, s[last_of_run]],
+    )
+
+
+def roc_auc(scores: object, labels: object) -> float:
+    """Area under the ROC = P(score of a random positive > that of a random negative), ties ½.
+
+    NaN when only one class is present (no curve to measure).
+    """
+    s, y = _arrays(scores, labels)
+    pos, neg = int(y.sum()), int(y.size - y.sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    roc = roc_curve(s, y)
+    return float(np.sum(np.diff(roc.fpr) * (roc.tpr[1:] + roc.tpr[:-1]) / 2.0))  # trapezoids
+
+
+def youden_threshold(scores: object, labels: object) -> float:
+    """γ: the threshold of the ROC point maximising TPR − FPR; ties → the highest threshold."""
+    s, y = _arrays(scores, labels)
+    if y.size == 0 or y.min() == y.max():
+        return 0.5
+    roc = roc_curve(s, y)
+    j = roc.tpr - roc.fpr
+    best = int(np.flatnonzero(j == j.max())[0])  # thresholds fall, so the first is the highest
+    return float(min(1.0, roc.thresholds[best])) if np.isfinite(roc.thresholds[best]) else 1.0
+
+
+def precision_recall_f1(scores: object, labels: object, threshold: float) -> dict[str, float]:
+    """Precision, recall and F1 when `score >= threshold` predicts positive (0 where undefined)."""
+    s, y = _arrays(scores, labels)
+    pred = s >= threshold
+    tp = float((pred & (y == 1)).sum())
+    fp = float((pred & (y == 0)).sum())
+    fn = float((~pred & (y == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def best_f1_threshold(scores: object, labels: object) -> float:
+    """The coverage threshold: the distinct score maximising F1; ties → the highest. 0.5 if no positive."""
+    s, y = _arrays(scores, labels)
+    if y.sum() == 0:
+        return 0.5
+    candidates = np.unique(s)[::-1]  # falling
+    f1 = [precision_recall_f1(s, y, float(t))["f1"] for t in candidates]
+    return float(candidates[int(np.argmax(f1))])

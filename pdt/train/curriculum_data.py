@@ -1,0 +1,401 @@
+"""Curriculum data: the dataset export, teacher-note embeddings, and teacher-forced batches.
+
+What it is: opening a dataset's `export/` (with the checks that make a mismatch a message, not a
+silent mix: streams, plan salt and vocabulary, tokenizer, stride); the cache of teacher-note
+embeddings (the frozen trunk's pooled hidden states of each note text — SPEC §2b.6 — computed
+once per dataset × trunk and stored beside the export); the collation of B examples into R = B·K
+rows (prompt + stream prefix + section, LM labels shifted by one and masked to the section); and
+a resumable, rank-sharded example order. What it is not: the forward or the losses
+(`pdt.train.curriculum_step`).
+
+Rounds (SPEC §2, §2b.7): a section token at offset o lies in round floor(o / B). The teacher note
+of round r is snapshot version r + 1 (the stream's notes after r + 1 blocks) — exactly what a
+stream emits at the end of round r at inference — and it is read through `pdt.bus.teacher_windows`
+with the decode-time visibility rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+from pdt.bus import section_pos_round
+from pdt.data.build.layout import build_root, write_atomic
+from pdt.presets.curriculum import CurriculumPreset
+from pdt.train.losses import IGNORE
+
+CACHE_VERSION = 1
+COVERAGE_TARGET = {0: 0.0, 1: 0.5, 2: 1.0}  # missing, partial, covered
+
+
+class CurriculumDataError(Exception):
+    """The dataset cannot feed this stage; the message says what to run or change."""
+
+
+@dataclass
+class ExportedDataset:
+    name: str
+    root: Path  # data/processed/<name>/export
+    manifest: dict[str, Any]
+    splits: dict[str, list[dict[str, Any]]]
+
+    @property
+    def stride(self) -> int:
+        return int(self.manifest["stride"])
+
+
+def open_dataset(name: str, splits: tuple[str, ...] = ("train", "validation")) -> ExportedDataset:
+    root = build_root(name) / "export"
+    manifest_path = root / "manifest.json"
+    if not manifest_path.exists():
+        raise CurriculumDataError(
+            f"dataset {name!r} is not built ({manifest_path} is missing): run the dataset preset "
+            f"{name!r} first (PDT_PRESET={name} python main.py, or from the home screen)"
+        )
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    out: dict[str, list[dict[str, Any]]] = {}
+    for split in splits:
+        table = pq.read_table(root / f"{split}.parquet")
+        if "prompt_ids" not in table.schema.names:
+            raise CurriculumDataError(
+                f"{root} was exported by an older version (no prompt_ids): delete that folder and run "
+                f"the dataset preset {name!r} again (only the export stage is redone)"
+            )
+        out[split] = table.to_pylist()
+    if not out.get("train"):
+        raise CurriculumDataError(f"dataset {name!r} has no training examples ({root / 'train.parquet'})")
+    return ExportedDataset(name, root, manifest, out)
+
+
+def check_compatible(ds: ExportedDataset, preset: CurriculumPreset, tokenizer: Any) -> None:
+    """Refuse a dataset built for other streams, plan ids, tokenizer or stride, naming the field."""
+    m, sc = ds.manifest, preset.sidecars
+    problems = []
+    if int(m["num_streams"]) != sc.num_streams:
+        problems.append(f"num_streams {m['num_streams']} vs sidecars.num_streams {sc.num_streams}")
+    if m["plan_salt"] != sc.plan_salt or int(m["plan_vocab"]) != sc.plan_vocab:
+        problems.append(
+            f"plan ids hashed with salt {m['plan_salt']!r} / V_p {m['plan_vocab']} vs sidecars "
+            f"{sc.plan_salt!r} / {sc.plan_vocab}"
+        )
+    if preset.stride is not None and preset.stride != ds.stride:
+        problems.append(
+            f"stride {preset.stride} vs the dataset's {ds.stride} (its notes are cut at that stride)"
+        )
+    saved, now = m.get("tokenizer", {}), tokenizer.identity()
+    if saved.get("hash") != now.get("hash"):
+        problems.append(
+            f"token ids from tokenizer {saved.get('name')} ({saved.get('hash')}), the trunk uses "
+            f"{now.get('name')} ({now.get('hash')}) — build the dataset with the trunk's tokenizer"
+        )
+    if problems:
+        raise CurriculumDataError(
+            f"dataset {ds.name!r} does not fit preset {preset.name!r}: " + "; ".join(problems)
+        )
+
+
+# --------------------------------------------------------------------------- teacher notes
+
+
+def note_texts(record: dict[str, Any]) -> list[str]:
+    """Texts embedded for one record, in a fixed order: stream-major round notes, then variants."""
+    texts = [t for snaps in record["snapshot_texts"] for t in snaps[1:]]
+    return texts + list(record["variant_texts"])
+
+
+def cache_path(ds: ExportedDataset, split: str, key_parts: dict[str, Any]) -> Path:
+    file_hash = ds.manifest["files"][f"{split}.parquet"]["sha256"]
+    blob = json.dumps({**key_parts, "split_sha256": file_hash, "v": CACHE_VERSION}, sort_keys=True)
+    return (
+        ds.root.parent
+        / "note_cache"
+        / f"{split}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.safetensors"
+    )
+
+
+@torch.no_grad()
+def embed_note_texts(
+    texts: list[str], tokenizer: Any, embed: Any, note_tokens: int, device: torch.device, batch: int = 64
+) -> torch.Tensor:
+    """[len(texts), d_n] fp32 (CPU): `embed(ids, mask)` over the first `note_tokens` tokens of each,
+    in length-sorted batches (little padding)."""
+    ids = [tokenizer.encode(t)[:note_tokens] or [tokenizer.eot_id] for t in texts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: torch.Tensor | None = None
+    for start in range(0, len(order), batch):
+        chunk = order[start : start + batch]
+        width = max(len(ids[i]) for i in chunk)
+        x = torch.full((len(chunk), width), tokenizer.eot_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, i in enumerate(chunk):
+            x[j, : len(ids[i])] = torch.tensor(ids[i])
+            mask[j, : len(ids[i])] = 1
+        vec = embed(x.to(device), mask.to(device)).float().cpu()  # [b, d_n]
+        if out is None:
+            out = torch.zeros(len(texts), vec.shape[-1])
+        out[torch.tensor(chunk)] = vec
+    return out if out is not None else torch.zeros(0, 0)
+
+
+def load_or_build_notes(
+    path: Path, records: list[dict[str, Any]], build: Any, is_main: bool, barrier: Any
+) -> list[torch.Tensor]:
+    """Per record [n_texts, d_n]: read the cache, or (rank 0) build and write it; others wait."""
+    from safetensors.torch import load_file, save
+
+    counts = [len(note_texts(r)) for r in records]
+    if is_main and not path.exists():
+        flat = build([t for r in records for t in note_texts(r)])  # [Σ n_texts, d_n]
+        write_atomic(path, save({"vectors": flat.contiguous()}, metadata={"counts": json.dumps(counts)}))
+    barrier()
+    flat = load_file(str(path))["vectors"]
+    if flat.shape[0] != sum(counts):
+        raise CurriculumDataError(
+            f"{path}: damaged note cache ({flat.shape[0]} rows for {sum(counts)} notes); delete it"
+        )
+    return list(torch.split(flat, counts))
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class CurriculumBatch:
+    """B examples as R = B·K rows (example-major: row b·K + k is stream k of example b)."""
+
+    input_ids: torch.Tensor  # [R, T]
+    attention_mask: torch.Tensor  # [R, T]
+    labels: torch.Tensor  # [R, T] next token on the section, IGNORE elsewhere
+    sidecar_positions: torch.Tensor  # [R, T] bool: the stream's prefix + section (not the prompt)
+    pos_round: torch.Tensor  # [R, T] round of each position
+    row_example: torch.Tensor  # [R]
+    row_stream: torch.Tensor  # [R]
+    prompt_ids: torch.Tensor  # [B, Tp]
+    prompt_mask: torch.Tensor  # [B, Tp]
+    plan_targets: torch.Tensor  # [B, S] plan ids, IGNORE on inactive slots
+    notes: torch.Tensor  # [B, K, Rn, d_n] teacher note of (stream, round)
+    notes_mask: torch.Tensor  # [B, K, Rn] bool
+    item_ids: torch.Tensor  # [R, P] the row's plan items
+    item_mask: torch.Tensor  # [R, P] bool
+    block_row: torch.Tensor  # [M] row of each block end
+    block_pos: torch.Tensor  # [M] position of the block's last token
+    block_note: torch.Tensor  # [M] flat index into notes [B·K·Rn] of the block's teacher note
+    block_cov: torch.Tensor  # [M, P] coverage target after the block
+    block_last: torch.Tensor  # [M] bool: the last block of its stream (where the corrupted notes stand)
+    var_block: torch.Tensor  # [Nv] the block a corrupted note stands in for
+    var_note: torch.Tensor  # [Nv, d_n] the corrupted note's embedding
+    tokens: int  # real tokens in the rows
+
+    def to(self, device: torch.device) -> CurriculumBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in fields(self)
+            if torch.is_tensor(getattr(self, f.name))
+        }
+        return CurriculumBatch(**{**self.__dict__, **moved})
+
+
+def plan_targets(record: dict[str, Any], slots: int) -> list[int]:
+    """Round-robin over the streams' plan ids (first item of each stream first), unique, ≤ S."""
+    out: list[int] = []
+    lists = record["plan_item_ids"]
+    for i in range(max(len(x) for x in lists)):
+        for ids in lists:
+            if i < len(ids) and ids[i] not in out and len(out) < slots:
+                out.append(int(ids[i]))
+    return out
+
+
+def _pad(rows: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
+    width = width or max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return out
+
+
+def collate(
+    records: list[dict[str, Any]],
+    vectors: list[torch.Tensor],
+    preset: CurriculumPreset,
+    pad_id: int,
+    stride: int,
+) -> CurriculumBatch:
+    """Teacher-forced rows, rounds, notes, blocks and corrupted notes of B records (`stride` = B)."""
+    k, cap = preset.sidecars.num_streams, preset.train.max_stream_tokens
+    rows = [rec["token_ids"][j][:cap] for rec in records for j in range(k)]
+    section_start = [
+        len(rec["token_ids"][j]) - sum(rec["label_mask"][j]) for rec in records for j in range(k)
+    ]
+    ids = _pad(rows, pad_id)  # [R, T]
+    r_count, t = ids.shape
+    lengths = torch.tensor([len(r) for r in rows])
+    arange = torch.arange(t)[None, :]
+    attention = (arange < lengths[:, None]).long()  # [R, T]
+    start = torch.tensor(section_start)
+    labels = torch.full_like(ids, IGNORE)
+    labels[:, :-1] = torch.where(
+        (arange[:, 1:] >= start[:, None]) & (arange[:, 1:] < lengths[:, None]), ids[:, 1:], IGNORE
+    )
+    prompt_len = torch.tensor([len(rec["prompt_ids"]) for rec in records]).repeat_interleave(k)  # [R]
+    sidecar_positions = (arange >= prompt_len[:, None]) & (arange < lengths[:, None])
+    pos_round = section_pos_round(start, t, stride)  # [R, T]
+    notes, notes_mask, note_index = _notes(records, vectors, k)
+    blocks = _blocks(records, k, cap, stride, note_index, notes_mask.shape[-1])
+    items = [[int(x) for x in rec["plan_item_ids"][j]] for rec in records for j in range(k)]
+    item_ids = _pad(items, 0)
+    item_mask = _pad([[1] * len(x) for x in items], 0).bool()
+    var_block, var_note = _variants(records, vectors, blocks["last_block"])
+    return CurriculumBatch(
+        input_ids=ids,
+        attention_mask=attention,
+        labels=labels,
+        sidecar_positions=sidecar_positions,
+        pos_round=pos_round,
+        row_example=torch.arange(len(records)).repeat_interleave(k),
+        row_stream=torch.arange(k).repeat(len(records)),
+        prompt_ids=_pad([rec["prompt_ids"] for rec in records], pad_id),
+        prompt_mask=_pad([[1] * len(rec["prompt_ids"]) for rec in records], 0),
+        plan_targets=_pad(
+            [plan_targets(rec, preset.sidecars.plan_slots) for rec in records],
+            IGNORE,
+            preset.sidecars.plan_slots,
+        ),
+        notes=notes,
+        notes_mask=notes_mask,
+        item_ids=item_ids,
+        item_mask=item_mask,
+        block_row=blocks["row"],
+        block_pos=blocks["pos"],
+        block_note=blocks["note"],
+        block_cov=_pad_float(blocks["cov"], item_ids.shape[1]),
+        block_last=_last_mask(len(blocks["row"]), blocks["last_block"]),
+        var_block=var_block,
+        var_note=var_note,
+        tokens=int(lengths.sum()),
+    )
+
+
+def _notes(
+    records: list[dict[str, Any]], vectors: list[torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor, list[list[list[int]]]]:
+    """notes [B, K, Rn, d_n], mask [B, K, Rn], and per (b, k) the flat index of each round's note."""
+    rounds = [[len(s) - 1 for s in rec["snapshot_texts"]] for rec in records]
+    rn = max(1, max(max(r) for r in rounds))
+    d = vectors[0].shape[-1]
+    notes = torch.zeros(len(records), k, rn, d)
+    mask = torch.zeros(len(records), k, rn, dtype=torch.bool)
+    index: list[list[list[int]]] = []
+    for b, vec in enumerate(vectors):
+        offset, per_stream = 0, []
+        for j in range(k):
+            n = rounds[b][j]
+            notes[b, j, :n] = vec[offset : offset + n]
+            mask[b, j, :n] = True
+            per_stream.append([(b * k + j) * rn + r for r in range(n)])
+            offset += n
+        index.append(per_stream)
+    return notes, mask, index
+
+
+def _blocks(
+    records: list[dict[str, Any]], k: int, cap: int, stride: int, note_index: list, rn: int
+) -> dict[str, Any]:
+    """Block ends: for round r of stream j, the position of the block's last section token."""
+    row, pos, note, cov, last = [], [], [], [], {}
+    for b, rec in enumerate(records):
+        for j in range(k):
+            start = len(rec["token_ids"][j]) - sum(rec["label_mask"][j])
+            length = min(len(rec["token_ids"][j]), cap)
+            for r, written in enumerate(rec["snapshot_token_pos"][j][1:]):
+                end = start + int(written) - 1
+                if end >= length or end < start:
+                    continue
+                last[(b, j)] = len(row)
+                row.append(b * k + j)
+                pos.append(end)
+                note.append(note_index[b][j][r])
+                cov.append([COVERAGE_TARGET[int(c)] for c in rec["coverage_targets"][j][r + 1]])
+    return {
+        "row": torch.tensor(row, dtype=torch.long),
+        "pos": torch.tensor(pos, dtype=torch.long),
+        "note": torch.tensor(note, dtype=torch.long),
+        "cov": cov,
+        "last_block": last,
+    }
+
+
+def _last_mask(m: int, last_block: dict) -> torch.Tensor:
+    mask = torch.zeros(m, dtype=torch.bool)
+    mask[list(last_block.values())] = True
+    return mask
+
+
+def _pad_float(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def _variants(
+    records: list[dict[str, Any]], vectors: list[torch.Tensor], last_block: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Corrupted notes (entity swap, dropped fact, wrong owner) placed at their stream's last block."""
+    blocks, notes = [], []
+    for b, (rec, vec) in enumerate(zip(records, vectors, strict=True)):
+        n_round_notes = sum(len(s) - 1 for s in rec["snapshot_texts"])
+        for i, stream in enumerate(rec["variant_streams"]):
+            if (b, int(stream)) in last_block:
+                blocks.append(last_block[(b, int(stream))])
+                notes.append(vec[n_round_notes + i])
+    d = vectors[0].shape[-1]
+    return torch.tensor(blocks, dtype=torch.long), (torch.stack(notes) if notes else torch.zeros(0, d))
+
+
+# --------------------------------------------------------------------------- order
+
+
+class ExampleOrder:
+    """A seeded permutation per epoch, sharded by rank; the cursor (epoch, position) is the state."""
+
+    def __init__(self, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        if n // world < batch:
+            raise CurriculumDataError(
+                f"{n} training examples cannot fill a micro-batch of {batch} on each of {world} "
+                "process(es): lower train.micro_batch_size or build a larger dataset"
+            )
+        self.n, self.batch, self.seed, self.rank, self.world = n, batch, seed, rank, world
+        self.epoch, self.pos = 0, 0
+
+    def _shard(self) -> list[int]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=gen).tolist()
+        return perm[self.rank :: self.world][: (self.n // self.world)]
+
+    def next(self) -> list[int]:
+        shard = self._shard()
+        if self.pos + self.batch > len(shard):
+            self.epoch, self.pos = self.epoch + 1, 0
+            shard = self._shard()
+        out = shard[self.pos : self.pos + self.batch]
+        self.pos += self.batch
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "batch": self.batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state.get("n") != self.n or state.get("batch") != self.batch:
+            raise CurriculumDataError(
+                f"the data cursor was saved for {state.get('n')} examples in batches of "
+                f"{state.get('batch')}, "
+                f"now {self.n} / {self.batch}"
+            )
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])

@@ -1,0 +1,165 @@
+"""Curriculum evaluation, calibration and the per-run report.
+
+What it is: `evaluate` (every loss on validation batches with no gradient, per-stream LM CE of the
+model and of the frozen trunk on the same sections, coverage precision / recall / F1, readiness
+AUC), `calibrate` (γ by Youden's J and the coverage threshold by F1 over the whole validation
+split; rules in `pdt.train.calibration`), and `write_report` (the JSON a run leaves behind).
+What it is not: the training loop (`pdt.train.curriculum`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pdt.train import calibration as C
+
+# Fixed seed for evaluation batches: no randomness is used with evaluate=True, but keep it explicit.
+_EVAL_SEED = 0
+
+
+def _autocast(st: Any) -> contextlib.AbstractContextManager:
+    from pdt.train.curriculum import _autocast as autocast
+
+    return autocast(st.preset, st.dist.device)
+
+
+@torch.no_grad()
+def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | None) -> dict[str, Any]:
+    """Run evaluate-mode steps over validation batches and gather every number the metrics need."""
+    records = st.ds.splits.get("validation") or []
+    size = st.preset.train.micro_batch_size
+    starts = list(range(0, len(records), size))[: max_batches or None]
+    k = st.preset.sidecars.num_streams
+    acc: dict[str, Any] = {
+        "parts": {},
+        "n": 0,
+        "ce": torch.zeros(k),
+        "base": torch.zeros(k),
+        "tok": torch.zeros(k),
+    }
+    scores: dict[str, list[torch.Tensor]] = {}
+    was_training = st.model.training
+    st.model.eval()
+    try:
+        for start in starts:
+            batch = batch_fn(st, "validation", list(range(start, min(start + size, len(records)))))
+            with _autocast(st):
+                res = step_fn(
+                    st.model, batch, st.plan, torch.Generator().manual_seed(_EVAL_SEED), evaluate=True
+                )
+            acc["n"] += 1
+            for name, value in res.parts.items():
+                acc["parts"][name] = acc["parts"].get(name, 0.0) + float(value)
+            streams = batch.row_stream.cpu()
+            acc["ce"].index_add_(0, streams, res.row_ce.float().cpu())
+            acc["tok"].index_add_(0, streams, res.row_tokens.float().cpu())
+            if res.base_row_ce is not None:
+                acc["base"].index_add_(0, streams, res.base_row_ce.float().cpu())
+            for name, value in res.scores.items():
+                scores.setdefault(name, []).append(value.float().cpu())
+    finally:
+        st.model.train(was_training)
+    acc["scores"] = {name: torch.cat(v).numpy() for name, v in scores.items()}
+    return acc
+
+
+def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]:
+    acc = _collect(st, batch_fn, step_fn, st.preset.train.eval_batches)
+    if acc["n"] == 0:
+        return {}
+    out = {name: value / acc["n"] for name, value in acc["parts"].items()}
+    tok = acc["tok"].clamp_min(1)
+    for k in range(len(tok)):
+        out[f"lm_ce_stream{k}"] = float(acc["ce"][k] / tok[k])
+        out[f"trunk_ce_stream{k}"] = float(acc["base"][k] / tok[k])
+    out["lm_ce"] = float(acc["ce"].sum() / tok.sum())
+    out["trunk_ce"] = float(acc["base"].sum() / tok.sum())
+    sc = acc["scores"]
+    if "coverage_scores" in sc:
+        threshold = (st.calibration or {}).get("coverage", {}).get("threshold", 0.5)
+        prf = C.precision_recall_f1(sc["coverage_scores"], sc["coverage_labels"], threshold)
+        out.update({f"coverage_{k}": v for k, v in prf.items()})
+    if "readiness_scores" in sc:
+        out["readiness_auc"] = C.roc_auc(sc["readiness_scores"], sc["readiness_labels"])
+    return out
+
+
+def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
+    """γ and the coverage threshold from the whole validation split."""
+    sc = _collect(st, batch_fn, step_fn, None)["scores"]
+    ready_s, ready_y = sc.get("readiness_scores"), sc.get("readiness_labels")
+    cov_s, cov_y = sc.get("coverage_scores"), sc.get("coverage_labels")
+    out: dict[str, Any] = {"split": "validation"}
+    if ready_s is not None:
+        out["readiness"] = {
+            "gamma": C.youden_threshold(ready_s, ready_y),
+            "auc": C.roc_auc(ready_s, ready_y),
+            "n": int(len(ready_y)),
+            "positives": int(ready_y.sum()),
+            "rule": "max Youden J = TPR - FPR over the ROC; ties -> highest threshold; "
+            "commit if readiness >= gamma",
+        }
+    if cov_s is not None:
+        threshold = C.best_f1_threshold(cov_s, cov_y)
+        out["coverage"] = {
+            "threshold": threshold,
+            **C.precision_recall_f1(cov_s, cov_y, threshold),
+            "n": int(len(cov_y)),
+            "rule": "max F1 over the distinct scores; ties -> highest threshold; "
+            "covered if score >= threshold",
+        }
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf → None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def write_report(st: Any, paths: list[Path]) -> None:
+    """The per-run report: stage, budget, parameters, final metrics, calibration and the loss history."""
+    if not st.dist.is_main:
+        return
+    from pdt.telemetry.memory import sample_memory
+
+    mem = sample_memory()
+    train_rows = [h for h in st.history if "loss" in h]
+    report = {
+        "preset": st.preset.name,
+        "stage": st.preset.stage,
+        "trained_groups": sorted(st.plan.groups),
+        "steps": st.step,
+        "tokens_seen": st.tokens,
+        "elapsed_s": st.elapsed_s,
+        "tokens_per_s": (sum(h["tokens_per_s"] for h in train_rows) / len(train_rows))
+        if train_rows
+        else None,
+        "started_from": st.started_from,
+        "dataset": st.ds.name,
+        "parameters": st.model.parameter_report(),
+        "gates": dict(zip([f"layer{i}" for i in st.model.layer_ids], st.model.gate_values(), strict=True)),
+        "final_eval": st.last_eval,
+        "calibration": st.calibration,
+        "memory": {
+            "rss_bytes": mem.rss_bytes,
+            "gpu_peak_bytes": mem.gpu_peak_bytes,
+        },
+        "history": st.history,
+    }
+    text = json.dumps(_clean(report), indent=2) + "\n"
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")

@@ -1,0 +1,276 @@
+"""One teacher-forced curriculum forward and its losses (SPEC §2 "Curriculum", §2b.6–8).
+
+What it is: for a `CurriculumBatch` — the planner on the prompt, snapshot 0 from the plan ids,
+the frozen-trunk pass (KD teacher, and the source of the speculation notes for bus mixing), bus
+mixing and stream dropout, the per-position notes windows (`pdt.bus.teacher_windows`, the
+decode-time rule), the student pass with sidecars, and every loss of the stage with its weight.
+Returns the weighted total and detached parts and scores for metrics. What it is not: the loop,
+the optimiser or checkpoints (`pdt.train.curriculum`).
+
+Gradients: the heads (notes, speculation, coverage, readiness) read detached block states — they
+learn to read the stream, while LM + KD (and the auxiliary stream classifier) shape the adapters
+and SNC. Bus-mixed speculation notes are not detached: the LM loss teaches the speculation head to
+write notes its siblings can use. Those speculation notes come from the frozen-trunk pass that KD
+needs anyway (its block-end states), so mixing costs no extra forward; at inference the head reads
+sidecar-on states, which differ from these only by the gated sidecar deltas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pdt.bus import teacher_windows
+from pdt.model.pdt_model import PDTModel
+from pdt.model.sidecars.heads import coverage_summary
+from pdt.presets.curriculum import CurriculumPreset, LossWeights
+from pdt.presets.schema import BusConfig
+from pdt.train import losses as L
+from pdt.train.curriculum_data import CurriculumBatch
+
+#: Which trained group (or LoRA) a loss needs; a loss none of whose groups trains is skipped.
+LOSS_GROUPS: dict[str, tuple[str, ...]] = {
+    "plan": ("planner",),
+    "notes": ("notes",),
+    "speculation": ("speculation",),
+    "lm": ("adapters", "snc", "lora"),
+    "kd": ("adapters", "snc", "lora"),
+    "coverage": ("coverage",),
+    "readiness": ("agreement",),
+    "stream": ("stream_classifier",),
+}
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    groups: frozenset[str]  # trained sidecar groups, plus "lora" in stage 4
+    weights: LossWeights
+    bus: BusConfig
+    max_rounds: int
+    bus_mix_prob: float = 0.0
+    stream_dropout_prob: float = 0.0
+
+    @classmethod
+    def from_preset(cls, preset: CurriculumPreset) -> StepPlan:
+        groups = set(preset.trained_groups) | ({"lora"} if preset.lora is not None else set())
+        return cls(
+            frozenset(groups),
+            preset.losses,
+            preset.bus,
+            preset.sidecars.max_rounds,
+            preset.bus_mix_prob,
+            preset.stream_dropout_prob,
+        )
+
+    def wants(self, loss: str) -> bool:
+        return getattr(self.weights, loss) > 0 and bool(self.groups & set(LOSS_GROUPS[loss]))
+
+    @property
+    def trunk_grad(self) -> bool:
+        """Does any gradient have to flow through the trunk's layers (adapters, SNC, LoRA)?"""
+        return bool(self.groups & {"adapters", "snc", "lora"})
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # weighted total (with grad when training)
+    parts: dict[str, torch.Tensor]  # detached scalar per computed loss
+    row_ce: torch.Tensor  # [R] student LM CE sum per row
+    row_tokens: torch.Tensor  # [R] labelled tokens per row
+    base_row_ce: torch.Tensor | None = None  # [R] the frozen trunk's CE sum per row (sidecars off)
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # coverage / readiness scores + labels
+
+
+def _lora_off(model: PDTModel, plan: StepPlan) -> contextlib.AbstractContextManager:
+    if "lora" not in plan.groups:
+        return contextlib.nullcontext()
+    from pdt.train.lora import lora_disabled
+
+    return lora_disabled(model.trunk)
+
+
+def step_losses(
+    model: PDTModel,
+    batch: CurriculumBatch,
+    plan: StepPlan,
+    gen: torch.Generator,
+    evaluate: bool = False,
+    rollout_fn: Callable[[PDTModel, CurriculumBatch, Any], Any] | None = None,
+) -> StepResult:
+    """The stage's weighted loss on one batch. `gen` (CPU) drives bus mixing and stream dropout, so
+    a step's randomness is a function of its seed (exact resume). `evaluate`: every loss, no grad.
+    `rollout_fn(model, batch, window)`: extra readiness examples from the model's own blocks."""
+    want = {name: evaluate or plan.wants(name) for name in LOSS_GROUPS}
+    parts: dict[str, torch.Tensor] = {}
+    labelled = batch.labels != L.IGNORE  # [R, T]
+    with torch.no_grad():
+        prompt_hidden = model.forward_base(batch.prompt_ids, batch.prompt_mask).hidden  # [B, Tp, D]
+    plan_logits = model.planner.logits(prompt_hidden, batch.prompt_mask)  # [B, S, V_p]
+    active = batch.plan_targets != L.IGNORE
+    snapshot0 = model.planner.snapshot0(batch.plan_targets, active)  # [B, d_n] teacher-forced plan
+    if want["plan"]:
+        parts["plan"] = L.plan_ce(plan_logits, batch.plan_targets)
+
+    base = _base_pass(model, batch, plan, labelled, want["kd"] or evaluate)
+    notes, notes_mask = _bus_notes(model, batch, plan, gen, base, evaluate)
+    window = teacher_windows(
+        snapshot0,
+        notes,
+        notes_mask,
+        batch.pos_round,
+        plan.bus,
+        plan.max_rounds,
+        row_example=batch.row_example,
+        row_stream=batch.row_stream,
+    )
+    with torch.set_grad_enabled(plan.trunk_grad and not evaluate and torch.is_grad_enabled()):
+        out = model.forward_teacher(
+            batch.input_ids,
+            batch.attention_mask,
+            batch.row_stream,
+            window,
+            g=1.0,
+            sidecar_positions=batch.sidecar_positions,
+        )
+    lm, row_ce, row_tokens = L.lm_ce(out.logits, batch.labels)
+    if want["lm"]:
+        parts["lm"] = lm
+    if want["kd"] and base is not None:
+        parts["kd"] = L.kd_kl(out.logits[labelled], base["logits"])
+    extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
+    scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra)
+    if want["stream"]:
+        parts["stream"] = L.stream_ce(
+            model.stream_classifier(_row_mean(out.hidden, labelled)), batch.row_stream
+        )
+    total = sum(
+        (getattr(plan.weights, k) * v for k, v in parts.items() if plan.wants(k)), out.logits.sum() * 0.0
+    )
+    return StepResult(
+        loss=total,
+        parts={k: v.detach() for k, v in parts.items()},
+        row_ce=row_ce,
+        row_tokens=row_tokens,
+        base_row_ce=None if base is None else base["row_ce"],
+        scores=scores,
+    )
+
+
+def _row_mean(hidden: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """[R, T, D] → [R, D]: mean over each row's labelled (section) positions."""
+    w = labelled.to(hidden.dtype)[..., None]  # [R, T, 1]
+    return (hidden * w).sum(dim=1) / w.sum(dim=1).clamp_min(1)
+
+
+@torch.no_grad()
+def _base_pass(
+    model: PDTModel, batch: CurriculumBatch, plan: StepPlan, labelled: torch.Tensor, needed: bool
+) -> dict[str, torch.Tensor] | None:
+    """The frozen trunk, sidecars (and LoRA) off: KD teacher logits at labelled positions, its CE per
+    row, and its block-end states (the speculation notes' input for bus mixing)."""
+    if not (needed or plan.bus_mix_prob > 0):
+        return None
+    with _lora_off(model, plan):
+        out = model.forward_base(batch.input_ids, batch.attention_mask)
+    _, row_ce, _ = L.lm_ce(out.logits, batch.labels)
+    return {
+        "logits": out.logits[labelled],  # [N, V]
+        "row_ce": row_ce,
+        "block_hidden": out.hidden[batch.block_row, batch.block_pos],  # [M, D]
+    }
+
+
+def _bus_notes(
+    model: PDTModel,
+    batch: CurriculumBatch,
+    plan: StepPlan,
+    gen: torch.Generator,
+    base: dict[str, torch.Tensor] | None,
+    evaluate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher notes, with a `bus_mix_prob` share replaced by speculation notes and whole streams
+    withheld with `stream_dropout_prob` (training only)."""
+    notes, mask = batch.notes, batch.notes_mask
+    if evaluate:
+        return notes, mask
+    b, k, rn, d = notes.shape
+    if plan.bus_mix_prob > 0 and base is not None and batch.block_note.numel():
+        mix = torch.rand(batch.block_note.shape[0], generator=gen) < plan.bus_mix_prob  # [M]
+        if bool(mix.any()):
+            mix = mix.to(notes.device)
+            spec = model.speculation_head(base["block_hidden"][mix])  # [m, d_n], with grad
+            flat = notes.reshape(b * k * rn, d).index_copy(0, batch.block_note[mix], spec.to(notes.dtype))
+            notes = flat.reshape(b, k, rn, d)  # [B·K·Rn, d_n] → [B, K, Rn, d_n]
+    if plan.stream_dropout_prob > 0:
+        drop = torch.rand(b, k, generator=gen) < plan.stream_dropout_prob  # [B, K]
+        mask = mask & ~drop.to(mask.device)[..., None]
+    return notes, mask
+
+
+def _head_losses(
+    model: PDTModel,
+    batch: CurriculumBatch,
+    plan: StepPlan,
+    want: dict[str, bool],
+    hidden: torch.Tensor,
+    window: object,
+    parts: dict[str, torch.Tensor],
+    extra: Any = None,
+) -> dict[str, torch.Tensor]:
+    """Notes, speculation, coverage and readiness at block ends; returns detached scores."""
+    scores: dict[str, torch.Tensor] = {}
+    state = hidden[batch.block_row, batch.block_pos].detach()  # [M, D]
+    d = batch.notes.shape[-1]
+    target = batch.notes.reshape(-1, d)[batch.block_note]  # [M, d_n] teacher notes
+    if want["notes"]:
+        parts["notes"] = L.note_mse(model.notes_head(state), target)
+    if want["speculation"]:
+        parts["speculation"] = L.note_mse(model.speculation_head(state), target)
+    if not (want["coverage"] or want["readiness"]):
+        return scores
+    item_mask = batch.item_mask[batch.block_row]  # [M, P]
+    items = model.planner.item_embeddings(batch.item_ids[batch.block_row])  # [M, P, d_n]
+    cov_logits = model.coverage_head(state, items, item_mask)  # [M, P]
+    if want["coverage"]:
+        parts["coverage"] = L.coverage_bce(cov_logits, batch.block_cov, item_mask)
+    scores["coverage_scores"] = torch.sigmoid(cov_logits.detach().float())[item_mask]
+    scores["coverage_labels"] = (batch.block_cov[item_mask] >= 1.0).float()
+    if want["readiness"]:
+        logits, labels = _readiness(model, batch, state, window, cov_logits.detach(), item_mask, target)
+        if extra is not None:
+            own = model.agreement_head(extra.state, extra.pooled, extra.summary, extra.note)
+            logits, labels = torch.cat([logits, own]), torch.cat([labels, extra.labels])
+            scores["rollout_violations"] = (1.0 - extra.labels).mean().reshape(1)
+        parts["readiness"] = L.readiness_bce(logits, labels)
+        scores["readiness_scores"] = torch.sigmoid(logits.detach().float())
+        scores["readiness_labels"] = labels
+    return scores
+
+
+def _readiness(
+    model: PDTModel,
+    batch: CurriculumBatch,
+    state: torch.Tensor,
+    window: object,
+    cov_logits: torch.Tensor,
+    item_mask: torch.Tensor,
+    target: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last block of every stream with its real note (label 1), and the same blocks with the
+    dataset's corrupted notes (label 0: entity swap, dropped fact, wrong owner). Only last blocks:
+    the corrupted variants are of the final notes, so positives from earlier blocks would let the
+    head tell the classes apart by position (coverage so far) instead of by the note."""
+    visible = window.visible[batch.block_row, batch.block_pos]  # [M, N]
+    wnotes = window.notes[batch.block_row].detach()  # [M, N, d_n]
+    pooled = (wnotes * visible[..., None]).sum(dim=1) / visible.sum(dim=1, keepdim=True).clamp_min(1)
+    summary = coverage_summary(cov_logits, item_mask)  # [M, 2]
+    pos = batch.block_last.nonzero().squeeze(-1)  # [M_last]
+    idx = torch.cat([pos, batch.var_block])
+    state_all, pooled_all, summary_all = state[idx], pooled[idx], summary[idx]
+    note_all = torch.cat([target[pos], batch.var_note.to(target.dtype)])
+    labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(batch.var_block))]).to(state.device)
+    return model.agreement_head(state_all, pooled_all, summary_all, note_all), labels

@@ -1,0 +1,92 @@
+"""The curriculum's losses, each a small pure function of tensors (SPEC §2 "Curriculum", §2b.6/8).
+
+What it is: plan CE, note regression (notes and speculation heads), the shifted and masked LM CE
+(overall and per stream), the KD term, coverage BCE and readiness BCE, and the stream classifier
+CE. Each reduces to a scalar mean over the valid entries and is 0 (not NaN) when there are none.
+What it is not: where the inputs come from (`pdt.train.curriculum_step`) or the loss weights.
+
+KD direction: forward KL, KL(p_trunk ‖ p_student) = Σ_v p_trunk(v) (log p_trunk(v) − log p_student(v)),
+with p_trunk the frozen trunk with sidecars off (gate 0; SPEC §2b.8). Forward KL is mass-covering:
+it penalises the student for dropping tokens the trunk finds likely, which keeps the sidecars from
+trading the trunk's fluency for the section objective. It is exactly 0 while the sidecars are an
+identity and grows as soon as they move.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return like.sum() * 0.0  # keeps the graph (and device) without contributing
+
+
+def plan_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """logits [B, S, V_p], targets [B, S] (IGNORE for inactive slots) → mean CE over active slots."""
+    if not bool((targets != IGNORE).any()):
+        return _zero(logits)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+
+
+def note_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """pred/target [M, d_n] → mean over notes of the squared L2 distance (targets are unit vectors:
+    the sum over d_n keeps the loss O(1) whatever d_n is, where a per-element mean would be ~1/d_n)."""
+    if pred.shape[0] == 0:
+        return _zero(pred)
+    return (pred.float() - target.float()).pow(2).sum(dim=-1).mean()
+
+
+def lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [R, T, V], labels [R, T] (already shifted: labels[:, t] is the token after t; IGNORE off
+    the section) → (mean CE over labelled tokens, per-row CE sum [R], per-row token count [R])."""
+    flat = F.cross_entropy(
+        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
+    ).view(labels.shape)  # [R·T] → [R, T]
+    counts = (labels != IGNORE).sum(dim=1)  # [R]
+    sums = flat.sum(dim=1)  # [R] (ignored positions contribute 0)
+    total = counts.sum()
+    mean = sums.sum() / total.clamp_min(1)
+    return mean, sums.detach(), counts
+
+
+def kd_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Forward KL(p_teacher ‖ p_student), mean over positions. student/teacher logits [N, V] (N = the
+    labelled positions only); fp32 log-softmax on both."""
+    if student.shape[0] == 0:
+        return _zero(student)
+    log_s = F.log_softmax(student.float(), dim=-1)
+    log_t = F.log_softmax(teacher.float(), dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="sum") / student.shape[0]
+
+
+def coverage_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """logits/targets [M, P] (targets in [0, 1]), mask [M, P] bool (real items) → mean BCE over real items."""
+    real = mask.bool()
+    if not bool(real.any()):
+        return _zero(logits)
+    per = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return per[real].mean()
+
+
+def readiness_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits [N], labels [N] in {0, 1} → mean BCE, the two classes weighted equally (the data has
+    several real blocks per corrupted one; unweighted, a constant "ready" would look good)."""
+    if logits.shape[0] == 0:
+        return _zero(logits)
+    labels = labels.float()
+    per = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
+    pos, neg = labels.sum(), (1 - labels).sum()
+    weights = torch.where(labels > 0.5, 0.5 / pos.clamp_min(1), 0.5 / neg.clamp_min(1))
+    if float(pos) == 0 or float(neg) == 0:
+        weights = torch.full_like(labels, 1.0 / labels.numel())
+    return (per * weights).sum()
+
+
+def stream_ce(logits: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:
+    """logits [R, K], streams [R] → mean CE (which stream wrote this row)."""
+    if logits.shape[0] == 0:
+        return _zero(logits)
+    return F.cross_entropy(logits.float(), streams.long())

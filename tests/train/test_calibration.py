@@ -1,0 +1,55 @@
+"""ROC, AUC and the calibrated thresholds against cases with a known answer and a brute-force AUC."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from pdt.train import calibration as C
+
+
+def brute_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    wins = [1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)]
+    return sum(wins) / len(wins)
+
+
+def test_known_roc() -> None:
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    roc = C.roc_curve(scores, labels)
+    assert roc.fpr.tolist() == [0.0, 0.0, 0.5, 0.5, 1.0]
+    assert roc.tpr.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0]
+    assert roc.thresholds[1:].tolist() == [0.8, 0.4, 0.35, 0.1]
+    assert C.roc_auc(scores, labels) == pytest.approx(0.75)
+    # J = 0.5 at 0.8 (TPR .5, FPR 0) and at 0.35 (TPR 1, FPR .5): the tie goes to the higher γ.
+    assert C.youden_threshold(scores, labels) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_the_pairwise_definition(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 60)
+    scores = np.round(rng.normal(labels * 0.7, 1.0), 1)  # rounding makes ties
+    assert C.roc_auc(scores, labels) == pytest.approx(brute_auc(scores, labels))
+
+
+def test_separable_and_degenerate_cases() -> None:
+    assert C.roc_auc([0.1, 0.2, 0.9, 0.95], [0, 0, 1, 1]) == 1.0
+    assert C.youden_threshold([0.1, 0.2, 0.9, 0.95], [0, 0, 1, 1]) == pytest.approx(0.9)
+    assert C.roc_auc([0.5] * 4, [0, 1, 0, 1]) == pytest.approx(0.5)
+    assert math.isnan(C.roc_auc([0.2, 0.3], [1, 1]))
+    assert C.youden_threshold([0.2, 0.3], [1, 1]) == 0.5
+    with pytest.raises(ValueError, match="NaN"):
+        C.roc_auc([float("nan"), 0.1], [0, 1])
+
+
+def test_f1_threshold_and_prf() -> None:
+    scores, labels = [0.9, 0.8, 0.3, 0.2, 0.1], [1, 1, 0, 1, 0]
+    assert C.precision_recall_f1(scores, labels, 0.5) == pytest.approx(
+        {"precision": 1.0, "recall": 2 / 3, "f1": 0.8}
+    )
+    # 0.2 catches all three positives with one false positive: F1 = 6/7 > 0.8.
+    assert C.best_f1_threshold(scores, labels) == pytest.approx(0.2)

@@ -1,0 +1,314 @@
+"""The curriculum stages on a tiny trunk and dataset: groups, losses, resume, chaining, messages.
+
+Every test runs the real job (`run_curriculum`) or the real step (`step_losses`) on a dataset built
+by the real pipeline and a real exported HF trunk (tests/train/curriculum_setup.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdt.jobs import JobContext
+from pdt.model.pdt_model import GROUPS, PDTModel
+from pdt.model.trunk import load_trunk
+from pdt.presets.curriculum import STAGE_GROUPS
+from pdt.runs import checkpoints_root
+from pdt.telemetry.events import Event, Log, Metric, Progress
+from pdt.train.checkpoint import CheckpointManager
+from pdt.train.curriculum import CurriculumError, run_curriculum
+from pdt.train.curriculum_data import CurriculumDataError, collate, open_dataset
+from pdt.train.curriculum_step import StepPlan, step_losses
+from pdt.train.losses import IGNORE
+from tests.train.curriculum_setup import build_world, stage_preset
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_world(tmp_path_factory.mktemp("curriculum"))
+
+
+@pytest.fixture(autouse=True)
+def data_env(world: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDT_DATA_DIR", str(world["data"]))
+
+
+def run(preset, stop_at: int | None = None) -> tuple[str, list[Event]]:
+    events: list[Event] = []
+    ckpt = checkpoints_root() / preset.name
+    ctx = JobContext(
+        preset=preset,
+        run_dir=ckpt.parent.parent / "logs" / preset.name,
+        checkpoints_dir=ckpt,
+        emit=events.append,
+    )
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    if stop_at is not None:
+
+        def emit(event: Event) -> None:
+            events.append(event)
+            if isinstance(event, Progress) and event.stage.startswith("stage") and event.step >= stop_at:
+                ctx.request_stop()
+
+        ctx.emit = emit
+    return run_curriculum(ctx), events
+
+
+def checksums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Per sidecar group (and the trunk, and LoRA): a hash of its tensors."""
+    out: dict[str, hashlib._Hash] = {}
+    for key in sorted(tensors):
+        top = key.split(".", 1)[0]
+        group = next((g for g, attrs in GROUPS.items() if top in attrs), top)
+        if "lora_" in key:
+            group = "lora"
+        out.setdefault(group, hashlib.sha256()).update(tensors[key].float().numpy().tobytes())
+    return {k: h.hexdigest() for k, h in out.items()}
+
+
+def model_state(model: PDTModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3, 4])
+def test_each_stage_trains_only_its_groups(world: dict[str, Path], stage: int) -> None:
+    over = {"init_from": None, "bus_mix_prob": 0.3 if stage >= 2 else 0.0}
+    preset = stage_preset(stage, world["trunk"], **over)
+    trunk_before = {k: v.clone() for k, v in load_trunk(world["trunk"]).state_dict().items()}
+    # The sidecars a fresh stage starts from: same seed, same construction as the job's.
+    torch.manual_seed(preset.train.seed)
+    fresh = PDTModel(load_trunk(world["trunk"]), preset.sidecars).sidecar_state_dict()
+    status, events = run(preset)
+    assert status == "finished"
+    loaded = CheckpointManager(checkpoints_root() / preset.name).load()
+    after = loaded.tensors["sidecars"]
+    before_sums, after_sums = checksums(fresh), checksums(after)
+    changed = {g for g in before_sums if before_sums[g] != after_sums[g]}
+    assert changed == set(STAGE_GROUPS[stage]), f"stage {stage} changed {sorted(changed)}"
+    if stage == 4:
+        assert loaded.tensors["lora"] and all("lora_" in k for k in loaded.tensors["lora"])
+        assert any(float(v.abs().sum()) > 0 for k, v in loaded.tensors["lora"].items() if "lora_B" in k)
+    # The trunk's own weights never change (LoRA lives beside them).
+    trunk_after = load_trunk(world["trunk"]).state_dict()
+    assert all(torch.equal(trunk_before[k], trunk_after[k]) for k in trunk_before)
+    names = {e.name for e in events if isinstance(e, Metric)}
+    assert {"train/loss", "throughput/tokens_per_s", "eval/lm_ce_stream0", "eval/trunk_ce_stream2"} <= names
+    assert any(n.startswith("gate/layer") for n in names)
+
+
+def test_stages_chain_and_say_where_they_start(world: dict[str, Path]) -> None:
+    with pytest.raises(CurriculumError, match="run the preset 'stage0' first"):
+        run(stage_preset(1, world["trunk"]))
+    assert run(stage_preset(0, world["trunk"]))[0] == "finished"
+    stage0 = CheckpointManager(checkpoints_root() / "stage0").load()
+    status, events = run(stage_preset(1, world["trunk"]))
+    assert status == "finished"
+    logs = " ".join(e.message for e in events if isinstance(e, Log))
+    assert "starting from 'stage0' step 3" in logs
+    stage1 = CheckpointManager(checkpoints_root() / "stage1").load()
+    assert stage1.state["started_from"]["preset"] == "stage0"
+    # The stream adapters' down-projections are random at init: stage 1 must have started from
+    # stage 0's (untrained there) values, not from a new draw. Their up-projections were zero.
+    key = "adapters.0.w_down"
+    assert not torch.equal(stage0.tensors["sidecars"][key], torch.zeros_like(stage0.tensors["sidecars"][key]))
+    drift = (stage1.tensors["sidecars"][key] - stage0.tensors["sidecars"][key]).abs().max()
+    assert float(drift) < 0.1  # 3 Adam steps of lr 1e-2 move a weight by at most ~0.03
+
+
+def test_a_mismatched_predecessor_is_refused(world: dict[str, Path]) -> None:
+    assert run(stage_preset(0, world["trunk"]))[0] == "finished"
+    other = stage_preset(1, world["trunk"], sidecars={"adapter_rank": 4})
+    with pytest.raises(CurriculumError, match="adapter_rank"):
+        run(other)
+
+
+def test_missing_dataset_and_trunk_name_what_to_run(world: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(CurriculumDataError, match="run the dataset preset 'nope' first"):
+        run(stage_preset(0, world["trunk"], dataset="nope"))
+    with pytest.raises(CurriculumError, match="run the preset 'pretrain_missing' to the end first"):
+        run(stage_preset(0, world["trunk"], trunk={"path": None, "preset": "pretrain_missing"}))
+    with pytest.raises(CurriculumDataError, match="num_streams 3 vs sidecars.num_streams 2"):
+        run(stage_preset(0, world["trunk"], sidecars={"num_streams": 2}))
+
+
+def test_resume_matches_an_uninterrupted_run(world: dict[str, Path]) -> None:
+    over = {"init_from": None, "bus_mix_prob": 0.5, "stream_dropout_prob": 0.3, "train": {"steps": 6}}
+    straight = stage_preset(3, world["trunk"], name="straight", **over)
+    assert run(straight)[0] == "finished"
+    split = stage_preset(3, world["trunk"], name="split", **over)
+    status, _ = run(split, stop_at=3)
+    assert status == "stopped"
+    assert CheckpointManager(checkpoints_root() / "split").load().state["step"] == 3
+    status, events = run(split)
+    assert status == "finished"
+    a = CheckpointManager(checkpoints_root() / "straight").load()
+    b = CheckpointManager(checkpoints_root() / "split").load()
+    for key, value in a.tensors["sidecars"].items():
+        assert torch.equal(value, b.tensors["sidecars"][key]), key
+    losses = lambda s: [h["loss"] for h in s.state["history"] if "loss" in h]  # noqa: E731
+    assert losses(a) == losses(b) and len(losses(a)) == 6
+
+
+def test_export_calibration_and_report(world: dict[str, Path]) -> None:
+    preset = stage_preset(3, world["trunk"], init_from=None)
+    assert run(preset)[0] == "finished"
+    folder = checkpoints_root() / "stage3" / "export"
+    cal = json.loads((folder / "calibration.json").read_text())
+    assert 0.0 <= cal["readiness"]["gamma"] <= 1.0 and cal["readiness"]["n"] > 0
+    assert 0.0 <= cal["coverage"]["threshold"] <= 1.0
+    report = json.loads((folder / "report.json").read_text())
+    assert report["stage"] == 3 and report["calibration"] == cal
+    assert {"coverage_f1", "readiness_auc", "lm_ce_stream1", "trunk_ce_stream1"} <= set(report["final_eval"])
+    assert report["parameters"]["sidecars"] > 0 and len(report["gates"]) == preset.sidecars.n_layers
+    state = CheckpointManager(checkpoints_root() / "stage3").load().state
+    assert state["calibration"] == cal
+    # The exported sidecars load strictly into a fresh model and reproduce the trained outputs.
+    model = PDTModel(load_trunk(world["trunk"]), preset.sidecars)
+    model.load_sidecars(folder)
+    saved = CheckpointManager(checkpoints_root() / "stage3").load().tensors["sidecars"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.sidecar_state_dict().items())
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def _model_and_batch(world: dict[str, Path], stage: int = 3, **over):
+    preset = stage_preset(stage, world["trunk"], init_from=None, **over)
+    torch.manual_seed(0)
+    model = PDTModel(load_trunk(world["trunk"]), preset.sidecars)
+    ds = open_dataset("ds_curr")
+    from pdt.data.tokenizer import load_tokenizer
+    from pdt.train.curriculum_data import embed_note_texts, note_texts
+
+    tok = load_tokenizer(world["trunk"])
+    records = ds.splits["train"][:4]
+    vectors = []
+    for rec in records:
+        vectors.append(embed_note_texts(note_texts(rec), tok, model.embed_texts, 32, torch.device("cpu")))
+    batch = collate(records, vectors, preset, tok.eot_id, ds.stride)
+    return preset, model, batch, records, tok
+
+
+def test_collate_rows_labels_rounds_and_blocks(world: dict[str, Path]) -> None:
+    preset, model, batch, records, tok = _model_and_batch(world)
+    k, stride = 3, 16
+    for row in range(batch.input_ids.shape[0]):
+        rec, j = records[row // k], row % k
+        ids = rec["token_ids"][j]
+        n_prompt = len(rec["prompt_ids"])
+        start = len(ids) - sum(rec["label_mask"][j])
+        assert batch.input_ids[row, : len(ids)].tolist() == ids
+        assert batch.input_ids[row, :n_prompt].tolist() == rec["prompt_ids"]
+        # Labels: shifted by one, on the section only.
+        labelled = (batch.labels[row] != IGNORE).nonzero().squeeze(-1).tolist()
+        assert labelled == list(range(start - 1, len(ids) - 1))
+        assert batch.labels[row, start - 1].item() == ids[start]
+        # Sidecars act on the stream's own tokens, never on the shared prompt.
+        assert not batch.sidecar_positions[row, :n_prompt].any()
+        assert batch.sidecar_positions[row, n_prompt : len(ids)].all()
+        assert batch.pos_round[row, start].item() == 0 and batch.pos_round[row, start + stride].item() == 1
+    for m in range(batch.block_row.shape[0]):
+        row, pos = int(batch.block_row[m]), int(batch.block_pos[m])
+        b, j = divmod(row, k)
+        r = int(batch.pos_round[row, pos])
+        assert int(batch.block_note[m]) == (b * k + j) * batch.notes.shape[2] + r  # note of its own round
+        assert bool(batch.notes_mask.reshape(-1)[batch.block_note[m]])
+    assert batch.var_block.numel() > 0 and batch.block_last[batch.var_block].all()
+
+
+def test_kd_is_zero_at_init_and_grows_once_sidecars_move(world: dict[str, Path]) -> None:
+    preset, model, batch, _, _ = _model_and_batch(world, stage=1)
+    plan = StepPlan.from_preset(preset)
+    model.set_trainable(list(preset.trained_groups))
+    first = step_losses(model, batch, plan, torch.Generator().manual_seed(0))
+    assert float(first.parts["kd"]) == 0.0  # sidecars are an exact identity at init
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        step_losses(model, batch, plan, torch.Generator().manual_seed(0)).loss.backward()
+        opt.step()
+    assert float(step_losses(model, batch, plan, torch.Generator().manual_seed(0)).parts["kd"]) > 1e-5
+
+
+def test_overfit_every_loss_falls(world: dict[str, Path]) -> None:
+    # KD off: on a fixed batch it pulls the LM back towards the (random) trunk, which is its job.
+    preset, model, batch, _, _ = _model_and_batch(world, stage=3, bus_mix_prob=0.0, losses={"kd": 0.0})
+    plan = StepPlan.from_preset(preset)
+    params = model.set_trainable(list(preset.trained_groups))
+    opt = torch.optim.Adam(params, lr=3e-2)
+    history: list[dict[str, float]] = []
+    for _ in range(30):
+        opt.zero_grad()
+        res = step_losses(model, batch, plan, torch.Generator().manual_seed(0))
+        res.loss.backward()
+        opt.step()
+        history.append({k: float(v) for k, v in res.parts.items()})
+    assert all(math.isfinite(v) for h in history for v in h.values())
+    for name in ("plan", "notes", "speculation", "coverage", "readiness", "stream"):
+        start, end = history[0][name], history[-1][name]
+        assert end < 0.85 * start, f"{name}: {start:.4f} -> {end:.4f}"
+    # The LM is a frozen random trunk plus rank-8 adapters behind gates that start at 0.018: it
+    # moves slowly, but on one fixed batch it must move down.
+    assert history[-1]["lm"] < history[0]["lm"] - 0.05, (history[0]["lm"], history[-1]["lm"])
+
+
+def test_bus_mixing_sends_gradient_into_the_speculation_head(world: dict[str, Path]) -> None:
+    preset, model, batch, _, _ = _model_and_batch(world, stage=2, bus_mix_prob=1.0)
+    plan = StepPlan.from_preset(preset)
+    model.set_trainable(["speculation", "snc"])
+    # Open the notes path so the LM loss depends on the notes: W_o non-zero, gates wide open.
+    with torch.no_grad():
+        for snc in model.snc:
+            snc.w_o.weight.normal_(std=0.5)
+            snc.gate.fill_(4.0)
+    res = step_losses(
+        model,
+        batch,
+        plan.__class__(**{**plan.__dict__, "weights": preset.losses.model_copy(update={"speculation": 0.0})}),
+        torch.Generator().manual_seed(0),
+    )
+    res.loss.backward()
+    grad = model.speculation_head.parameters().__next__().grad
+    assert grad is not None and float(grad.abs().sum()) > 0
+
+
+def test_rollout_labels_come_from_what_the_block_says() -> None:
+    from pdt.train.rollouts import label_block
+
+    own, sibling = ["Paris"], ["Napoleon", "1815"]
+    assert label_block("The city of Paris grew.", own, sibling, ["Napoleon lost in 1815."]) == "ok"
+    assert label_block("Then Napoleon arrived.", own, sibling, []) == "ownership"
+    assert label_block("Paris, like Napoleon", ["Paris", "Napoleon"], sibling, []) == "ok"  # shared item: own
+    dup = "he lost the battle of waterloo in june"
+    assert label_block("he lost the battle of waterloo", own, [], [dup]) == "duplication"
+
+
+def test_stage3_rollouts_sample_blocks_and_label_them(world: dict[str, Path]) -> None:
+    from pdt.bus import teacher_windows
+    from pdt.train.rollouts import rollout_examples
+
+    preset, model, batch, records, tok = _model_and_batch(world, stage=3)
+    snapshot0 = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
+    window = teacher_windows(
+        snapshot0,
+        batch.notes,
+        batch.notes_mask,
+        batch.pos_round,
+        preset.bus,
+        preset.sidecars.max_rounds,
+        row_example=batch.row_example,
+        row_stream=batch.row_stream,
+    )
+    ex = rollout_examples(model, batch, window, records, tok, 5, 1.0, torch.Generator().manual_seed(1))
+    assert ex is not None and ex.state.shape == (5, 32) and ex.note.shape == (5, 16)
+    assert set(ex.reasons) <= {"ok", "ownership", "duplication"}
+    assert ex.labels.tolist() == [1.0 if r == "ok" else 0.0 for r in ex.reasons]
+    assert all(t for t in ex.texts)  # a random trunk samples something for every block
+    status, events = run(stage_preset(3, world["trunk"], init_from=None, rollouts={"every": 1, "rows": 3}))
+    assert status == "finished"
+    assert any(isinstance(e, Metric) and e.name == "train/rollout_violations" for e in events)

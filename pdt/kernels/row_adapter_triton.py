@@ -1,0 +1,363 @@
+"""Fused Triton kernels of `row_adapter`: the per-stream bottleneck MLP when each row is one stream.
+
+What it is: kernels, launchers and `RowAdapterFunction` computing, for row i with s = stream_ids[i],
+`gelu(h[i] @ w_down[s] + b_down[s]) @ w_up[s] + b_up[s]` (exact-erf GELU, as `F.gelu`), with
+the semantics of `pdt.kernels.reference.row_adapter`: products in h's dtype (weights cast to it
+on load, never gathered into a copy), fp32 accumulation, the output in h's dtype, weight gradients
+in each weight's dtype, no gradient for the stream ids.
+What it is not: the dispatch (`pdt.kernels`), the gated residual (`pdt.model.sidecars.adapter`),
+nor the token-level `grouped_adapter`, which stays on the reference.
+
+Design (r ≤ 128, so the [BLOCK_T, r] bottleneck fits in registers):
+- forward, one kernel: a program owns BLOCK_T tokens of one row; it accumulates z = h·W_down over
+  D in BLOCK_D slices, adds b_down, applies GELU, then writes out = a·W_up + b_up slice by slice.
+  With a gradient needed it also stores z (fp32, [R, T, r]: r/D = 1/12 of h at the 124M preset).
+- backward, three kernels:
+  1. per (token block, row): da = dO·W_upᵀ over D, dz = da ∘ gelu'(z), stores a = gelu(z) and dz
+     (h's dtype, [R, T, r]), then dh = dz·W_downᵀ slice by slice;
+  2. per (D slice, row): the row's weight-gradient partials a_iᵀ·dO_i, h_iᵀ·dz_i, Σ_t dO_i, Σ_t dz_i
+     in fp32 into one [R, P] buffer (P = 2·D·r + D + r; 4.7 MB at 12 rows, D = 768, r = 64);
+  3. per (slice of P, stream): sums the partials of that stream's rows in row order and writes
+     the four gradients in their dtypes. No atomics: the result is deterministic, bit for bit,
+     and a stream with no row gets an exact zero.
+  Per-row partials rather than one program per stream: at 12 rows and K = 3 they give 12× more
+  programs to the reduction over T (1024 tokens), the bulk of the backward's work.
+Stream ids outside [0, K) are not checked (that needs a device→host sync); loads are masked so
+such a row reads zeros instead of foreign memory. The reference's `index_select` raises instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "RowAdapterFunction",
+    "row_adapter_backward",
+    "row_adapter_forward",
+    "row_adapter_triton",
+    "unsupported",
+]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: How fp32 inputs are multiplied: "ieee" (true fp32 FMA, as the reference's matmul) or "tf32x3"
+#: (three tf32 tensor-core products, about fp32 accuracy). Plain tf32 would miss the 1e-5 tolerance.
+#: H100, 124M shape, fwd+bwd GPU time: 0.36 ms with "tf32x3", 0.54 ms with "ieee"; error 4e-6 vs 2e-6.
+FP32_DOT = "tf32x3"
+#: Launch shape of the token-block kernels. The H100 sweep (bench/kernels_sidecar.py --sweep, bf16
+#: fwd+bwd at the 124M shape) spread 0.106–0.139 ms over BLOCK_T 32–128, 4–8 warps, 2–3 stages;
+#: 64/4/3 (0.115 ms) keeps 2× more programs than 128 for short rows.
+BLOCK_T = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
+MAX_RANK = 128
+INV_SQRT2 = tl.constexpr(0.7071067811865476)  # jit code may read module globals only as constexpr
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+
+
+@triton.jit
+def _tile(ptr, base, rows, cols, row_stride, n_rows, n_cols):
+    """A [len(rows), len(cols)] tile at ptr + base (columns contiguous), zero outside the tensor."""
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + base + rows[:, None] * row_stride + cols[None, :], mask=inside, other=0.0)
+
+
+@triton.jit
+def _stream(ids_ptr, row, K, RANK):
+    """(stream id as int64, r if it lies in [0, K) else 0): weight tiles of a bad id read nothing.
+
+    An integer bound, not a scalar bool mask: the interpreter rejects scalar-bool & tensor masks."""
+    s = tl.load(ids_ptr + row).to(tl.int64)
+    return s, tl.where((s >= 0) & (s < K), RANK, 0)
+
+
+@triton.jit
+def _gelu_and_slope(z):
+    """Exact-erf GELU and its derivative: Φ(z)·z and Φ(z) + z·φ(z)."""
+    cdf = 0.5 * (1.0 + tl.erf(z * INV_SQRT2))
+    pdf = tl.exp(-0.5 * z * z) * INV_SQRT_2PI
+    return z * cdf, cdf + z * pdf
+
+
+@triton.jit
+def _adapter_fwd_kernel(
+    h_ptr, ids_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, out_ptr, z_ptr,
+    sh_r, sh_t, T, D, RANK, K,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(1).to(tl.int64)
+    s, rank_ok = _stream(ids_ptr, row, K, RANK)
+    dtype = h_ptr.dtype.element_ty
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, BLOCK_R)
+    z = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        h = _tile(h_ptr, row * sh_r, offs_t, offs_d, sh_t, T, D)
+        w = _tile(wd_ptr, s * D * RANK, offs_d, offs_r, RANK, D, rank_ok).to(dtype)  # [BLOCK_D, BLOCK_R]
+        z = tl.dot(h, w, z, input_precision=PRECISION)
+    z += tl.load(bd_ptr + s * RANK + offs_r, mask=offs_r < rank_ok, other=0.0).to(dtype).to(tl.float32)
+    inside_r = (offs_t[:, None] < T) & (offs_r[None, :] < RANK)
+    if STORE_Z:
+        tl.store(z_ptr + (row * T + offs_t[:, None]) * RANK + offs_r[None, :], z, mask=inside_r)
+    a = _gelu_and_slope(z)[0].to(dtype)  # padded columns: z = 0 → a = 0, no contribution below
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        w = _tile(wu_ptr, s * RANK * D, offs_r, offs_d, D, rank_ok, D).to(dtype)  # [BLOCK_R, BLOCK_D]
+        bias = tl.load(bu_ptr + s * D + offs_d, mask=offs_d < D * (rank_ok // RANK), other=0.0).to(dtype)
+        out = tl.dot(a, w, input_precision=PRECISION) + bias.to(tl.float32)[None, :]
+        inside = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+        tl.store(out_ptr + (row * T + offs_t[:, None]) * D + offs_d[None, :], out.to(dtype), mask=inside)
+
+
+@triton.jit
+def _adapter_bwd_act_kernel(
+    g_ptr, ids_ptr, wd_ptr, wu_ptr, z_ptr, a_ptr, dz_ptr, dh_ptr,
+    sg_r, sg_t, T, D, RANK, K,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    WRITE_DH: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(1).to(tl.int64)
+    s, rank_ok = _stream(ids_ptr, row, K, RANK)
+    dtype = g_ptr.dtype.element_ty
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, BLOCK_R)
+    da = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        g = _tile(g_ptr, row * sg_r, offs_t, offs_d, sg_t, T, D)
+        w = _tile(wu_ptr, s * RANK * D, offs_r, offs_d, D, rank_ok, D).to(dtype)  # [BLOCK_R, BLOCK_D]
+        da = tl.dot(g, tl.trans(w), da, input_precision=PRECISION)
+    rt = (row * T + offs_t[:, None]) * RANK + offs_r[None, :]
+    inside_r = (offs_t[:, None] < T) & (offs_r[None, :] < RANK)
+    a, slope = _gelu_and_slope(tl.load(z_ptr + rt, mask=inside_r, other=0.0))
+    dz = (da * slope).to(dtype)
+    tl.store(a_ptr + rt, a.to(dtype), mask=inside_r)
+    tl.store(dz_ptr + rt, dz, mask=inside_r)
+    if WRITE_DH:
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            w = _tile(wd_ptr, s * D * RANK, offs_d, offs_r, RANK, D, rank_ok).to(dtype)  # [BLOCK_D, BLOCK_R]
+            dh = tl.dot(dz, tl.trans(w), input_precision=PRECISION)
+            inside = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+            tl.store(dh_ptr + (row * T + offs_t[:, None]) * D + offs_d[None, :], dh.to(dtype), mask=inside)
+
+
+@triton.jit
+def _adapter_bwd_weight_kernel(
+    g_ptr, h_ptr, a_ptr, dz_ptr, part_ptr,
+    sg_r, sg_t, sh_r, sh_t, T, D, RANK,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_d = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_r = tl.arange(0, BLOCK_R)
+    d_up = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    d_down = tl.zeros([BLOCK_D, BLOCK_R], tl.float32)
+    d_bu = tl.zeros([BLOCK_D], tl.float32)
+    d_bd = tl.zeros([BLOCK_R], tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        g = _tile(g_ptr, row * sg_r, offs_t, offs_d, sg_t, T, D)
+        h = _tile(h_ptr, row * sh_r, offs_t, offs_d, sh_t, T, D)
+        a = _tile(a_ptr, row * T * RANK, offs_t, offs_r, RANK, T, RANK)
+        dz = _tile(dz_ptr, row * T * RANK, offs_t, offs_r, RANK, T, RANK)
+        d_up = tl.dot(tl.trans(a), g, d_up, input_precision=PRECISION)
+        d_down = tl.dot(tl.trans(h), dz, d_down, input_precision=PRECISION)
+        d_bu += tl.sum(g.to(tl.float32), 0)
+        d_bd += tl.sum(dz.to(tl.float32), 0)
+    # Row layout of the partial buffer: [w_down D·r | b_down r | w_up r·D | b_up D].
+    base = part_ptr + row * (2 * D * RANK + D + RANK)
+    d_ok, r_ok = offs_d < D, offs_r < RANK
+    tl.store(base + offs_d[:, None] * RANK + offs_r[None, :], d_down, mask=d_ok[:, None] & r_ok[None, :])
+    first_slice = tl.where(pid_d == 0, RANK, 0)  # b_down's gradient: written by one D slice only
+    tl.store(base + D * RANK + offs_r, d_bd, mask=offs_r < first_slice)
+    tl.store(
+        base + D * RANK + RANK + offs_r[:, None] * D + offs_d[None, :],
+        d_up,
+        mask=r_ok[:, None] & d_ok[None, :],
+    )
+    tl.store(base + 2 * D * RANK + RANK + offs_d, d_bu, mask=d_ok)
+
+
+@triton.jit
+def _adapter_reduce_kernel(
+    part_ptr, ids_ptr, dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, R, D, RANK, BLOCK: tl.constexpr
+):  # fmt: skip
+    s = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    b1 = D * RANK  # segment ends in a partial row: w_down | b_down | w_up | b_up
+    b2 = b1 + RANK
+    b3 = b2 + RANK * D
+    width = b3 + D
+    acc = tl.zeros([BLOCK], tl.float32)
+    for row in range(0, R):  # fixed row order: deterministic sums
+        mine = tl.where(tl.load(ids_ptr + row) == s, width, 0)  # another stream's row: load nothing
+        acc += tl.load(part_ptr + row * width + offs, mask=offs < mine, other=0.0)
+    tl.store(dwd_ptr + s * b1 + offs, acc.to(dwd_ptr.dtype.element_ty), mask=offs < b1)
+    tl.store(
+        dbd_ptr + s * RANK + (offs - b1), acc.to(dbd_ptr.dtype.element_ty), mask=(offs >= b1) & (offs < b2)
+    )
+    tl.store(
+        dwu_ptr + s * RANK * D + (offs - b2),
+        acc.to(dwu_ptr.dtype.element_ty),
+        mask=(offs >= b2) & (offs < b3),
+    )
+    tl.store(
+        dbu_ptr + s * D + (offs - b3), acc.to(dbu_ptr.dtype.element_ty), mask=(offs >= b3) & (offs < width)
+    )
+
+
+def unsupported(
+    h: torch.Tensor,
+    stream_ids: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+) -> str | None:
+    """Why these inputs cannot take the Triton path (None: they can). Device is the caller's concern."""
+    if h.dim() != 3 or stream_ids.shape != (h.shape[0],):
+        return f"h must be [R, T, D] and stream_ids [R]; got {tuple(h.shape)}, {tuple(stream_ids.shape)}"
+    if w_down.dim() != 3:
+        return f"w_down must be [K, D, r], got {tuple(w_down.shape)}"
+    k, d, r = w_down.shape
+    expected = {"w_down": (k, h.shape[2], r), "b_down": (k, r), "w_up": (k, r, d), "b_up": (k, d)}
+    for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)):
+        if tuple(t.shape) != expected[name]:
+            return f"{name} must be {expected[name]}, got {tuple(t.shape)}"
+        if t.dtype not in DTYPES:
+            return f"{name} has dtype {t.dtype}; fp32/bf16/fp16 only"
+    if h.dtype not in DTYPES:
+        return f"h has dtype {h.dtype}; fp32/bf16/fp16 only"
+    if stream_ids.dtype not in (torch.int32, torch.int64):
+        return f"stream_ids must be int32/int64, got {stream_ids.dtype}"
+    if r > MAX_RANK:
+        return f"rank r = {r} > {MAX_RANK} (the [BLOCK_T, r] bottleneck tile lives in registers)"
+    if len({t.device for t in (h, stream_ids, w_down, b_down, w_up, b_up)}) != 1:
+        return "h, stream_ids and the weights are on different devices"
+    return None
+
+
+def _blocks(t: int, rank: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_R, BLOCK_D): T and r padded to powers of two ≥ 16 (tl.dot's minimum)."""
+    return max(16, min(BLOCK_T, triton.next_power_of_2(t))), max(16, triton.next_power_of_2(rank)), 64
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """The fp32 product mode (`FP32_DOT`); the setting is ignored for bf16/fp16."""
+    return FP32_DOT if dtype == torch.float32 else "tf32"
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def row_adapter_forward(
+    h: torch.Tensor, stream_ids: torch.Tensor, weights: tuple[torch.Tensor, ...], store_z: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch the forward: (out [R, T, D] in h's dtype, z [R, T, r] fp32 or None); weights = (w_down,
+    b_down, w_up, b_up)."""
+    w_down, b_down, w_up, b_up = (w.contiguous() for w in weights)
+    rows, t, d = h.shape
+    rank = w_down.shape[2]
+    h = _unit_last(h)
+    out = torch.empty(rows, t, d, device=h.device, dtype=h.dtype)
+    z = torch.empty(rows, t, rank, device=h.device, dtype=torch.float32) if store_z else None
+    if out.numel() == 0:
+        return out, z
+    block_t, block_r, block_d = _blocks(t, rank)
+    _adapter_fwd_kernel[(triton.cdiv(t, block_t), rows)](
+        h, stream_ids, w_down, b_down, w_up, b_up, out, z if z is not None else out,
+        h.stride(0), h.stride(1), t, d, rank, w_down.shape[0],
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, STORE_Z=store_z,
+        PRECISION=_precision(h.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    return out, z
+
+
+def row_adapter_backward(
+    grad_out: torch.Tensor,
+    saved: tuple[torch.Tensor, ...],
+    need_dh: bool = True,
+    need_weights: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """Launch the backward: (dh, dw_down, db_down, dw_up, db_up), None for what is not needed;
+    saved = (h, ids, w_down, b_down, w_up, b_up, z)."""
+    h, ids, w_down, b_down, w_up, b_up, z = saved
+    rows, t, d = h.shape
+    num_streams, _, rank = w_down.shape
+    g = _unit_last(grad_out.to(h.dtype))
+    block_t, block_r, block_d = _blocks(t, rank)
+    a = torch.empty(rows, t, rank, device=h.device, dtype=h.dtype)  # gelu(z), [R, T, r]
+    dz = torch.empty_like(a)
+    dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None
+    grads = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in (w_down, b_down, w_up, b_up)]
+    if h.numel() == 0:
+        return (dh, *(w.zero_() for w in grads))
+    _adapter_bwd_act_kernel[(triton.cdiv(t, block_t), rows)](
+        g, ids, w_down, w_up, z, a, dz, dh if dh is not None else a,
+        g.stride(0), g.stride(1), t, d, rank, num_streams,
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, WRITE_DH=need_dh,
+        PRECISION=_precision(h.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    if not need_weights:
+        return (dh, None, None, None, None)
+    width = 2 * d * rank + d + rank
+    partial = torch.empty(rows, width, device=h.device, dtype=torch.float32)  # per-row weight grads
+    _adapter_bwd_weight_kernel[(triton.cdiv(d, block_d), rows)](
+        g, h, a, dz, partial, g.stride(0), g.stride(1), h.stride(0), h.stride(1), t, d, rank,
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(h.dtype),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    block = 1024
+    _adapter_reduce_kernel[(triton.cdiv(width, block), num_streams)](
+        partial, ids, *grads, rows, d, rank, BLOCK=block, num_warps=4
+    )
+    return (dh, *grads)
+
+
+class RowAdapterFunction(torch.autograd.Function):
+    """Autograd wrapper: saves h, the ids, the weights and the fp32 pre-activation z."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        h: torch.Tensor,
+        stream_ids: torch.Tensor,
+        w_down: torch.Tensor,
+        b_down: torch.Tensor,
+        w_up: torch.Tensor,
+        b_up: torch.Tensor,
+    ) -> torch.Tensor:
+        weights = tuple(w.contiguous() for w in (w_down, b_down, w_up, b_up))
+        out, z = row_adapter_forward(h, stream_ids, weights, store_z=True)
+        ctx.save_for_backward(h, stream_ids, *weights, z)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
+        needs = ctx.needs_input_grad
+        dh, *grads = row_adapter_backward(grad_out, ctx.saved_tensors, needs[0], any(needs[2:]))
+        return (dh, None, *grads)
+
+
+def row_adapter_triton(
+    h: torch.Tensor,
+    stream_ids: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+) -> torch.Tensor:
+    """`reference.row_adapter` on the Triton kernels; raises ValueError on inputs they do not support."""
+    reason = unsupported(h, stream_ids, w_down, b_down, w_up, b_up)
+    if reason is not None:
+        raise ValueError(f"row_adapter (Triton): {reason}")
+    weights = (w_down, b_down, w_up, b_up)
+    if torch.is_grad_enabled() and (h.requires_grad or any(w.requires_grad for w in weights)):
+        return RowAdapterFunction.apply(h, stream_ids, *weights)
+    return row_adapter_forward(h, stream_ids, weights, store_z=False)[0]  # decode: no autograd

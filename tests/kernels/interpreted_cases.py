@@ -1,0 +1,187 @@
+"""The Triton kernels against the references, run by Triton's CPU interpreter (fp32, odd shapes).
+
+Not collected by the default run (no `test_` prefix): `test_triton_kernels.py` runs this file in a
+child pytest with `TRITON_INTERPRET=1` and `PDT_KERNELS=triton`, because the interpreter is chosen
+when `@triton.jit` runs — it must be set before triton is imported, which one shared test process
+cannot promise. Shapes are tiny (the interpreter runs each program in numpy: about 0.1 s a launch).
+Tolerance fp32 1e-5 (STYLE.md); `torch.testing.assert_close` prints the mismatch report.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pdt.kernels import reference
+from pdt.kernels.row_adapter_triton import row_adapter_triton
+from pdt.kernels.snc_attend_triton import snc_attend_triton
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="run by test_triton_kernels.py with TRITON_INTERPRET=1"
+)
+FP32 = {"atol": 1e-5, "rtol": 1e-5}
+
+
+def assert_grads(names: str | list[str], ours: tuple, expect: tuple) -> None:
+    for name, a, b in zip(names, ours, expect, strict=True):
+        assert torch.isfinite(a).all(), f"d{name} is not finite"
+        torch.testing.assert_close(a, b, **FP32, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def attend_inputs(
+    rows: int, heads: int, t: int, n: int, dh: int, seed: int = 0
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """q, k, v and a mask with an empty row, an empty position, a full one and a one-note one."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = [torch.randn(rows, heads, length, dh, generator=gen) for length in (t, n, n)]
+    mask = torch.rand(rows, t, n, generator=gen) < 0.4
+    mask[1] = False  # a row that sees nothing at all
+    mask[0, 1] = False  # a position that sees nothing
+    mask[2, 0] = True  # a position that sees every note
+    mask[2, 2] = False
+    mask[2, 2, n - 1] = True  # a position that sees exactly one note (the last, a padded block's)
+    return [x.requires_grad_() for x in qkv], mask
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_n", "chunks"),
+    [
+        ((3, 2, 5, 7, 16), None, None),  # the brief's shape: one notes block, one T chunk
+        ((3, 2, 37, 40, 24), 16, 2),  # dh = 24 padded to 32; 3 notes blocks and 2 T chunks: partial sums
+        ((3, 1, 4, 1, 3), None, None),  # N = 1, dh = 3 padded to 16
+    ],
+    ids=["brief", "partials", "tiny"],
+)
+def test_snc_attend_forward_and_every_gradient(shape: tuple, block_n: int | None, chunks: int | None) -> None:
+    (q, k, v), mask = attend_inputs(*shape)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    out = snc_attend_triton(q, k, v, mask, block_n=block_n, chunks=chunks)
+    expect = reference.snc_attend(q, k, v, mask)
+    torch.testing.assert_close(out, expect, **FP32)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert_grads("qkv", grads, torch.autograd.grad(expect, (q, k, v), grad))
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and not out[0, :, 1].any()  # exact zeros
+    assert not grads[0][1].any() and not grads[1][1].any() and not grads[2][1].any()
+    assert not grads[0][0, :, 1].any()  # the empty position's query gets no gradient
+
+
+def test_snc_attend_all_masked_is_exact_zero() -> None:
+    (q, k, v), mask = attend_inputs(3, 2, 5, 7, 16, seed=3)
+    out = snc_attend_triton(q, k, v, torch.zeros_like(mask))
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() and not g.any() for g in grads)
+
+
+def test_snc_attend_strided_views_and_expanded_mask() -> None:
+    """The sidecar's layout: q/k/v are transposed views, the decode mask is [R, N] expanded over T
+    (stride 0), and the output goes through transpose + reshape."""
+    rows, heads, t, n, dh = 3, 2, 5, 7, 16
+    gen = torch.Generator().manual_seed(4)
+    q_base = torch.randn(rows, t, heads * dh, generator=gen, requires_grad=True)
+    kv_base = torch.randn(rows, n, 2 * heads * dh, generator=gen, requires_grad=True)
+    q = q_base.reshape(rows, t, heads, dh).transpose(1, 2)  # [R, T, H·dh] → [R, H, T, dh] view
+    k, v = kv_base.reshape(rows, n, 2, heads, dh).permute(2, 0, 3, 1, 4)  # 2 × [R, H, N, dh] views
+    window = torch.rand(rows, n, generator=gen) < 0.5
+    window[1] = False
+    mask = window[:, None, :].expand(rows, t, n)  # [R, N] → [R, T, N], stride 0 on T
+    assert mask.stride(1) == 0
+    results = []
+    for fn in (snc_attend_triton, reference.snc_attend):
+        ctx = fn(q, k, v, mask).transpose(1, 2).reshape(rows, t, heads * dh)  # [R, T, H·dh]
+        results.append((ctx, *torch.autograd.grad(ctx.square().sum(), (q_base, kv_base))))
+    torch.testing.assert_close(results[0][0], results[1][0], **FP32)
+    assert_grads(["q_base", "kv_base"], results[0][1:], results[1][1:])
+
+
+def test_snc_attend_without_grad_matches() -> None:
+    (q, k, v), mask = attend_inputs(3, 2, 5, 7, 16, seed=5)
+    with torch.no_grad():
+        out = snc_attend_triton(q, k, v, mask)
+    torch.testing.assert_close(out, reference.snc_attend(q, k, v, mask).detach(), **FP32)
+
+
+def test_snc_attend_rejects_what_it_cannot_run() -> None:
+    (q, k, v), mask = attend_inputs(3, 2, 5, 7, 16)
+    with pytest.raises(ValueError, match="mask"):
+        snc_attend_triton(q, k, v, mask[:, :, :-1])
+    with pytest.raises(ValueError, match="dtype"):
+        snc_attend_triton(q, k.double(), v, mask)
+
+
+def adapter_inputs(rows: int, t: int, d: int, r: int, k: int, seed: int = 0) -> list[torch.Tensor]:
+    """h and the weights at nn.Linear-like scales (1/sqrt(fan_in)), so outputs are O(1) and an
+    absolute 1e-5 means what it says."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(rows, t, d), (k, d, r), (k, r), (k, r, d), (k, d)]
+    scales = [1.0, d**-0.5, 1.0, r**-0.5, 1.0]
+    return [(torch.randn(s, generator=gen) * c).requires_grad_() for s, c in zip(shapes, scales, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "ids"),
+    [
+        ((5, 7, 24, 8, 3), [2, 0, 2, 2, 0]),  # repeated ids, stream 1 unused, D and r padded
+        ((2, 70, 100, 20, 2), [1, 1]),  # 2 T blocks, 2 D slices (the second partial), r = 20 → 32
+    ],
+    ids=["brief", "blocks"],
+)
+def test_row_adapter_forward_and_every_gradient(shape: tuple, ids: list[int]) -> None:
+    h, *weights = adapter_inputs(*shape)
+    stream_ids = torch.tensor(ids, dtype=torch.int32 if shape[0] == 2 else torch.int64)
+    grad = torch.randn(h.shape, generator=torch.Generator().manual_seed(1))
+    out = row_adapter_triton(h, stream_ids, *weights)
+    expect = reference.row_adapter(h, stream_ids, *weights)
+    torch.testing.assert_close(out, expect, **FP32)
+    grads = torch.autograd.grad(out, (h, *weights), grad)
+    names = ["h", "w_down", "b_down", "w_up", "b_up"]
+    assert_grads(names, grads, torch.autograd.grad(expect, (h, *weights), grad))
+    for s in sorted(set(range(shape[4])) - set(ids)):  # a stream with no row: exact zero gradients
+        assert all(not g[s].any() for g in grads[1:])
+
+
+def test_row_adapter_without_grad_and_frozen_weights() -> None:
+    h, *weights = adapter_inputs(3, 1, 24, 8, 3, seed=2)
+    ids = torch.tensor([0, 1, 2])
+    with torch.no_grad():  # the decode path: no autograd Function, no saved activations
+        torch.testing.assert_close(
+            row_adapter_triton(h, ids, *weights), reference.row_adapter(h, ids, *weights)
+        )
+    frozen = [w.detach() for w in weights]  # only h needs a gradient: the weight kernels are skipped
+    (dh,) = torch.autograd.grad(row_adapter_triton(h, ids, *frozen).sum(), h)
+    torch.testing.assert_close(
+        dh, torch.autograd.grad(reference.row_adapter(h, ids, *frozen).sum(), h)[0], **FP32
+    )
+
+
+def test_sidecars_through_the_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PDT_KERNELS=triton routes the sidecar modules through the kernels; values and parameter
+    gradients equal the reference path's."""
+    from pdt.kernels import row_adapter_triton as adapter_mod
+    from pdt.kernels import snc_attend_triton as snc_mod
+    from pdt.model.sidecars import NotesCrossAttention, StreamAdapters
+
+    calls: list[str] = []
+    for mod, name in ((snc_mod, "snc_attend_triton"), (adapter_mod, "row_adapter_triton")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    torch.manual_seed(0)
+    snc = NotesCrossAttention(d_model=24, d_notes=16, width=32, heads=2, num_streams=3, max_rounds=4)
+    adapters = StreamAdapters(d_model=24, rank=8, num_streams=3)
+    for p in (snc.w_o.weight, adapters.w_up, adapters.b_up):
+        torch.nn.init.normal_(p)  # leave the identity init, so every parameter gets a gradient
+    hidden = torch.randn(3, 5, 24)
+    notes, visible = torch.randn(3, 6, 16), torch.rand(3, 5, 6) < 0.5
+    producer, rounds = torch.randint(0, 4, (3, 6)), torch.randint(0, 4, (3, 6))
+    results = []
+    for mode in ("triton", "reference"):
+        monkeypatch.setenv("PDT_KERNELS", mode)
+        out = adapters(snc(hidden, notes, producer, rounds, visible), torch.tensor([2, 0, 2]))
+        params = [*snc.parameters(), *adapters.parameters()]
+        results.append((out, *torch.autograd.grad(out.square().sum(), params)))
+    assert calls == ["snc_attend_triton", "row_adapter_triton"]
+    torch.testing.assert_close(results[0][0], results[1][0], **FP32)
+    names = [n for n, _ in (*snc.named_parameters(), *adapters.named_parameters())]
+    assert_grads(names, results[0][1:], results[1][1:])

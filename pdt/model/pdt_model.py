@@ -53,7 +53,7 @@ class SidecarLoadError(Exception):
 
 @dataclass
 class PDTOutput:
-    logits: torch.Tensor  # [R, T, V]
+    logits: torch.Tensor  # [R, T, V], or [N, V] at the positions asked for
     hidden: torch.Tensor  # [R, T, D] last hidden states (after the trunk's final norm)
 
 
@@ -128,12 +128,14 @@ class PDTModel(nn.Module):
         window: Any,
         g: float | torch.Tensor = 1.0,
         sidecar_positions: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> PDTOutput:
         """All rows in one trunk forward; rows = (example, stream).
 
         `window` has notes [R, N, d_n], producer/rounds [R, N] and visible [R, T, N] (per position, by
         round: `pdt.bus.teacher_windows`). `sidecar_positions` [R, T] marks the stream's own positions
         (prefix + section); the prompt is left to the plain trunk, exactly as at inference.
+        `logits_at` [R, T] bool: compute logits only there (→ logits [N, V]); see `_run`.
         """
         ctx = SidecarContext(
             stream_ids=stream_ids,
@@ -145,17 +147,32 @@ class PDTModel(nn.Module):
             positions=sidecar_positions,
         )
         with self.instrumentation.active(ctx):
+            return self._run(input_ids, attention_mask, logits_at)
+
+    def forward_base(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
+    ) -> PDTOutput:
+        """The plain trunk (hooks inactive): the KD teacher and the `sequential` baseline."""
+        return self._run(input_ids, attention_mask, logits_at)
+
+    def _run(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, logits_at: torch.Tensor | None
+    ) -> PDTOutput:
+        """The trunk's forward. With `logits_at`, the base model gives the final (normed) hidden states
+        and the LM head runs only at the selected positions: a training step needs logits on section
+        tokens alone, and the vocabulary-sized work (head, softmax, their backward) is the largest
+        part of a small trunk's step."""
+        if logits_at is None:
             out = self.trunk(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
             )
-        return PDTOutput(logits=out.logits, hidden=out.hidden_states[-1])
-
-    def forward_base(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> PDTOutput:
-        """The plain trunk (hooks inactive): the KD teacher and the `sequential` baseline."""
-        out = self.trunk(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
-        )
-        return PDTOutput(logits=out.logits, hidden=out.hidden_states[-1])
+            return PDTOutput(logits=out.logits, hidden=out.hidden_states[-1])
+        hidden = self.trunk.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
+        logits = self.trunk.get_output_embeddings()(hidden[logits_at])  # [N, D] → [N, V]
+        return PDTOutput(logits=logits, hidden=hidden)
 
     @torch.no_grad()
     def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

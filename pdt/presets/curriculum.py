@@ -87,6 +87,9 @@ class CurriculumTrain(OptimConfig):
     """Longer rows (prompt + prefix + section) are cut at the end of the section to this many tokens."""
     note_tokens: int = Field(128, ge=8)
     """Teacher note texts are embedded from their first N tokens."""
+    kd_top_k: int = Field(32, ge=0)
+    """KD against the frozen trunk's top-k distribution, cached once per dataset × trunk (no second
+    trunk pass per step); 0: exact full-vocabulary KD with a live frozen-trunk pass every step."""
     log_every: int = Field(5, ge=1)
     """Emit train metrics every N steps."""
     eval_every: int = Field(50, ge=1)

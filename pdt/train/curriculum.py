@@ -58,6 +58,7 @@ class Stage:
     ckpt: CheckpointManager
     ds: CD.ExportedDataset
     vectors: dict[str, list[torch.Tensor]]
+    trunk_cache: dict[str, list[Any]] | None
     order: CD.ExampleOrder
     plan: StepPlan
     autocast_dtype: torch.dtype | None
@@ -136,6 +137,7 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
         lora_params = attach_lora(model.trunk, preset.lora)
     model.to(dist.device)
     vectors = _note_vectors(ctx, preset, ds, model, tokenizer, dist)
+    trunk_cache = _trunk_cache(ctx, preset, ds, model, tokenizer, dist) if cfg.kd_top_k > 0 else None
     optimizer = _optimizer(preset, model, lora_params, dist.device)
     order = CD.ExampleOrder(
         len(ds.splits["train"]), cfg.micro_batch_size, cfg.seed, dist.rank, dist.world_size
@@ -151,6 +153,7 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
         CheckpointManager(ctx.checkpoints_dir, warn=lambda m: ctx.log(m, "warning")),
         ds,
         vectors,
+        trunk_cache,
         order,
         StepPlan.from_preset(preset),
         _autocast_dtype(preset, dist.device),
@@ -226,6 +229,51 @@ def _note_vectors(
             return vec
 
         out[split] = CD.load_or_build_notes(path, records, build, dist.is_main, lambda: D.barrier(dist))
+    return out
+
+
+def _trunk_cache(
+    ctx: JobContext,
+    preset: CurriculumPreset,
+    ds: CD.ExportedDataset,
+    model: PDTModel,
+    tokenizer: Any,
+    dist: D.DistContext,
+) -> dict[str, list[Any]]:
+    """The frozen trunk's per-example outputs (KD targets, block states, pooled prompts), once."""
+    from pdt.model.pdt_model import trunk_identity
+    from pdt.train import trunk_cache as TC
+
+    cfg = preset.train
+    key = {
+        "kind": "trunk",
+        "trunk": trunk_identity(model.trunk),
+        "top_k": cfg.kd_top_k,
+        "cap": cfg.max_stream_tokens,
+        "stride": ds.stride,
+        "v": 1,
+    }
+    out = {}
+    for split, records in ds.splits.items():
+        path = CD.cache_path(ds, split, key)
+        path = path.with_name("trunk-" + path.name)
+
+        def build(records: list = records, split: str = split) -> list[dict[str, torch.Tensor]]:
+            ctx.log(
+                f"caching the frozen trunk's outputs on the {split} split ({len(records):,} examples, once)"
+            )
+            entries: list[dict[str, torch.Tensor]] = []
+            size = 16
+            for start in range(0, len(records), size):
+                chunk = records[start : start + size]
+                zeros = [torch.zeros(len(CD.note_texts(r)), 1) for r in chunk]
+                batch = CD.collate(chunk, zeros, preset, tokenizer.eot_id, ds.stride).to(dist.device)
+                with _autocast(preset, dist.device):
+                    entries += TC.compute_batch(model, batch, cfg.kd_top_k)
+                ctx.emit(Progress(step=start + len(chunk), total=len(records), stage=f"trunk:{split}"))
+            return entries
+
+        out[split] = TC.load_or_build(path, len(records), build, key, dist.is_main, lambda: D.barrier(dist))
     return out
 
 
@@ -338,7 +386,12 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
 def _batch(st: Stage, split: str, indices: list[int]) -> CD.CurriculumBatch:
     records = [st.ds.splits[split][i] for i in indices]
     vectors = [st.vectors[split][i] for i in indices]
-    return CD.collate(records, vectors, st.preset, st.tokenizer.eot_id, st.ds.stride).to(st.dist.device)
+    batch = CD.collate(records, vectors, st.preset, st.tokenizer.eot_id, st.ds.stride).to(st.dist.device)
+    if st.trunk_cache is not None:
+        from pdt.train.trunk_cache import attach
+
+        batch = attach(batch, [st.trunk_cache[split][i] for i in indices], st.dist.device)
+    return batch
 
 
 def _train_step(st: Stage) -> tuple[dict[str, float], float, int]:

@@ -191,6 +191,12 @@ class CurriculumBatch:
     var_block: torch.Tensor  # [Nv] the block a corrupted note stands in for
     var_note: torch.Tensor  # [Nv, d_n] the corrupted note's embedding
     tokens: int  # real tokens in the rows
+    # The frozen trunk's cached outputs (pdt.train.trunk_cache.attach), None when computed live.
+    kd_ids: torch.Tensor | None = None  # [N, k] teacher top-k ids at labelled positions
+    kd_logp: torch.Tensor | None = None  # [N, k] their log-probabilities
+    trunk_target_logp: torch.Tensor | None = None  # [N] trunk log-prob of the true token
+    base_block_hidden: torch.Tensor | None = None  # [M, D] trunk state at each block end
+    prompt_pool: torch.Tensor | None = None  # [B, D] pooled prompt state
 
     def to(self, device: torch.device) -> CurriculumBatch:
         moved = {

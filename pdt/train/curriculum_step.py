@@ -7,6 +7,10 @@ decode-time rule), the student pass with sidecars, and every loss of the stage w
 Returns the weighted total and detached parts and scores for metrics. What it is not: the loop,
 the optimiser or checkpoints (`pdt.train.curriculum`).
 
+The frozen trunk's side of a step (KD teacher, trunk CE, the states bus mixing reads, the pooled
+prompt) comes from `pdt.train.trunk_cache` when the batch carries it; otherwise it is computed
+live with one extra trunk pass (`train.kd_top_k = 0`: exact full-vocabulary KD).
+
 Gradients: the heads (notes, speculation, coverage, readiness) read detached block states — they
 learn to read the stream, while LM + KD (and the auxiliary stream classifier) shape the adapters
 and SNC. Bus-mixed speculation notes are not detached: the LM loss teaches the speculation head to
@@ -31,6 +35,7 @@ from pdt.presets.curriculum import CurriculumPreset, LossWeights
 from pdt.presets.schema import BusConfig
 from pdt.train import losses as L
 from pdt.train.curriculum_data import CurriculumBatch
+from pdt.train.trunk_cache import kd_topk
 
 #: Which trained group (or LoRA) a loss needs; a loss none of whose groups trains is skipped.
 LOSS_GROUPS: dict[str, tuple[str, ...]] = {
@@ -107,15 +112,19 @@ def step_losses(
     want = {name: evaluate or plan.wants(name) for name in LOSS_GROUPS}
     parts: dict[str, torch.Tensor] = {}
     labelled = batch.labels != L.IGNORE  # [R, T]
-    with torch.no_grad():
-        prompt_hidden = model.forward_base(batch.prompt_ids, batch.prompt_mask).hidden  # [B, Tp, D]
-    plan_logits = model.planner.logits(prompt_hidden, batch.prompt_mask)  # [B, S, V_p]
+    if batch.prompt_pool is not None and "lora" not in plan.groups:  # LoRA changes the prompt states
+        plan_logits = model.planner.logits_pooled(batch.prompt_pool)  # [B, S, V_p]
+    else:
+        with torch.no_grad():
+            prompt_hidden = model.forward_base(batch.prompt_ids, batch.prompt_mask).hidden  # [B, Tp, D]
+        plan_logits = model.planner.logits(prompt_hidden, batch.prompt_mask)
     active = batch.plan_targets != L.IGNORE
     snapshot0 = model.planner.snapshot0(batch.plan_targets, active)  # [B, d_n] teacher-forced plan
     if want["plan"]:
         parts["plan"] = L.plan_ce(plan_logits, batch.plan_targets)
 
-    base = _base_pass(model, batch, plan, labelled, want["kd"] or evaluate)
+    cached = batch.kd_ids is not None
+    base = None if cached else _base_pass(model, batch, plan, labelled, want["kd"] or evaluate)
     notes, notes_mask = _bus_notes(model, batch, plan, gen, base, evaluate)
     window = teacher_windows(
         snapshot0,
@@ -135,12 +144,22 @@ def step_losses(
             window,
             g=1.0,
             sidecar_positions=batch.sidecar_positions,
+            logits_at=labelled,
         )
-    lm, row_ce, row_tokens = L.lm_ce(out.logits, batch.labels)
+    base_row_ce = None if base is None else base["row_ce"]
+    if cached:  # one log-softmax for the CE and the top-k KD against the cached trunk
+        logp = torch.log_softmax(out.logits.float(), dim=-1)  # [N, V] at labelled positions
+        lm, row_ce, row_tokens = L.lm_ce_logp(logp, batch.labels)
+        if want["kd"]:
+            parts["kd"] = kd_topk(logp, batch.kd_ids, batch.kd_logp)
+        rows = labelled.nonzero()[:, 0]
+        base_row_ce = torch.zeros_like(row_ce).index_add_(0, rows, -batch.trunk_target_logp.to(row_ce.dtype))
+    else:
+        lm, row_ce, row_tokens = L.lm_ce(out.logits, batch.labels)  # logits [N, V] at labelled positions
+        if want["kd"] and base is not None:
+            parts["kd"] = L.kd_kl(out.logits, base["logits"])
     if want["lm"]:
         parts["lm"] = lm
-    if want["kd"] and base is not None:
-        parts["kd"] = L.kd_kl(out.logits[labelled], base["logits"])
     extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
     scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra)
     if want["stream"]:
@@ -155,7 +174,7 @@ def step_losses(
         parts={k: v.detach() for k, v in parts.items()},
         row_ce=row_ce,
         row_tokens=row_tokens,
-        base_row_ce=None if base is None else base["row_ce"],
+        base_row_ce=base_row_ce,
         scores=scores,
     )
 
@@ -175,10 +194,10 @@ def _base_pass(
     if not (needed or plan.bus_mix_prob > 0):
         return None
     with _lora_off(model, plan):
-        out = model.forward_base(batch.input_ids, batch.attention_mask)
+        out = model.forward_base(batch.input_ids, batch.attention_mask, logits_at=labelled)
     _, row_ce, _ = L.lm_ce(out.logits, batch.labels)
     return {
-        "logits": out.logits[labelled],  # [N, V]
+        "logits": out.logits,  # [N, V] at labelled positions
         "row_ce": row_ce,
         "block_hidden": out.hidden[batch.block_row, batch.block_pos],  # [M, D]
     }
@@ -198,11 +217,12 @@ def _bus_notes(
     if evaluate:
         return notes, mask
     b, k, rn, d = notes.shape
-    if plan.bus_mix_prob > 0 and base is not None and batch.block_note.numel():
+    block_hidden = batch.base_block_hidden if base is None else base["block_hidden"]
+    if plan.bus_mix_prob > 0 and block_hidden is not None and batch.block_note.numel():
         mix = torch.rand(batch.block_note.shape[0], generator=gen) < plan.bus_mix_prob  # [M]
         if bool(mix.any()):
             mix = mix.to(notes.device)
-            spec = model.speculation_head(base["block_hidden"][mix])  # [m, d_n], with grad
+            spec = model.speculation_head(block_hidden[mix])  # [m, d_n], with grad
             flat = notes.reshape(b * k * rn, d).index_copy(0, batch.block_note[mix], spec.to(notes.dtype))
             notes = flat.reshape(b, k, rn, d)  # [B·K·Rn, d_n] → [B, K, Rn, d_n]
     if plan.stream_dropout_prob > 0:

@@ -40,16 +40,33 @@ def note_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [R, T, V], labels [R, T] (already shifted: labels[:, t] is the token after t; IGNORE off
-    the section) → (mean CE over labelled tokens, per-row CE sum [R], per-row token count [R])."""
-    flat = F.cross_entropy(
-        logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none"
-    ).view(labels.shape)  # [R·T] → [R, T]
-    counts = (labels != IGNORE).sum(dim=1)  # [R]
-    sums = flat.sum(dim=1)  # [R] (ignored positions contribute 0)
-    total = counts.sum()
-    mean = sums.sum() / total.clamp_min(1)
-    return mean, sums.detach(), counts
+    """Shifted, masked LM CE. labels [R, T] (labels[:, t] is the token after t; IGNORE off the
+    section); logits [R, T, V], or [N, V] at exactly the labelled positions in row-major order (what
+    `PDTModel.forward_teacher(logits_at=labels != IGNORE)` returns).
+    Returns (mean CE over labelled tokens, per-row CE sum [R] (detached), per-row token count [R])."""
+    labelled = labels != IGNORE  # [R, T]
+    if logits.dim() == 3:
+        logits = logits[labelled]  # [R, T, V] → [N, V]
+    targets = labels[labelled]  # [N]
+    rows = labelled.nonzero()[:, 0]  # [N] row of each labelled token
+    counts = labelled.sum(dim=1)  # [R]
+    if targets.numel() == 0:
+        return _zero(logits), torch.zeros(labels.shape[0], device=labels.device), counts
+    per = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+    sums = torch.zeros(labels.shape[0], device=per.device).index_add_(0, rows, per.detach())  # [R]
+    return per.mean(), sums, counts
+
+
+def lm_ce_logp(logp: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lm_ce` from log-probabilities [N, V] at the labelled positions (shared with the cached KD)."""
+    labelled = labels != IGNORE  # [R, T]
+    targets = labels[labelled]  # [N]
+    counts = labelled.sum(dim=1)  # [R]
+    per = -logp.gather(1, targets[:, None]).squeeze(1)  # [N]
+    sums = torch.zeros(labels.shape[0], device=logp.device).index_add_(
+        0, labelled.nonzero()[:, 0], per.detach()
+    )
+    return (per.mean() if per.numel() else _zero(logp)), sums, counts
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

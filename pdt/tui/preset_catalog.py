@@ -44,6 +44,23 @@ KEY_SETTINGS: dict[str, dict[str, str]] = {
         "checkpoint.every_steps": "ckpt every",
         "distributed.nproc_per_node": "processes",
     },
+    "curriculum": {
+        "stage": "stage",
+        "trunk.preset": "trunk preset",
+        "trunk.path": "trunk folder",
+        "dataset": "dataset",
+        "init_from": "starts from",
+        "groups": "groups",
+        "train.steps": "steps",
+        "train.token_budget": "token budget",
+        "train.micro_batch_size": "micro batch",
+        "train.lr": "peak lr",
+        "bus.lag": "lag Δ",
+        "bus_mix_prob": "bus mixing",
+        "stream_dropout_prob": "stream dropout",
+        "lora.rank": "LoRA rank",
+        "distributed.nproc_per_node": "processes",
+    },
 }
 
 

@@ -19,7 +19,7 @@ from pdt.model.pdt_model import GROUPS, PDTModel
 from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import STAGE_GROUPS
 from pdt.runs import checkpoints_root
-from pdt.telemetry.events import Event, Log, Metric, Progress
+from pdt.telemetry.events import Event, Log, Metric
 from pdt.train.checkpoint import CheckpointManager
 from pdt.train.curriculum import CurriculumError, run_curriculum
 from pdt.train.curriculum_data import CurriculumDataError, collate, open_dataset
@@ -52,7 +52,7 @@ def run(preset, stop_at: int | None = None) -> tuple[str, list[Event]]:
 
         def emit(event: Event) -> None:
             events.append(event)
-            if isinstance(event, Progress) and event.stage.startswith("stage") and event.step >= stop_at:
+            if isinstance(event, Metric) and event.name == "train/loss" and event.step >= stop_at:
                 ctx.request_stop()
 
         ctx.emit = emit
@@ -312,3 +312,28 @@ def test_stage3_rollouts_sample_blocks_and_label_them(world: dict[str, Path]) ->
     status, events = run(stage_preset(3, world["trunk"], init_from=None, rollouts={"every": 1, "rows": 3}))
     assert status == "finished"
     assert any(isinstance(e, Metric) and e.name == "train/rollout_violations" for e in events)
+
+
+def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> None:
+    from pdt.train.trunk_cache import TrunkCacheEntry, attach, compute_batch
+
+    preset, model, batch, _, _ = _model_and_batch(world, stage=3)
+    plan = StepPlan.from_preset(preset)
+    live = step_losses(model, batch, plan, torch.Generator().manual_seed(0), evaluate=True)
+    entries = [TrunkCacheEntry(**e) for e in compute_batch(model, batch, 16)]
+    cached_batch = attach(batch, entries, torch.device("cpu"))
+    cached = step_losses(model, cached_batch, plan, torch.Generator().manual_seed(0), evaluate=True)
+    assert torch.allclose(cached.row_ce, live.row_ce, atol=1e-4)
+    assert torch.allclose(cached.base_row_ce, live.base_row_ce, atol=1e-4)  # trunk CE from the cache
+    assert float(cached.parts["kd"]) < 1e-6  # identity sidecars: coarsened KL is 0
+    assert torch.allclose(cached.parts["plan"], live.parts["plan"], atol=1e-5)  # pooled prompt from the cache
+    # Top-k KD never exceeds the full KL and grows with it once the logits differ.
+    from pdt.train.trunk_cache import kd_topk
+
+    teacher = torch.randn(6, 50)
+    student = teacher + 0.5 * torch.randn(6, 50)
+    top = torch.log_softmax(teacher, -1).topk(8)
+    coarse = kd_topk(torch.log_softmax(student, -1), top.indices, top.values)
+    from pdt.train.losses import kd_kl
+
+    assert 0.0 < float(coarse) <= float(kd_kl(student, teacher)) + 1e-6

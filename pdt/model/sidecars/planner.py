@@ -47,13 +47,21 @@ class Planner(nn.Module):
 
     def slot_queries(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, D], mask [B, T] → [B, S, d_plan]."""
-        pooled = self.pool_norm(masked_mean_pool(hidden, mask).to(self.slot_head.weight.dtype))  # [B, D]
+        return self.slot_queries_pooled(masked_mean_pool(hidden, mask))
+
+    def slot_queries_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The masked mean of the prompt's hidden states [B, D] → [B, S, d_plan]."""
+        pooled = self.pool_norm(pooled.to(self.slot_head.weight.dtype))  # [B, D]
         queries = self.slot_head(pooled).reshape(-1, self.plan_slots, self.d_plan)  # [B, S·d_p] → [B, S, d_p]
         return queries + self.slot_emb
 
     def logits(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, D], mask [B, T] → plan logits [B, S, V_p]."""
-        queries = self.slot_queries(hidden, mask)  # [B, S, d_plan]
+        return self.logits_pooled(masked_mean_pool(hidden, mask))
+
+    def logits_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled prompt states [B, D] → plan logits [B, S, V_p]."""
+        queries = self.slot_queries_pooled(pooled)  # [B, S, d_plan]
         # 1/sqrt(d_plan): logits start O(1), so plan CE starts near log V_p rather than saturated.
         return queries @ self.plan_emb.weight.t() / math.sqrt(self.d_plan)
 

@@ -1,0 +1,209 @@
+"""Curriculum throughput: a stage-3 training step against a plain frozen-trunk step, same run, same rows.
+
+- stage-3 step: `pdt.train.curriculum_step.step_losses` with every stage-3 group training (planner,
+  notes, adapters, SNC, stream classifier, speculation, coverage, readiness), bus mixing 0.25 and
+  stream dropout 0.1 as in the shipped presets — so the frozen-trunk pass (KD teacher and bus-mix
+  source), the notes windows, every head and loss — then backward and the AdamW step. The frozen
+  trunk's side (top-k KD targets, block states, pooled prompt) comes from the per-dataset trunk
+  cache, as in the job (`train.kd_top_k`); a record with `kd_top_k = 0` measures the live pass. Own-rollout
+  sampling (every 10–20 steps in the presets) is not part of the step and is not timed.
+- plain step: the same rows through the trunk without sidecars, the same masked LM CE (logits on
+  section tokens only, as the stage step computes them), backward
+  through the same top layers (the input of the lowest instrumented layer requires grad), so the
+  difference is what the curriculum adds.
+Rows are real: the dataset's first examples with their teacher-note embeddings. The trunk has the
+pretrain preset's shape (random weights: speed does not depend on training).
+CPU: pretrain_tiny + dataset_tiny, fp32. GPU: pretrain_124m + dataset_wiki, bf16 autocast.
+Writes bench/results/curriculum_throughput.json (or $OUT/...) with a `records` list; table last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pdt.data.build.layout import build_root  # noqa: E402
+from pdt.data.build.pipeline import run_dataset  # noqa: E402
+from pdt.data.tokenizer import build_tokenizer  # noqa: E402
+from pdt.jobs import JobContext  # noqa: E402
+from pdt.model.instrument import decoder_layers  # noqa: E402
+from pdt.model.pdt_model import PDTModel  # noqa: E402
+from pdt.model.trunk import build_trunk  # noqa: E402
+from pdt.presets.loader import load_preset_file, validate_preset  # noqa: E402
+from pdt.train import losses as L  # noqa: E402
+from pdt.train.curriculum_data import collate, embed_note_texts, note_texts, open_dataset  # noqa: E402
+from pdt.train.curriculum_step import StepPlan, step_losses  # noqa: E402
+from pdt.train.trunk_cache import TrunkCacheEntry, attach, compute_batch  # noqa: E402
+
+SETUPS = {
+    "cpu": {"trunk": "pretrain_tiny", "dataset": "dataset_tiny", "stage": "stage3", "batch": 8},
+    "cuda": {"trunk": "pretrain_124m", "dataset": "dataset_wiki", "stage": "stage3_124m", "batch": 16},
+}
+
+
+def _preset(name: str):
+    return load_preset_file(ROOT / "presets" / f"{name}.json")
+
+
+def _setup(device: torch.device) -> tuple[PDTModel, Any, Any, dict[str, Any]]:
+    cfg = SETUPS[device.type]
+    ds_preset = _preset(cfg["dataset"])
+    if not (build_root(ds_preset.name) / "export" / "manifest.json").exists():
+        run_dataset(JobContext(preset=ds_preset, run_dir=ROOT, checkpoints_dir=ROOT, emit=lambda e: None))
+    tok = build_tokenizer(ds_preset.tokenizer)
+    pre = _preset(cfg["trunk"])
+    trunk = build_trunk(pre.trunk, tok.vocab_size, 1024, tok.eot_id, seed=0).to(device)
+    data = _preset(cfg["stage"]).model_dump(mode="json")
+    data.update({"init_from": None, "rollouts": {"every": 0}})
+    stage = validate_preset(data, source=cfg["stage"])
+    model = PDTModel(trunk, stage.sidecars)
+    ds = open_dataset(ds_preset.name)
+    records = ds.splits["train"][: cfg["batch"]]
+    vectors = [
+        embed_note_texts(note_texts(r), tok, model.embed_texts, stage.train.note_tokens, device)
+        for r in records
+    ]
+    batch = collate(records, vectors, stage, tok.eot_id, ds.stride).to(device)
+    if stage.train.kd_top_k:  # the frozen trunk's side from the cache, as the job does after its first pass
+        entries = [TrunkCacheEntry(**e) for e in compute_batch(model, batch, stage.train.kd_top_k)]
+        batch = attach(batch, entries, device)
+    return model, stage, batch, cfg
+
+
+def _fns(model: PDTModel, stage: Any, batch: Any, device: torch.device, dtype: torch.dtype | None):
+    plan = StepPlan.from_preset(stage)
+    params = model.set_trainable(list(stage.trained_groups))
+    opt = torch.optim.AdamW(params, lr=1e-4, **({"fused": True} if device.type == "cuda" else {}))
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    first = decoder_layers(model.trunk)[model.layer_ids[0]]
+    counter = iter(range(10**9))
+    labelled = batch.labels != L.IGNORE  # both sides compute logits on section tokens only
+
+    def stage3() -> None:
+        with autocast:
+            res = step_losses(model, batch, plan, torch.Generator().manual_seed(next(counter)))
+        res.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def grad_from_here(_mod: Any, args: tuple, kwargs: dict) -> None:
+        kwargs.get("hidden_states", args[0] if args else None).requires_grad_(True)
+
+    def plain() -> None:
+        handle = first.register_forward_pre_hook(grad_from_here, with_kwargs=True)
+        try:
+            with autocast:
+                out = model.forward_base(batch.input_ids, batch.attention_mask, logits_at=labelled)
+            L.lm_ce(out.logits, batch.labels)[0].backward()
+        finally:
+            handle.remove()
+
+    return stage3, plain
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed_pair(a: Any, b: Any, device: torch.device, warmup: int, reps: int) -> tuple[float, float]:
+    """Median seconds per call of each, measured alternately so drift hits both alike."""
+    for _ in range(warmup):
+        a()
+        b()
+    times: list[list[float]] = [[], []]
+    for _ in range(reps):
+        for side, fn in enumerate((a, b)):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[side].append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def _peak(fn: Any, device: torch.device) -> int:
+    """Peak bytes of one call: CUDA allocator peak on a GPU, process max RSS on CPU (monotone)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize()
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    fn()
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def measure(device: torch.device) -> dict[str, Any]:
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else None
+    model, stage, batch, cfg = _setup(device)
+    stage3, plain = _fns(model, stage, batch, device, dtype)
+    t_stage, t_plain = _timed_pair(stage3, plain, device, 3, 20 if gpu else 8)
+    mem_plain = _peak(plain, device)
+    mem_stage = _peak(stage3, device)
+    return {
+        "device": torch.cuda.get_device_name(device) if gpu else "cpu",
+        "trunk": cfg["trunk"],
+        "dataset": cfg["dataset"],
+        "mode": "eager",
+        "tokens_per_s": batch.tokens / t_stage,
+        "plain_tokens_per_s": batch.tokens / t_plain,
+        "step_ratio": t_stage / t_plain,
+        "stage_step_s": t_stage,
+        "plain_step_s": t_plain,
+        "peak_mem_bytes": mem_stage,
+        "plain_peak_mem_bytes": mem_plain,
+        "peak_mem_kind": "cuda max_memory_allocated"
+        if gpu
+        else "process max RSS (monotone: plain measured first)",
+        "rows": int(batch.input_ids.shape[0]),
+        "tokens_per_step": batch.tokens,
+        "padded_len": int(batch.input_ids.shape[1]),
+        "precision": "bf16" if gpu else "fp32",
+        "bus_mix_prob": stage.bus_mix_prob,
+        "kd": f"cached top-{stage.train.kd_top_k}" if stage.train.kd_top_k else "live full-vocabulary pass",
+        "stream_dropout_prob": stage.stream_dropout_prob,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fresh = measure(device)
+    out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "curriculum_throughput.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {"records": []}
+    records = [r for r in existing.get("records", []) if r.get("device") != fresh["device"]] + [fresh]
+    path.write_text(json.dumps({"records": records}, indent=2) + "\n")
+    print(
+        f"{'device':<24} {'trunk':<14} {'rows':>5} {'tok/step':>9} {'stage3 tok/s':>13} {'plain tok/s':>12} "
+        f"{'ratio':>6} {'peak MiB':>9}"
+    )
+    for r in records:
+        print(
+            f"{r['device'][:24]:<24} {r['trunk']:<14} {r['rows']:>5} {r['tokens_per_step']:>9} "
+            f"{r['tokens_per_s']:>13,.0f} {r['plain_tokens_per_s']:>12,.0f} {r['step_ratio']:>6.3f} "
+            f"{r['peak_mem_bytes'] / 2**20:>9,.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -179,8 +179,11 @@ def content_source(exists: torch.Tensor, perm: list[int]) -> tuple[torch.Tensor,
     rn = exists.shape[-1]
     index = torch.arange(rn, device=exists.device).expand_as(exists)  # [..., K, Rn]
     last = torch.where(exists, index, torch.full_like(index, -1)).cummax(dim=-1).values  # [..., K, Rn]
-    perm_t = torch.tensor(perm, dtype=torch.long, device=exists.device)
-    src = last.index_select(-2, perm_t)  # [..., K, Rn]: row j now describes producer perm[j]
+    identity = perm == list(range(len(perm)))  # the usual case: no host → device copy (a GPU sync)
+    perm_t = None if identity else torch.tensor(perm, dtype=torch.long, device=exists.device)
+    src = (
+        last if perm_t is None else last.index_select(-2, perm_t)
+    )  # [..., K, Rn]: row j now describes producer perm[j]
     return src.clamp(min=0), src >= 0
 
 

@@ -135,7 +135,7 @@ class PDTModel(nn.Module):
         `window` has notes [R, N, d_n], producer/rounds [R, N] and visible [R, T, N] (per position, by
         round: `pdt.bus.teacher_windows`). `sidecar_positions` [R, T] marks the stream's own positions
         (prefix + section); the prompt is left to the plain trunk, exactly as at inference.
-        `logits_at` [R, T] bool: compute logits only there (→ logits [N, V]); see `_run`.
+        `logits_at` [R, T] bool, or [N] flat indices row·T + t: compute logits only there (→ [N, V]).
         """
         ctx = SidecarContext(
             stream_ids=stream_ids,
@@ -171,7 +171,11 @@ class PDTModel(nn.Module):
             )
             return PDTOutput(logits=out.logits, hidden=out.hidden_states[-1])
         hidden = self.trunk.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        logits = self.trunk.get_output_embeddings()(hidden[logits_at])  # [N, D] → [N, V]
+        if logits_at.dtype == torch.bool:
+            picked = hidden[logits_at]  # [N, D]
+        else:  # flat indices row·T + t: no boolean mask, so no device sync on a GPU
+            picked = hidden.flatten(0, 1).index_select(0, logits_at)  # [R·T, D] → [N, D]
+        logits = self.trunk.get_output_embeddings()(picked)  # [N, V]
         return PDTOutput(logits=logits, hidden=hidden)
 
     @torch.no_grad()

@@ -394,13 +394,14 @@ def _batch(st: Stage, split: str, indices: list[int]) -> CD.CurriculumBatch:
     return batch
 
 
-def _train_step(st: Stage) -> tuple[dict[str, float], float, int]:
-    """One optimizer step; returns (mean loss parts, grad norm, tokens)."""
+def _train_step(st: Stage) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """One optimizer step; returns (mean loss parts, grad norm, tokens). The numbers stay on the
+    device (read back only when logged): a read-back per step would stall the GPU's queue."""
     cfg = st.preset.train
     lr = lr_at(st.step, st.total_steps, cfg)
     for group in st.optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     tokens = 0
     for micro in range(cfg.grad_accum):
         indices = st.order.next()
@@ -413,12 +414,15 @@ def _train_step(st: Stage) -> tuple[dict[str, float], float, int]:
         if "rollout_violations" in result.scores:
             result.parts["rollout_violations"] = result.scores["rollout_violations"][0]
         for name, value in {"loss": result.loss.detach(), **result.parts}.items():
-            sums[name] = sums.get(name, 0.0) + float(value) / cfg.grad_accum
+            sums[name] = sums.get(name, 0.0) + value.detach().float() / cfg.grad_accum
     _average_grads(st)
-    norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
+    if cfg.grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(st.params, cfg.grad_clip)
+    else:
+        norm = torch.zeros((), device=st.dist.device)
     st.optimizer.step()
     st.optimizer.zero_grad(set_to_none=True)
-    return sums, float(norm), tokens
+    return sums, norm, tokens
 
 
 def _rollout_fn(st: Stage, indices: list[int], gen: torch.Generator) -> Any:
@@ -520,16 +524,14 @@ def _save_due(st: Stage) -> bool:
     return st.step % st.preset.checkpoint.every_steps == 0 or minutes >= st.preset.checkpoint.every_minutes
 
 
-def _log_metrics(st: Stage, parts: dict[str, float], norm: float, tokens_per_s: float) -> None:
-    reduced = {
-        k: float(D.all_reduce_mean(torch.tensor(v, device=st.dist.device), st.dist)) for k, v in parts.items()
-    }
+def _log_metrics(st: Stage, parts: dict[str, torch.Tensor], norm: torch.Tensor, tokens_per_s: float) -> None:
+    reduced = {k: float(D.all_reduce_mean(v.reshape(()), st.dist)) for k, v in parts.items()}
     if not st.dist.is_main:
         return
     emit = st.ctx.emit
     for name, value in reduced.items():
         emit(Metric(name="train/loss" if name == "loss" else f"train/{name}", value=value, step=st.step))
-    emit(Metric(name="grad_norm", value=norm, step=st.step))
+    emit(Metric(name="grad_norm", value=float(norm), step=st.step))
     emit(Metric(name="lr", value=st.optimizer.param_groups[0]["lr"], step=st.step))
     emit(Metric(name="throughput/tokens_per_s", value=tokens_per_s, step=st.step))
     for layer, value in zip(st.model.layer_ids, st.model.gate_values(), strict=True):

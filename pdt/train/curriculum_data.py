@@ -191,6 +191,13 @@ class CurriculumBatch:
     var_block: torch.Tensor  # [Nv] the block a corrupted note stands in for
     var_note: torch.Tensor  # [Nv, d_n] the corrupted note's embedding
     tokens: int  # real tokens in the rows
+    # Index forms of the masks above, built on the host, so a GPU step never reads a mask back
+    # (a boolean-mask index or nonzero() is a device sync).
+    label_flat: torch.Tensor  # [N] row·T + t of each labelled position, row-major
+    label_rows: torch.Tensor  # [N] its row
+    label_targets: torch.Tensor  # [N] its next token
+    label_counts: torch.Tensor  # [R] labelled positions per row
+    last_blocks: torch.Tensor  # [M_last] indices of the blocks with block_last
     # The frozen trunk's cached outputs (pdt.train.trunk_cache.attach), None when computed live.
     kd_ids: torch.Tensor | None = None  # [N, k] teacher top-k ids at labelled positions
     kd_logp: torch.Tensor | None = None  # [N, k] their log-probabilities
@@ -200,11 +207,19 @@ class CurriculumBatch:
 
     def to(self, device: torch.device) -> CurriculumBatch:
         moved = {
-            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            f.name: to_device(getattr(self, f.name), device)
             for f in fields(self)
             if torch.is_tensor(getattr(self, f.name))
         }
         return CurriculumBatch(**{**self.__dict__, **moved})
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device without stalling the GPU: from pinned memory the copy is asynchronous (a copy
+    from pageable memory waits for every kernel already queued)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def plan_targets(record: dict[str, Any], slots: int) -> list[int]:
@@ -258,6 +273,9 @@ def collate(
     item_ids = _pad(items, 0)
     item_mask = _pad([[1] * len(x) for x in items], 0).bool()
     var_block, var_note = _variants(records, vectors, blocks["last_block"])
+    labelled = labels != IGNORE  # [R, T]
+    label_pos = labelled.nonzero()  # [N, 2] (row, t), row-major
+    block_last = _last_mask(len(blocks["row"]), blocks["last_block"])
     return CurriculumBatch(
         input_ids=ids,
         attention_mask=attention,
@@ -281,10 +299,15 @@ def collate(
         block_pos=blocks["pos"],
         block_note=blocks["note"],
         block_cov=_pad_float(blocks["cov"], item_ids.shape[1]),
-        block_last=_last_mask(len(blocks["row"]), blocks["last_block"]),
+        block_last=block_last,
         var_block=var_block,
         var_note=var_note,
         tokens=int(lengths.sum()),
+        label_flat=label_pos[:, 0] * t + label_pos[:, 1],
+        label_rows=label_pos[:, 0],
+        label_targets=labels[labelled],
+        label_counts=labelled.sum(dim=1),
+        last_blocks=block_last.nonzero().squeeze(-1),
     )
 
 

@@ -34,7 +34,7 @@ from pdt.model.sidecars.heads import coverage_summary
 from pdt.presets.curriculum import CurriculumPreset, LossWeights
 from pdt.presets.schema import BusConfig
 from pdt.train import losses as L
-from pdt.train.curriculum_data import CurriculumBatch
+from pdt.train.curriculum_data import CurriculumBatch, to_device
 from pdt.train.trunk_cache import kd_topk
 
 #: Which trained group (or LoRA) a loss needs; a loss none of whose groups trains is skipped.
@@ -124,7 +124,7 @@ def step_losses(
         parts["plan"] = L.plan_ce(plan_logits, batch.plan_targets)
 
     cached = batch.kd_ids is not None
-    base = None if cached else _base_pass(model, batch, plan, labelled, want["kd"] or evaluate)
+    base = None if cached else _base_pass(model, batch, plan, want["kd"] or evaluate)
     notes, notes_mask = _bus_notes(model, batch, plan, gen, base, evaluate)
     window = teacher_windows(
         snapshot0,
@@ -144,24 +144,24 @@ def step_losses(
             window,
             g=1.0,
             sidecar_positions=batch.sidecar_positions,
-            logits_at=labelled,
+            logits_at=batch.label_flat,
         )
     base_row_ce = None if base is None else base["row_ce"]
     if cached:  # one log-softmax for the CE and the top-k KD against the cached trunk
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # [N, V] at labelled positions
-        lm, row_ce, row_tokens = L.lm_ce_logp(logp, batch.labels)
+        lm, row_ce, row_tokens = L.lm_ce_at(logp, *_label_index(batch), log_probs=True)
         if want["kd"]:
             parts["kd"] = kd_topk(logp, batch.kd_ids, batch.kd_logp)
-        rows = labelled.nonzero()[:, 0]
-        base_row_ce = torch.zeros_like(row_ce).index_add_(0, rows, -batch.trunk_target_logp.to(row_ce.dtype))
+        trunk_nll = -batch.trunk_target_logp.to(row_ce.dtype)  # [N]
+        base_row_ce = torch.zeros_like(row_ce).index_add_(0, batch.label_rows, trunk_nll)
     else:
-        lm, row_ce, row_tokens = L.lm_ce(out.logits, batch.labels)  # logits [N, V] at labelled positions
+        lm, row_ce, row_tokens = L.lm_ce_at(out.logits, *_label_index(batch))  # logits [N, V]
         if want["kd"] and base is not None:
             parts["kd"] = L.kd_kl(out.logits, base["logits"])
     if want["lm"]:
         parts["lm"] = lm
     extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
-    scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra)
+    scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra, evaluate)
     if want["stream"]:
         parts["stream"] = L.stream_ce(
             model.stream_classifier(_row_mean(out.hidden, labelled)), batch.row_stream
@@ -179,6 +179,10 @@ def step_losses(
     )
 
 
+def _label_index(batch: CurriculumBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return batch.label_targets, batch.label_rows, batch.label_counts
+
+
 def _row_mean(hidden: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
     """[R, T, D] → [R, D]: mean over each row's labelled (section) positions."""
     w = labelled.to(hidden.dtype)[..., None]  # [R, T, 1]
@@ -187,15 +191,15 @@ def _row_mean(hidden: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def _base_pass(
-    model: PDTModel, batch: CurriculumBatch, plan: StepPlan, labelled: torch.Tensor, needed: bool
+    model: PDTModel, batch: CurriculumBatch, plan: StepPlan, needed: bool
 ) -> dict[str, torch.Tensor] | None:
     """The frozen trunk, sidecars (and LoRA) off: KD teacher logits at labelled positions, its CE per
     row, and its block-end states (the speculation notes' input for bus mixing)."""
     if not (needed or plan.bus_mix_prob > 0):
         return None
     with _lora_off(model, plan):
-        out = model.forward_base(batch.input_ids, batch.attention_mask, logits_at=labelled)
-    _, row_ce, _ = L.lm_ce(out.logits, batch.labels)
+        out = model.forward_base(batch.input_ids, batch.attention_mask, logits_at=batch.label_flat)
+    _, row_ce, _ = L.lm_ce_at(out.logits, *_label_index(batch))
     return {
         "logits": out.logits,  # [N, V] at labelled positions
         "row_ce": row_ce,
@@ -219,15 +223,17 @@ def _bus_notes(
     b, k, rn, d = notes.shape
     block_hidden = batch.base_block_hidden if base is None else base["block_hidden"]
     if plan.bus_mix_prob > 0 and block_hidden is not None and batch.block_note.numel():
-        mix = torch.rand(batch.block_note.shape[0], generator=gen) < plan.bus_mix_prob  # [M]
-        if bool(mix.any()):
-            mix = mix.to(notes.device)
-            spec = model.speculation_head(block_hidden[mix])  # [m, d_n], with grad
-            flat = notes.reshape(b * k * rn, d).index_copy(0, batch.block_note[mix], spec.to(notes.dtype))
+        # Drawn on the host (from `gen`), moved as indices: nothing is read back from the GPU.
+        mix = (torch.rand(batch.block_note.shape[0], generator=gen) < plan.bus_mix_prob).nonzero().squeeze(1)
+        if mix.numel():
+            mix = to_device(mix, notes.device)  # [m]
+            spec = model.speculation_head(block_hidden.index_select(0, mix))  # [m, d_n], with grad
+            slots = batch.block_note.index_select(0, mix)
+            flat = notes.reshape(b * k * rn, d).index_copy(0, slots, spec.to(notes.dtype))
             notes = flat.reshape(b, k, rn, d)  # [B·K·Rn, d_n] → [B, K, Rn, d_n]
     if plan.stream_dropout_prob > 0:
         drop = torch.rand(b, k, generator=gen) < plan.stream_dropout_prob  # [B, K]
-        mask = mask & ~drop.to(mask.device)[..., None]
+        mask = mask & ~to_device(drop, mask.device)[..., None]
     return notes, mask
 
 
@@ -240,6 +246,7 @@ def _head_losses(
     window: object,
     parts: dict[str, torch.Tensor],
     extra: Any = None,
+    evaluate: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Notes, speculation, coverage and readiness at block ends; returns detached scores."""
     scores: dict[str, torch.Tensor] = {}
@@ -257,8 +264,9 @@ def _head_losses(
     cov_logits = model.coverage_head(state, items, item_mask)  # [M, P]
     if want["coverage"]:
         parts["coverage"] = L.coverage_bce(cov_logits, batch.block_cov, item_mask)
-    scores["coverage_scores"] = torch.sigmoid(cov_logits.detach().float())[item_mask]
-    scores["coverage_labels"] = (batch.block_cov[item_mask] >= 1.0).float()
+    if evaluate:  # boolean-mask reads: metrics only, never in a training step
+        scores["coverage_scores"] = torch.sigmoid(cov_logits.detach().float())[item_mask]
+        scores["coverage_labels"] = (batch.block_cov[item_mask] >= 1.0).float()
     if want["readiness"]:
         logits, labels = _readiness(model, batch, state, window, cov_logits.detach(), item_mask, target)
         if extra is not None:
@@ -266,8 +274,9 @@ def _head_losses(
             logits, labels = torch.cat([logits, own]), torch.cat([labels, extra.labels])
             scores["rollout_violations"] = (1.0 - extra.labels).mean().reshape(1)
         parts["readiness"] = L.readiness_bce(logits, labels)
-        scores["readiness_scores"] = torch.sigmoid(logits.detach().float())
-        scores["readiness_labels"] = labels
+        if evaluate:
+            scores["readiness_scores"] = torch.sigmoid(logits.detach().float())
+            scores["readiness_labels"] = labels
     return scores
 
 
@@ -288,7 +297,7 @@ def _readiness(
     wnotes = window.notes[batch.block_row].detach()  # [M, N, d_n]
     pooled = (wnotes * visible[..., None]).sum(dim=1) / visible.sum(dim=1, keepdim=True).clamp_min(1)
     summary = coverage_summary(cov_logits, item_mask)  # [M, 2]
-    pos = batch.block_last.nonzero().squeeze(-1)  # [M_last]
+    pos = batch.last_blocks  # [M_last]
     idx = torch.cat([pos, batch.var_block])
     state_all, pooled_all, summary_all = state[idx], pooled[idx], summary[idx]
     note_all = torch.cat([target[pos], batch.var_note.to(target.dtype)])

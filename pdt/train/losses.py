@@ -25,10 +25,12 @@ def _zero(like: torch.Tensor) -> torch.Tensor:
 
 
 def plan_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """logits [B, S, V_p], targets [B, S] (IGNORE for inactive slots) → mean CE over active slots."""
-    if not bool((targets != IGNORE).any()):
-        return _zero(logits)
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    """logits [B, S, V_p], targets [B, S] (IGNORE for inactive slots) → mean CE over active slots (0 if none).
+
+    Sum / count instead of a check for "any active": no host read-back (a GPU sync) per step."""
+    flat = targets.flatten()
+    per = F.cross_entropy(logits.float().flatten(0, 1), flat, ignore_index=IGNORE, reduction="none")
+    return per.sum() / (flat != IGNORE).sum().clamp_min(1)
 
 
 def note_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -57,16 +59,21 @@ def lm_ce(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
     return per.mean(), sums, counts
 
 
-def lm_ce_logp(logp: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`lm_ce` from log-probabilities [N, V] at the labelled positions (shared with the cached KD)."""
-    labelled = labels != IGNORE  # [R, T]
-    targets = labels[labelled]  # [N]
-    counts = labelled.sum(dim=1)  # [R]
-    per = -logp.gather(1, targets[:, None]).squeeze(1)  # [N]
-    sums = torch.zeros(labels.shape[0], device=logp.device).index_add_(
-        0, labelled.nonzero()[:, 0], per.detach()
-    )
-    return (per.mean() if per.numel() else _zero(logp)), sums, counts
+def lm_ce_at(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    counts: torch.Tensor,
+    log_probs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`lm_ce` from logits (or log-probabilities) [N, V] at the labelled positions given as indices:
+    targets [N], rows [N], counts [R] (from the batch, built on the host). No device sync."""
+    if log_probs:
+        per = -logits.gather(1, targets[:, None]).squeeze(1)  # [N]
+    else:
+        per = F.cross_entropy(logits.float(), targets, reduction="none")  # [N]
+    sums = torch.zeros(counts.shape[0], device=per.device).index_add_(0, rows, per.detach())  # [R]
+    return per.sum() / counts.sum().clamp_min(1), sums, counts
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -82,10 +89,9 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 def coverage_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """logits/targets [M, P] (targets in [0, 1]), mask [M, P] bool (real items) → mean BCE over real items."""
     real = mask.bool()
-    if not bool(real.any()):
-        return _zero(logits)
-    per = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
-    return per[real].mean()
+    logits = torch.where(real, logits.float(), 0.0)  # padding may hold anything (PAD_LOGIT, NaN)
+    per = F.binary_cross_entropy_with_logits(logits, targets.float(), reduction="none")
+    return torch.where(real, per, 0.0).sum() / real.sum().clamp_min(1)
 
 
 def readiness_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -96,10 +102,10 @@ def readiness_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     labels = labels.float()
     per = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
     pos, neg = labels.sum(), (1 - labels).sum()
-    weights = torch.where(labels > 0.5, 0.5 / pos.clamp_min(1), 0.5 / neg.clamp_min(1))
-    if float(pos) == 0 or float(neg) == 0:
-        weights = torch.full_like(labels, 1.0 / labels.numel())
-    return (per * weights).sum()
+    # Each present class gets half the weight (all of it when the other class is absent).
+    share_pos = torch.where(neg > 0, 0.5, 1.0) / pos.clamp_min(1)
+    share_neg = torch.where(pos > 0, 0.5, 1.0) / neg.clamp_min(1)
+    return (per * torch.where(labels > 0.5, share_pos, share_neg)).sum()
 
 
 def stream_ce(logits: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:

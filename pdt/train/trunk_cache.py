@@ -115,7 +115,7 @@ def attach(batch: Any, entries: list[TrunkCacheEntry], device: torch.device) -> 
     batch.trunk_target_logp = torch.cat([e.target_logp for e in entries]).to(device)
     batch.base_block_hidden = torch.cat([e.block_hidden for e in entries]).to(device)
     batch.prompt_pool = torch.cat([e.prompt_pool for e in entries]).to(device)
-    n = int((batch.labels != IGNORE).sum())
+    n = batch.label_flat.shape[0]  # known on the host: no device read-back
     if batch.kd_ids.shape[0] != n or batch.base_block_hidden.shape[0] != batch.block_row.shape[0]:
         raise ValueError(
             f"trunk cache does not match the batch ({batch.kd_ids.shape[0]} vs {n} positions); delete "

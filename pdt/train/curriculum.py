@@ -221,7 +221,7 @@ def _note_vectors(
                 f"embedding {len(texts):,} teacher notes of the {split} split with the frozen trunk (once)"
             )
             ctx.emit(Progress(step=0, total=1, stage=f"notes:{split}"))
-            with _autocast(preset, dist.device):
+            with _autocast(preset, dist.device), _trunk_only(preset, model):
                 vec = CD.embed_note_texts(
                     texts, tokenizer, model.embed_texts, preset.train.note_tokens, dist.device
                 )
@@ -268,13 +268,23 @@ def _trunk_cache(
                 chunk = records[start : start + size]
                 zeros = [torch.zeros(len(CD.note_texts(r)), 1) for r in chunk]
                 batch = CD.collate(chunk, zeros, preset, tokenizer.eot_id, ds.stride).to(dist.device)
-                with _autocast(preset, dist.device):
+                with _autocast(preset, dist.device), _trunk_only(preset, model):
                     entries += TC.compute_batch(model, batch, cfg.kd_top_k)
                 ctx.emit(Progress(step=start + len(chunk), total=len(records), stage=f"trunk:{split}"))
             return entries
 
         out[split] = TC.load_or_build(path, len(records), build, key, dist.is_main, lambda: D.barrier(dist))
     return out
+
+
+def _trunk_only(preset: CurriculumPreset, model: PDTModel) -> contextlib.AbstractContextManager:
+    """The trunk as pretrained (LoRA off): note targets and KD targets describe the frozen trunk,
+    even when a resumed stage 4 builds a missing cache after its LoRA has moved."""
+    if preset.lora is None:
+        return contextlib.nullcontext()
+    from pdt.train.lora import lora_disabled
+
+    return lora_disabled(model.trunk)
 
 
 def _autocast(preset: CurriculumPreset, device: torch.device) -> contextlib.AbstractContextManager:

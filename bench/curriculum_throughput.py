@@ -13,7 +13,8 @@
   difference is what the curriculum adds.
 Rows are real: the dataset's first examples with their teacher-note embeddings. The trunk has the
 pretrain preset's shape (random weights: speed does not depend on training).
-CPU: pretrain_tiny + dataset_tiny, fp32. GPU: pretrain_124m + dataset_wiki, bf16 autocast.
+CPU: pretrain_tiny + dataset_tiny, 8 examples (24 rows), fp32. GPU: pretrain_124m + dataset_wiki,
+64 examples (192 rows: the stage*_124m presets' micro-batch), bf16 autocast.
 Writes bench/results/curriculum_throughput.json (or $OUT/...) with a `records` list; table last.
 """
 
@@ -48,7 +49,7 @@ from pdt.train.trunk_cache import TrunkCacheEntry, attach, compute_batch  # noqa
 
 SETUPS = {
     "cpu": {"trunk": "pretrain_tiny", "dataset": "dataset_tiny", "stage": "stage3", "batch": 8},
-    "cuda": {"trunk": "pretrain_124m", "dataset": "dataset_wiki", "stage": "stage3_124m", "batch": 16},
+    "cuda": {"trunk": "pretrain_124m", "dataset": "dataset_wiki", "stage": "stage3_124m", "batch": 64},
 }
 
 

@@ -35,7 +35,7 @@ from pdt.presets.curriculum import CurriculumPreset, LossWeights
 from pdt.presets.schema import BusConfig
 from pdt.train import losses as L
 from pdt.train.curriculum_data import CurriculumBatch, to_device
-from pdt.train.trunk_cache import kd_topk
+from pdt.train.trunk_cache import kd_topk_picked
 
 #: Which trained group (or LoRA) a loss needs; a loss none of whose groups trains is skipped.
 LOSS_GROUPS: dict[str, tuple[str, ...]] = {
@@ -147,11 +147,10 @@ def step_losses(
             logits_at=batch.label_flat,
         )
     base_row_ce = None if base is None else base["row_ce"]
-    if cached:  # one log-softmax for the CE and the top-k KD against the cached trunk
-        logp = torch.log_softmax(out.logits.float(), dim=-1)  # [N, V] at labelled positions
-        lm, row_ce, row_tokens = L.lm_ce_at(logp, *_label_index(batch), log_probs=True)
+    if cached:
+        lm, row_ce, row_tokens, q_top = _ce_and_top(out.logits, batch)
         if want["kd"]:
-            parts["kd"] = kd_topk(logp, batch.kd_ids, batch.kd_logp)
+            parts["kd"] = kd_topk_picked(q_top, batch.kd_logp)
         trunk_nll = -batch.trunk_target_logp.to(row_ce.dtype)  # [N]
         base_row_ce = torch.zeros_like(row_ce).index_add_(0, batch.label_rows, trunk_nll)
     else:
@@ -177,6 +176,23 @@ def step_losses(
         base_row_ce=base_row_ce,
         scores=scores,
     )
+
+
+def _ce_and_top(
+    logits: torch.Tensor, batch: CurriculumBatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LM CE and the student's log-probabilities at the cached teacher's top-k ids, from one
+    log-sum-exp and one gather over logits [N, V]: no [N, V] log-softmax is kept, which saves
+    several full passes over the largest tensor of the step (and its backward).
+    Returns (mean CE, per-row CE sum [R], tokens per row [R], q_top [N, k])."""
+    x = logits.float()  # [N, V]
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [N, 1]
+    ids = torch.cat([batch.label_targets[:, None], batch.kd_ids], dim=1)  # [N, 1 + k]
+    picked = x.gather(1, ids) - lse  # [N, 1 + k] log-probabilities
+    nll = -picked[:, 0]  # [N]
+    counts = batch.label_counts
+    sums = torch.zeros(counts.shape[0], device=nll.device).index_add_(0, batch.label_rows, nll.detach())
+    return nll.sum() / counts.sum().clamp_min(1), sums, counts, picked[:, 1:]
 
 
 def _label_index(batch: CurriculumBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

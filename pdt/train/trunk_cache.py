@@ -129,9 +129,13 @@ def kd_topk(student_logp: torch.Tensor, ids: torch.Tensor, teacher_logp: torch.T
 
     student_logp [N, V] (log-softmax, fp32), ids/teacher_logp [N, k] → scalar.
     """
-    if student_logp.shape[0] == 0:
-        return student_logp.sum() * 0.0
-    q_top = student_logp.gather(1, ids)  # [N, k]
+    return kd_topk_picked(student_logp.gather(1, ids), teacher_logp)
+
+
+def kd_topk_picked(q_top: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """`kd_topk` from the student's log-probabilities at the teacher's top-k ids, q_top [N, k]."""
+    if q_top.shape[0] == 0:
+        return q_top.sum() * 0.0
     p_top = teacher_logp.exp()
     p_rest = (1.0 - p_top.sum(dim=1)).clamp_min(1e-12)  # [N]
     q_rest = (1.0 - q_top.exp().sum(dim=1)).clamp_min(1e-12)

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pdt.bus import section_pos_round, teacher_windows  # noqa: E402
+from pdt.kernels import kernel_mode  # noqa: E402
 from pdt.model.decode import StreamDecoder  # noqa: E402
 from pdt.model.instrument import SidecarContext, decoder_layers  # noqa: E402
 from pdt.model.pdt_model import GROUPS, PDTModel  # noqa: E402
@@ -77,7 +78,9 @@ def _model(preset: str, device: torch.device) -> PDTModel:
     return model
 
 
-def _train_fns(model: PDTModel, batch: int, seq: int, device: torch.device, dtype: torch.dtype | None):
+def _teacher_batch(model: PDTModel, batch: int, seq: int, device: torch.device) -> tuple:
+    """(ids [R, T + 1], stream ids [R], teacher-forced windows, sidecar positions [R, T]), R = batch·K:
+    16-token prompts, then rounds of 32 tokens with their notes."""
     rows = batch * K
     ids = torch.randint(0, model.trunk.config.vocab_size, (rows, seq + 1), device=device)
     streams = torch.arange(rows, device=device) % K
@@ -86,15 +89,23 @@ def _train_fns(model: PDTModel, batch: int, seq: int, device: torch.device, dtyp
     rn = int(pos_round.max()) + 1
     notes = torch.randn(batch, K, rn, model.cfg.d_notes, device=device)
     snap = torch.randn(batch, model.cfg.d_notes, device=device)
-    window = teacher_windows(
-        snap,
-        notes,
-        torch.ones(batch, K, rn, dtype=torch.bool, device=device),
-        pos_round,
-        BusConfig(),
-        model.cfg.max_rounds,
-    )
+    present = torch.ones(batch, K, rn, dtype=torch.bool, device=device)
+    window = teacher_windows(snap, notes, present, pos_round, BusConfig(), model.cfg.max_rounds)
     positions = torch.arange(seq, device=device)[None, :] >= start[:, None]  # [R, T]
+    return ids, streams, window, positions
+
+
+def _train_fns(
+    model: PDTModel,
+    batch: int,
+    seq: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    mark: Callable[[str], None] = lambda _phase: None,
+):
+    """(on, off): one training step each. `mark("forward")` is called once the forward has returned
+    (bench/profile_sidecars.py times the phases with it)."""
+    ids, streams, window, positions = _teacher_batch(model, batch, seq, device)
     first = decoder_layers(model.trunk)[model.layer_ids[0]]
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
@@ -106,6 +117,7 @@ def _train_fns(model: PDTModel, batch: int, seq: int, device: torch.device, dtyp
     def on() -> None:
         with autocast:
             out = model.forward_teacher(ids[:, :-1], None, streams, window, sidecar_positions=positions)
+        mark("forward")
         loss_of(out.logits).backward()
         model.zero_grad(set_to_none=True)
 
@@ -118,6 +130,7 @@ def _train_fns(model: PDTModel, batch: int, seq: int, device: torch.device, dtyp
         try:
             with autocast:
                 out = model.forward_base(ids[:, :-1])
+            mark("forward")
             loss_of(out.logits).backward()
         finally:
             handle.remove()
@@ -172,6 +185,7 @@ def measure(device: torch.device, batch: int, mode: str = "eager") -> dict[str, 
         "device": torch.cuda.get_device_name(device) if gpu else "cpu",
         "trunk": preset,
         "mode": mode,
+        "kernels": kernel_mode(),
         "train_step_ratio": t_on / t_off,
         "decode_step_ratio": s_on / s_off,
         "train_step_on_s": t_on,

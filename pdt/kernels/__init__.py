@@ -80,8 +80,11 @@ def _kernel_module(name: str) -> tuple[ModuleType | None, str | None]:
     return _MODULES[name], None
 
 
-def _triton_op(op: str, module: str, tensors: tuple[torch.Tensor, ...], args: tuple) -> ModuleType | None:
-    """The kernel module to run `op` on, or None for the reference; raises under PDT_KERNELS=triton."""
+def _triton_op(
+    op: str, module: str, tensors: tuple[torch.Tensor, ...], args: tuple, kwargs: dict | None = None
+) -> ModuleType | None:
+    """The kernel module to run `op` on, or None for the reference; raises under PDT_KERNELS=triton.
+    `args` and `kwargs` are what the kernel module's `unsupported` checks."""
     mode = kernel_mode()
     if mode == "reference":
         return None
@@ -90,7 +93,7 @@ def _triton_op(op: str, module: str, tensors: tuple[torch.Tensor, ...], args: tu
     if reason is None:
         kernels, reason = _kernel_module(module)
     if kernels is not None:
-        reason = kernels.unsupported(*args)
+        reason = kernels.unsupported(*args, **(kwargs or {}))
     if reason is None:
         return kernels
     if mode == "triton":
@@ -121,13 +124,24 @@ def row_adapter(
     b_down: torch.Tensor,
     w_up: torch.Tensor,
     b_up: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    residual: bool = False,
 ) -> torch.Tensor:
-    """h [R, T, D], stream_ids [R] → [R, T, D]: the adapter when each row is one stream (no sync)."""
+    """h [R, T, D], stream_ids [R] → [R, T, D]: the adapter when each row is one stream (no sync).
+
+    Epilogue, fused into the Triton kernels: `gate` [K] logits scale the output by sigmoid(gate[s]),
+    `positions` [R, T] bool zeroes it off those tokens, `residual` returns `h + ...`. See
+    `pdt.kernels.reference.row_adapter`.
+    """
     args = (h, stream_ids, w_down, b_down, w_up, b_up)
-    kernels = _triton_op("row_adapter", "row_adapter_triton", args, args)
+    epilogue = {"gate": gate, "positions": positions}
+    extra = tuple(t for t in (gate, positions) if t is not None)
+    kernels = _triton_op("row_adapter", "row_adapter_triton", (*args, *extra), args, epilogue)
     if kernels is not None:
-        return kernels.row_adapter_triton(*args)
-    return reference.row_adapter(*args)
+        return kernels.row_adapter_triton(*args, **epilogue, residual=residual)
+    return reference.row_adapter(*args, **epilogue, residual=residual)
 
 
 def snc_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

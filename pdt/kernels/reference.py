@@ -4,9 +4,9 @@ What it is: `grouped_adapter` (a per-row, per-stream bottleneck MLP: rows of one
 different streams, each with its own weights) and `snc_attend` (scaled dot-product attention of
 each position over its visible notes, with an exact zero for a position that sees no note). Both
 are differentiable with ordinary autograd and run on any device.
-What it is not: fast. No Triton, no fused gate/residual; `pdt.kernels` dispatches here today and
-to a Triton path later, behind the same signatures. Shapes are checked here, once, so a kernel
-launcher may assume them.
+What it is not: fast. No Triton, and `row_adapter`'s epilogue (gate, positions, residual) is plain
+ops here, where the Triton kernels fuse it; `pdt.kernels` dispatches to either behind the same
+signatures. Shapes are checked here, once, so a kernel launcher may assume them.
 """
 
 from __future__ import annotations
@@ -112,11 +112,18 @@ def row_adapter(
     b_down: torch.Tensor,
     w_up: torch.Tensor,
     b_up: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    residual: bool = False,
 ) -> torch.Tensor:
     """The adapter when every row is one stream (the PDT layout): h [R, T, D], stream_ids [R] → [R, T, D].
 
     Gathers each row's weights (R·D·r floats — rows, not tokens) and runs two batched matmuls: no
     sorting and no device→host sync, which the token-level `grouped_adapter` needs for its groups.
+    Epilogue (what the sidecar wraps around it): `gate` [K] logits — the output times
+    sigmoid(gate[s]); `positions` [R, T] bool — exactly 0 on the other tokens; `residual` — return
+    `h + ...` instead of the adapter's output alone.
     """
     ids = stream_ids.long()
     dtype = h.dtype  # compute in the activations' dtype (bf16 on GPU); weights are cast, not x
@@ -124,4 +131,9 @@ def row_adapter(
     up = w_up.index_select(0, ids).to(dtype)  # [R, r, D]
     bias_down = b_down.index_select(0, ids)[:, None, :].to(dtype)  # [R, 1, r]
     z = F.gelu(torch.baddbmm(bias_down, h, down))  # [R, T, r]
-    return torch.baddbmm(b_up.index_select(0, ids)[:, None, :].to(dtype), z, up)  # [R, T, D]
+    out = torch.baddbmm(b_up.index_select(0, ids)[:, None, :].to(dtype), z, up)  # [R, T, D]
+    if gate is not None:
+        out = out * torch.sigmoid(gate).index_select(0, ids).to(dtype)[:, None, None]  # [R, 1, 1]
+    if positions is not None:
+        out = torch.where(positions[..., None], out, torch.zeros((), dtype=dtype, device=out.device))
+    return h + out if residual else out

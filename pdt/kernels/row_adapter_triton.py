@@ -5,16 +5,21 @@ What it is: kernels, launchers and `RowAdapterFunction` computing, for row i wit
 the semantics of `pdt.kernels.reference.row_adapter`: products in h's dtype (weights cast to it
 on load, never gathered into a copy), fp32 accumulation, the output in h's dtype, weight gradients
 in each weight's dtype, no gradient for the stream ids.
-What it is not: the dispatch (`pdt.kernels`), the gated residual (`pdt.model.sidecars.adapter`),
+Optional epilogue (`Epilogue`), what the sidecar wraps around the adapter, fused so that it costs
+no pass over [R, T, D] and no host-side op: the output scaled by sigmoid(gate[s]) (its gradient from
+the up-projection's, `gate_grad`), zeroed off a [R, T] positions mask, plus the residual h.
+What it is not: the dispatch (`pdt.kernels`), the adapter module (`pdt.model.sidecars.adapter`),
 nor the token-level `grouped_adapter`, which stays on the reference.
 
 Design (r ≤ 128, so the [BLOCK_T, r] bottleneck fits in registers):
 - forward, one kernel: a program owns BLOCK_T tokens of one row; it accumulates z = h·W_down over
-  D in BLOCK_D slices, adds b_down, applies GELU, then writes out = a·W_up + b_up slice by slice.
+  D in BLOCK_D slices, adds b_down, applies GELU, then writes out = a·W_up + b_up slice by slice
+  (with the epilogue: h + p·λ·(a·W_up + b_up), rounded once).
   With a gradient needed it also stores z (fp32, [R, T, r]: r/D = 1/12 of h at the 124M preset).
 - backward, three kernels:
   1. per (token block, row): da = dO·W_upᵀ over D, dz = da ∘ gelu'(z), stores a = gelu(z) and dz
-     (h's dtype, [R, T, r]), then dh = dz·W_downᵀ slice by slice;
+     (h's dtype, [R, T, r]), then dh = dz·W_downᵀ slice by slice (dO = p·λ·g with the epilogue,
+     and dh += g for the residual);
   2. per (D slice, row): the row's weight-gradient partials a_iᵀ·dO_i, h_iᵀ·dz_i, Σ_t dO_i, Σ_t dz_i
      in fp32 into one [R, P] buffer (P = 2·D·r + D + r; 4.7 MB at 12 rows, D = 768, r = 64);
   3. per (slice of P, stream): sums the partials of that stream's rows in row order and writes
@@ -28,12 +33,16 @@ such a row reads zeros instead of foreign memory. The reference's `index_select`
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 __all__ = [
+    "Epilogue",
     "RowAdapterFunction",
+    "gate_grad",
     "row_adapter_backward",
     "row_adapter_forward",
     "row_adapter_triton",
@@ -81,16 +90,32 @@ def _gelu_and_slope(z):
 
 
 @triton.jit
+def _kept(pos_ptr, row, offs_t, sp_r, sp_t, T):
+    """[BLOCK_T] bool: the tokens the adapter acts on (uint8 view of the bool positions), False past T."""
+    return tl.load(pos_ptr + row * sp_r + offs_t * sp_t, mask=offs_t < T, other=0) != 0
+
+
+@triton.jit
+def _row_gate(gate_ptr, s, K):
+    """sigmoid(gate[s]) in fp32. A bad stream id reads gate[0]: its weight tiles read zeros anyway."""
+    return tl.sigmoid(tl.load(gate_ptr + tl.minimum(tl.maximum(s, 0), K - 1)).to(tl.float32))
+
+
+@triton.jit
 def _adapter_fwd_kernel(
-    h_ptr, ids_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, out_ptr, z_ptr,
-    sh_r, sh_t, T, D, RANK, K,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    STORE_Z: tl.constexpr, PRECISION: tl.constexpr,
+    h_ptr, ids_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, gate_ptr, pos_ptr, out_ptr, z_ptr,
+    sh_r, sh_t, sp_r, sp_t, T, D, RANK, K,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, STORE_Z: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(1).to(tl.int64)
     s, rank_ok = _stream(ids_ptr, row, K, RANK)
     dtype = h_ptr.dtype.element_ty
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    if HAS_GATE:
+        lam = _row_gate(gate_ptr, s, K)
+    if HAS_POS:
+        kept = _kept(pos_ptr, row, offs_t, sp_r, sp_t, T)
     offs_r = tl.arange(0, BLOCK_R)
     z = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -108,26 +133,40 @@ def _adapter_fwd_kernel(
         w = _tile(wu_ptr, s * RANK * D, offs_r, offs_d, D, rank_ok, D).to(dtype)  # [BLOCK_R, BLOCK_D]
         bias = tl.load(bu_ptr + s * D + offs_d, mask=offs_d < D * (rank_ok // RANK), other=0.0).to(dtype)
         out = tl.dot(a, w, input_precision=PRECISION) + bias.to(tl.float32)[None, :]
+        if HAS_GATE:
+            out = out * lam
+        if HAS_POS:
+            out = tl.where(kept[:, None], out, 0.0)  # off the stream's tokens: exactly 0 (then exactly h)
+        if RESIDUAL:  # h + adapter(h), rounded once; h's slice is still in L2 from the first loop
+            out += _tile(h_ptr, row * sh_r, offs_t, offs_d, sh_t, T, D).to(tl.float32)
         inside = (offs_t[:, None] < T) & (offs_d[None, :] < D)
         tl.store(out_ptr + (row * T + offs_t[:, None]) * D + offs_d[None, :], out.to(dtype), mask=inside)
 
 
 @triton.jit
 def _adapter_bwd_act_kernel(
-    g_ptr, ids_ptr, wd_ptr, wu_ptr, z_ptr, a_ptr, dz_ptr, dh_ptr,
-    sg_r, sg_t, T, D, RANK, K,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    WRITE_DH: tl.constexpr, PRECISION: tl.constexpr,
+    g_ptr, ids_ptr, wd_ptr, wu_ptr, gate_ptr, pos_ptr, z_ptr, a_ptr, dz_ptr, dh_ptr,
+    sg_r, sg_t, sp_r, sp_t, T, D, RANK, K,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_DH: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_POS: tl.constexpr, RESIDUAL: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(1).to(tl.int64)
     s, rank_ok = _stream(ids_ptr, row, K, RANK)
     dtype = g_ptr.dtype.element_ty
     offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_r = tl.arange(0, BLOCK_R)
+    if HAS_GATE:
+        lam = _row_gate(gate_ptr, s, K)
+    if HAS_POS:
+        kept = _kept(pos_ptr, row, offs_t, sp_r, sp_t, T)
     da = tl.zeros([BLOCK_T, BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        g = _tile(g_ptr, row * sg_r, offs_t, offs_d, sg_t, T, D)
+        g = _tile(g_ptr, row * sg_r, offs_t, offs_d, sg_t, T, D)  # the adapter's share: λ·g on its tokens
+        if HAS_GATE:
+            g = (g.to(tl.float32) * lam).to(dtype)
+        if HAS_POS:
+            g = tl.where(kept[:, None], g, 0.0).to(dtype)  # a token the adapter skipped passes no gradient
         w = _tile(wu_ptr, s * RANK * D, offs_r, offs_d, D, rank_ok, D).to(dtype)  # [BLOCK_R, BLOCK_D]
         da = tl.dot(g, tl.trans(w), da, input_precision=PRECISION)
     rt = (row * T + offs_t[:, None]) * RANK + offs_r[None, :]
@@ -141,18 +180,24 @@ def _adapter_bwd_act_kernel(
             offs_d = d0 + tl.arange(0, BLOCK_D)
             w = _tile(wd_ptr, s * D * RANK, offs_d, offs_r, RANK, D, rank_ok).to(dtype)  # [BLOCK_D, BLOCK_R]
             dh = tl.dot(dz, tl.trans(w), input_precision=PRECISION)
+            if RESIDUAL:  # the identity path's gradient (g itself), added here rather than by autograd
+                dh += _tile(g_ptr, row * sg_r, offs_t, offs_d, sg_t, T, D).to(tl.float32)
             inside = (offs_t[:, None] < T) & (offs_d[None, :] < D)
             tl.store(dh_ptr + (row * T + offs_t[:, None]) * D + offs_d[None, :], dh.to(dtype), mask=inside)
 
 
 @triton.jit
 def _adapter_bwd_weight_kernel(
-    g_ptr, h_ptr, a_ptr, dz_ptr, part_ptr,
-    sg_r, sg_t, sh_r, sh_t, T, D, RANK,
-    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    g_ptr, h_ptr, ids_ptr, gate_ptr, pos_ptr, a_ptr, dz_ptr, part_ptr,
+    sg_r, sg_t, sh_r, sh_t, sp_r, sp_t, T, D, RANK, K,
+    BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_GATE: tl.constexpr, HAS_POS: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_d = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    dtype = g_ptr.dtype.element_ty
+    if HAS_GATE:
+        lam = _row_gate(gate_ptr, _stream(ids_ptr, row, K, RANK)[0], K)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_r = tl.arange(0, BLOCK_R)
     d_up = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -161,7 +206,11 @@ def _adapter_bwd_weight_kernel(
     d_bd = tl.zeros([BLOCK_R], tl.float32)
     for t0 in range(0, T, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        g = _tile(g_ptr, row * sg_r, offs_t, offs_d, sg_t, T, D)
+        g = _tile(g_ptr, row * sg_r, offs_t, offs_d, sg_t, T, D)  # as in the activation kernel: λ·g, masked
+        if HAS_GATE:
+            g = (g.to(tl.float32) * lam).to(dtype)
+        if HAS_POS:
+            g = tl.where(_kept(pos_ptr, row, offs_t, sp_r, sp_t, T)[:, None], g, 0.0).to(dtype)
         h = _tile(h_ptr, row * sh_r, offs_t, offs_d, sh_t, T, D)
         a = _tile(a_ptr, row * T * RANK, offs_t, offs_r, RANK, T, RANK)
         dz = _tile(dz_ptr, row * T * RANK, offs_t, offs_r, RANK, T, RANK)
@@ -211,6 +260,17 @@ def _adapter_reduce_kernel(
     )
 
 
+class Epilogue(NamedTuple):
+    """What the kernels apply around the adapter: `[h +] [positions ·] [sigmoid(gate[s]) ·] adapter(h)`."""
+
+    gate: torch.Tensor | None = None  # [K] logits: the output scaled by sigmoid(gate[s]) of the row's stream
+    positions: torch.Tensor | None = None  # [R, T] bool: the output is exactly 0 on the other tokens
+    residual: bool = False  # add h: return h + ... instead of the adapter's output alone
+
+
+NO_EPILOGUE = Epilogue()
+
+
 def unsupported(
     h: torch.Tensor,
     stream_ids: torch.Tensor,
@@ -218,6 +278,9 @@ def unsupported(
     b_down: torch.Tensor,
     w_up: torch.Tensor,
     b_up: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
 ) -> str | None:
     """Why these inputs cannot take the Triton path (None: they can). Device is the caller's concern."""
     if h.dim() != 3 or stream_ids.shape != (h.shape[0],):
@@ -225,11 +288,21 @@ def unsupported(
     if w_down.dim() != 3:
         return f"w_down must be [K, D, r], got {tuple(w_down.shape)}"
     k, d, r = w_down.shape
-    expected = {"w_down": (k, h.shape[2], r), "b_down": (k, r), "w_up": (k, r, d), "b_up": (k, d)}
-    for name, t in (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up)):
-        if tuple(t.shape) != expected[name]:
+    if positions is not None and (positions.dtype != torch.bool or positions.shape != h.shape[:2]):
+        got = f"{positions.dtype} {tuple(positions.shape)}"
+        return f"positions must be bool [R, T] = {tuple(h.shape[:2])}, got {got}"
+    expected = {
+        "w_down": (k, h.shape[2], r),
+        "b_down": (k, r),
+        "w_up": (k, r, d),
+        "b_up": (k, d),
+        "gate": (k,),
+    }
+    named = (("w_down", w_down), ("b_down", b_down), ("w_up", w_up), ("b_up", b_up), ("gate", gate))
+    for name, t in named:
+        if t is not None and tuple(t.shape) != expected[name]:
             return f"{name} must be {expected[name]}, got {tuple(t.shape)}"
-        if t.dtype not in DTYPES:
+        if t is not None and t.dtype not in DTYPES:
             return f"{name} has dtype {t.dtype}; fp32/bf16/fp16 only"
     if h.dtype not in DTYPES:
         return f"h has dtype {h.dtype}; fp32/bf16/fp16 only"
@@ -237,8 +310,9 @@ def unsupported(
         return f"stream_ids must be int32/int64, got {stream_ids.dtype}"
     if r > MAX_RANK:
         return f"rank r = {r} > {MAX_RANK} (the [BLOCK_T, r] bottleneck tile lives in registers)"
-    if len({t.device for t in (h, stream_ids, w_down, b_down, w_up, b_up)}) != 1:
-        return "h, stream_ids and the weights are on different devices"
+    tensors = (h, stream_ids, w_down, b_down, w_up, b_up, gate, positions)
+    if len({t.device for t in tensors if t is not None}) != 1:
+        return "h, stream_ids, the weights, the gate and the positions are on different devices"
     return None
 
 
@@ -256,12 +330,30 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
 
 
+def _epilogue_args(epilogue: Epilogue, like: torch.Tensor) -> tuple:
+    """(gate, uint8 view of the positions, their row and token strides); `like` stands in for what is
+    absent (never read: HAS_GATE / HAS_POS are off)."""
+    gate = epilogue.gate if epilogue.gate is not None else like
+    if epilogue.positions is None:
+        return gate, like, 0, 0
+    p8 = epilogue.positions.view(torch.uint8)  # same strides: an expanded mask is read in place
+    return gate, p8, p8.stride(0), p8.stride(1)
+
+
+def _flags(epilogue: Epilogue) -> dict[str, bool]:
+    return {"HAS_GATE": epilogue.gate is not None, "HAS_POS": epilogue.positions is not None}
+
+
 def row_adapter_forward(
-    h: torch.Tensor, stream_ids: torch.Tensor, weights: tuple[torch.Tensor, ...], store_z: bool
+    h: torch.Tensor,
+    stream_ids: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    store_z: bool,
+    epilogue: Epilogue = NO_EPILOGUE,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch the forward: (out [R, T, D] in h's dtype, z [R, T, r] fp32 or None); weights = (w_down,
-    b_down, w_up, b_up)."""
-    w_down, b_down, w_up, b_up = (w.contiguous() for w in weights)
+    b_down, w_up, b_up), each contiguous."""
+    w_down, b_down, w_up, b_up = weights
     rows, t, d = h.shape
     rank = w_down.shape[2]
     h = _unit_last(h)
@@ -270,11 +362,12 @@ def row_adapter_forward(
     if out.numel() == 0:
         return out, z
     block_t, block_r, block_d = _blocks(t, rank)
+    gate, p8, sp_r, sp_t = _epilogue_args(epilogue, h)
     _adapter_fwd_kernel[(triton.cdiv(t, block_t), rows)](
-        h, stream_ids, w_down, b_down, w_up, b_up, out, z if z is not None else out,
-        h.stride(0), h.stride(1), t, d, rank, w_down.shape[0],
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, STORE_Z=store_z,
-        PRECISION=_precision(h.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        h, stream_ids, w_down, b_down, w_up, b_up, gate, p8, out, z if z is not None else out,
+        h.stride(0), h.stride(1), sp_r, sp_t, t, d, rank, w_down.shape[0],
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, STORE_Z=store_z, **_flags(epilogue),
+        RESIDUAL=epilogue.residual, PRECISION=_precision(h.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out, z
 
@@ -284,9 +377,10 @@ def row_adapter_backward(
     saved: tuple[torch.Tensor, ...],
     need_dh: bool = True,
     need_weights: bool = True,
+    epilogue: Epilogue = NO_EPILOGUE,
 ) -> tuple[torch.Tensor | None, ...]:
     """Launch the backward: (dh, dw_down, db_down, dw_up, db_up), None for what is not needed;
-    saved = (h, ids, w_down, b_down, w_up, b_up, z)."""
+    saved = (h, ids, w_down, b_down, w_up, b_up, z). The gate's gradient is `gate_grad`'s."""
     h, ids, w_down, b_down, w_up, b_up, z = saved
     rows, t, d = h.shape
     num_streams, _, rank = w_down.shape
@@ -298,20 +392,22 @@ def row_adapter_backward(
     grads = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in (w_down, b_down, w_up, b_up)]
     if h.numel() == 0:
         return (dh, *(w.zero_() for w in grads))
+    gate, p8, sp_r, sp_t = _epilogue_args(epilogue, h)
     _adapter_bwd_act_kernel[(triton.cdiv(t, block_t), rows)](
-        g, ids, w_down, w_up, z, a, dz, dh if dh is not None else a,
-        g.stride(0), g.stride(1), t, d, rank, num_streams,
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, WRITE_DH=need_dh,
-        PRECISION=_precision(h.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        g, ids, w_down, w_up, gate, p8, z, a, dz, dh if dh is not None else a,
+        g.stride(0), g.stride(1), sp_r, sp_t, t, d, rank, num_streams,
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, WRITE_DH=need_dh, **_flags(epilogue),
+        RESIDUAL=epilogue.residual, PRECISION=_precision(h.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     if not need_weights:
         return (dh, None, None, None, None)
     width = 2 * d * rank + d + rank
     partial = torch.empty(rows, width, device=h.device, dtype=torch.float32)  # per-row weight grads
     _adapter_bwd_weight_kernel[(triton.cdiv(d, block_d), rows)](
-        g, h, a, dz, partial, g.stride(0), g.stride(1), h.stride(0), h.stride(1), t, d, rank,
-        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, PRECISION=_precision(h.dtype),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        g, h, ids, gate, p8, a, dz, partial,
+        g.stride(0), g.stride(1), h.stride(0), h.stride(1), sp_r, sp_t, t, d, rank, num_streams,
+        BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_D=block_d, **_flags(epilogue),
+        PRECISION=_precision(h.dtype), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     block = 1024
     _adapter_reduce_kernel[(triton.cdiv(width, block), num_streams)](
@@ -320,8 +416,18 @@ def row_adapter_backward(
     return (dh, *grads)
 
 
+def gate_grad(
+    gate: torch.Tensor, w_up: torch.Tensor, b_up: torch.Tensor, dw_up: torch.Tensor, db_up: torch.Tensor
+) -> torch.Tensor:
+    """d loss / d gate [K] from the up-projection's gradients: out = λ_s·(a·W_up + b_up) with λ = σ(gate)
+    gives dL/dλ_s = (⟨dW_up, W_up⟩ + ⟨db_up, b_up⟩) / λ_s (dW_up already carries λ_s), and
+    σ' = λ(1 − λ), so dL/dgate_s = (1 − λ_s)·(⟨dW_up, W_up⟩ + ⟨db_up, b_up⟩): no division by λ."""
+    inner = (dw_up.float() * w_up.float()).sum((1, 2)) + (db_up.float() * b_up.float()).sum(1)  # [K]
+    return ((1.0 - torch.sigmoid(gate.float())) * inner).to(gate.dtype)
+
+
 class RowAdapterFunction(torch.autograd.Function):
-    """Autograd wrapper: saves h, the ids, the weights and the fp32 pre-activation z."""
+    """Autograd wrapper: saves h, the ids, the weights, the fp32 pre-activation z and the epilogue."""
 
     @staticmethod
     def forward(
@@ -332,17 +438,25 @@ class RowAdapterFunction(torch.autograd.Function):
         b_down: torch.Tensor,
         w_up: torch.Tensor,
         b_up: torch.Tensor,
+        gate: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        residual: bool,
     ) -> torch.Tensor:
         weights = tuple(w.contiguous() for w in (w_down, b_down, w_up, b_up))
-        out, z = row_adapter_forward(h, stream_ids, weights, store_z=True)
-        ctx.save_for_backward(h, stream_ids, *weights, z)
+        epilogue = Epilogue(gate, positions, residual)
+        out, z = row_adapter_forward(h, stream_ids, weights, True, epilogue)
+        ctx.save_for_backward(h, stream_ids, *weights, z, gate, positions)
+        ctx.residual = residual
         return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor) -> tuple:
         needs = ctx.needs_input_grad
-        dh, *grads = row_adapter_backward(grad_out, ctx.saved_tensors, needs[0], any(needs[2:]))
-        return (dh, None, *grads)
+        *saved, gate, positions = ctx.saved_tensors
+        epilogue = Epilogue(gate, positions, ctx.residual)
+        dh, *grads = row_adapter_backward(grad_out, tuple(saved), needs[0], any(needs[2:7]), epilogue)
+        dgate = gate_grad(gate, saved[4], saved[5], grads[2], grads[3]) if needs[6] else None
+        return (dh, None, *grads, dgate, None, None)
 
 
 def row_adapter_triton(
@@ -352,12 +466,19 @@ def row_adapter_triton(
     b_down: torch.Tensor,
     w_up: torch.Tensor,
     b_up: torch.Tensor,
+    *,
+    gate: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    residual: bool = False,
 ) -> torch.Tensor:
     """`reference.row_adapter` on the Triton kernels; raises ValueError on inputs they do not support."""
-    reason = unsupported(h, stream_ids, w_down, b_down, w_up, b_up)
+    epilogue = Epilogue(gate, positions, residual)
+    reason = unsupported(h, stream_ids, w_down, b_down, w_up, b_up, gate=gate, positions=positions)
     if reason is not None:
         raise ValueError(f"row_adapter (Triton): {reason}")
     weights = (w_down, b_down, w_up, b_up)
-    if torch.is_grad_enabled() and (h.requires_grad or any(w.requires_grad for w in weights)):
-        return RowAdapterFunction.apply(h, stream_ids, *weights)
-    return row_adapter_forward(h, stream_ids, weights, store_z=False)[0]  # decode: no autograd
+    trainable = (*weights, gate) if gate is not None else weights
+    if torch.is_grad_enabled() and (h.requires_grad or any(w.requires_grad for w in trainable)):
+        return RowAdapterFunction.apply(h, stream_ids, *weights, gate, positions, residual)
+    weights = tuple(w.contiguous() for w in weights)
+    return row_adapter_forward(h, stream_ids, weights, False, epilogue)[0]  # decode: no autograd

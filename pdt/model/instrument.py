@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from pdt.model.sidecars.snc import gated_out_weights, project_notes_all
 
 
 class UnsupportedTrunkError(Exception):
@@ -99,6 +101,31 @@ class SidecarContext:
     # Decode only (no grad): per-layer note keys/values, filled on first use. A round's window is the
     # same for all its τ tokens, so one context per round projects the notes once, not τ times.
     kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # The SNC mask (`visible` with the positions folded in), built on first use: the same for every
+    # instrumented layer, so one forward builds it once rather than once a layer.
+    _snc_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def snc_mask(self) -> torch.Tensor:
+        """`visible` [R, T, N] or [R, N], and False off `positions` (there the SNC delta is exactly 0)."""
+        if self._snc_mask is None:
+            mask = self.visible
+            if self.positions is not None:
+                mask = mask if mask.dim() == 3 else mask[:, None, :]  # [R, N] → [R, 1, N]
+                mask = mask & self.positions[..., None]  # [R, T, N]
+            self._snc_mask = mask
+        return self._snc_mask
+
+
+@dataclass(frozen=True)
+class _SNCState:
+    """What the SNC hooks of one forward share (`Instrumentation._window_state`)."""
+
+    mask: torch.Tensor  # [R, T, N] bool: `visible` with the positions folded in
+    kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [R, H, N, dh]
+    w_out: list[torch.Tensor]  # per layer: (λ · g · W_o)ᵀ [w, D] (or [R, w, D]) in the compute dtype
+
+    def layer(self, slot: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return self.kv[slot], self.w_out[slot]
 
 
 def _first_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -107,45 +134,72 @@ def _first_hidden(args: tuple, kwargs: dict) -> torch.Tensor:
 
 
 class Instrumentation:
-    """Registers the SNC and adapter hooks on the top layers; inactive unless a context is set."""
+    """Registers the SNC and adapter hooks on the top layers; inactive unless a context is set.
+
+    Per forward (one `active` block), the first SNC hook computes what every layer's SNC needs from
+    the window alone — keys/values and gated output weights — in one batched pass
+    (`snc.project_notes_all`, `snc.gated_out_weights`): at 12 rows × 1024 tokens on the H100 machine
+    the host nearly paces the forward (~15 µs a host op, ~0.35 ms a Triton launch with its wrappers;
+    bench/profile_sidecars.py), so every op saved in a hook is wall time saved.
+    """
 
     def __init__(self, trunk: nn.Module, layer_ids: list[int], snc: nn.ModuleList, adapters: nn.ModuleList):
         spec = arch_spec(trunk)
         layers = decoder_layers(trunk)
         self.layer_ids = layer_ids
+        self.snc = list(snc)
         self.context: SidecarContext | None = None
+        self._snc_state: _SNCState | None = None
         self._handles: list[Any] = []
         for slot, index in enumerate(layer_ids):
             layer = layers[index]
             attn, mlp = _get(layer, spec.attn), _get(layer, spec.mlp)
-            self._handles.append(attn.register_forward_hook(self._attn_hook(snc[slot]), with_kwargs=True))
+            self._handles.append(attn.register_forward_hook(self._attn_hook(slot), with_kwargs=True))
             self._handles.append(mlp.register_forward_hook(self._mlp_hook(adapters[slot])))
 
     @contextlib.contextmanager
     def active(self, context: SidecarContext) -> Iterator[None]:
-        previous, self.context = self.context, context
+        """Set the context for one trunk forward; what the SNC hooks share lives exactly as long."""
+        previous = self.context, self._snc_state
+        self.context, self._snc_state = context, None
         try:
             yield
         finally:
-            self.context = previous
+            self.context, self._snc_state = previous
 
-    def _attn_hook(self, module: nn.Module):  # noqa: ANN202 - returns a torch hook
+    def _window_state(self, ctx: SidecarContext, hidden: torch.Tensor, dtype: torch.dtype) -> _SNCState:
+        """What every SNC layer of this forward shares: the mask [R, T, N], and per layer (k, v) — from
+        the decode round's `kv_cache` when it has them (no grad), else projected for every layer at
+        once — and the gated W_oᵀ in `dtype`."""
+        cache = ctx.kv_cache if ctx.kv_cache is not None and not torch.is_grad_enabled() else None
+        kv = [cache.get(id(m)) for m in self.snc] if cache is not None else [None]
+        if any(pair is None for pair in kv):
+            kv = project_notes_all(self.snc, ctx.notes, ctx.producer, ctx.rounds)
+            if cache is not None:
+                cache.update({id(m): pair for m, pair in zip(self.snc, kv, strict=True)})
+        mask = ctx.snc_mask()
+        if mask.dim() == 2:  # decode: one window for the step's T positions
+            mask = mask.unsqueeze(1).expand(mask.shape[0], hidden.shape[1], mask.shape[1])  # [R, T, N]
+        return _SNCState(mask, kv, gated_out_weights(self.snc, ctx.g, dtype))
+
+    def _attn_hook(self, slot: int):  # noqa: ANN202 - returns a torch hook
+        module = self.snc[slot]
+
         def hook(_attn: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             ctx = self.context
-            if ctx is None or not ctx.snc:
-                return None
+            if ctx is None or not ctx.snc or (not torch.is_tensor(ctx.g) and float(ctx.g) == 0.0):
+                return None  # no context, SNC off, or g = 0 (the `independent` baseline): the trunk alone
             hidden = _first_hidden(args, kwargs)  # [R, T, D], what the attention read
             attn_out = output[0] if isinstance(output, tuple) else output
-            visible = ctx.visible
-            if ctx.positions is not None:  # off the stream's tokens the window is empty: exact zero delta
-                visible = (visible if visible.dim() == 3 else visible[:, None, :]) & ctx.positions[..., None]
-            kv = None
-            if ctx.kv_cache is not None and not torch.is_grad_enabled():
-                kv = ctx.kv_cache.get(id(module))
-                if kv is None:
-                    kv = ctx.kv_cache[id(module)] = module.project_notes(ctx.notes, ctx.producer, ctx.rounds)
-            delta = module.delta(hidden, ctx.notes, ctx.producer, ctx.rounds, visible, ctx.g, kv)
-            attn_out = attn_out + delta.to(attn_out.dtype)
+            state = self._snc_state
+            if state is None:
+                dtype = module.w_q.weight.dtype
+                if torch.is_autocast_enabled(hidden.device.type):
+                    dtype = torch.get_autocast_dtype(hidden.device.type)
+                state = self._snc_state = self._window_state(ctx, hidden, dtype)
+            attn_out = module.add_delta(
+                attn_out, hidden, ctx.notes, ctx.producer, ctx.rounds, state.mask, ctx.g, *state.layer(slot)
+            )  # attn_out + λ·g·C W_o in attn_out's dtype, the add fused into the output GEMM
             return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
 
         return hook
@@ -156,7 +210,7 @@ class Instrumentation:
             if ctx is None or not ctx.adapters:
                 return None
             mlp_out = output[0] if isinstance(output, tuple) else output  # MoE MLPs return (out, router)
-            mlp_out = module(mlp_out, ctx.stream_ids, ctx.positions).to(mlp_out.dtype)
+            mlp_out = module(mlp_out, ctx.stream_ids, ctx.positions)  # same dtype: the residual is fused
             return (mlp_out, *output[1:]) if isinstance(output, tuple) else mlp_out
 
         return hook

@@ -142,6 +142,49 @@ def test_row_adapter_forward_and_every_gradient(shape: tuple, ids: list[int]) ->
         assert all(not g[s].any() for g in grads[1:])
 
 
+@pytest.mark.parametrize(("gated", "residual"), [(False, False), (True, True)], ids=["mask", "sidecar"])
+def test_row_adapter_epilogue_forward_and_every_gradient(gated: bool, residual: bool) -> None:
+    """The fused epilogue — gate sigmoid(gate[s]), positions mask (a row with none, a 2D expanded
+    one) and the residual add — against the reference's plain ops, forward and every gradient
+    (the gate's too); masked tokens give exactly 0 (or exactly h) and pass no gradient on."""
+    h, *weights = adapter_inputs(4, 70, 40, 8, 3, seed=3)  # 2 T blocks, one partial
+    gate = torch.tensor([0.3, -1.2, 2.0], requires_grad=True) if gated else None
+    ids = torch.tensor([2, 0, 2, 1])
+    positions = torch.rand(4, 70, generator=torch.Generator().manual_seed(4)) < 0.6
+    positions[1] = False  # a row the adapter never acts on
+    positions[2, :5] = True
+    grad = torch.randn(h.shape, generator=torch.Generator().manual_seed(5))
+    kw = {"gate": gate, "positions": positions, "residual": residual}
+    out = row_adapter_triton(h, ids, *weights, **kw)
+    expect = reference.row_adapter(h, ids, *weights, **kw)
+    torch.testing.assert_close(out, expect, **FP32)
+    assert torch.equal(out[1], h[1] if residual else torch.zeros_like(h[1]))  # exact, not close
+    leaves = (h, *weights, gate) if gated else (h, *weights)
+    grads = torch.autograd.grad(out, leaves, grad)
+    names = ["h", "w_down", "b_down", "w_up", "b_up", "gate"]
+    assert_grads(names[: len(leaves)], grads, torch.autograd.grad(expect, leaves, grad))
+    assert not grads[1][0].any() and not grads[4][0].any()  # stream 0's only row is masked out
+    if gated:
+        assert grads[5][0] == 0 and grads[5][1:].abs().min() > 0
+    shared = dict(kw, positions=positions[2].expand(4, 70))  # stride-0 rows: read in place
+    torch.testing.assert_close(
+        row_adapter_triton(h, ids, *weights, **shared),
+        reference.row_adapter(h, ids, *weights, **shared),
+        **FP32,
+    )
+
+
+def test_row_adapter_rejects_bad_epilogue_inputs() -> None:
+    h, *weights = adapter_inputs(3, 5, 24, 8, 3)
+    ids = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="positions"):
+        row_adapter_triton(h, ids, *weights, positions=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="positions"):
+        row_adapter_triton(h, ids, *weights, positions=torch.ones(3, 5))
+    with pytest.raises(ValueError, match="gate"):
+        row_adapter_triton(h, ids, *weights, gate=torch.zeros(2))
+
+
 def test_row_adapter_without_grad_and_frozen_weights() -> None:
     h, *weights = adapter_inputs(3, 1, 24, 8, 3, seed=2)
     ids = torch.tensor([0, 1, 2])
@@ -175,10 +218,12 @@ def test_sidecars_through_the_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     hidden = torch.randn(3, 5, 24)
     notes, visible = torch.randn(3, 6, 16), torch.rand(3, 5, 6) < 0.5
     producer, rounds = torch.randint(0, 4, (3, 6)), torch.randint(0, 4, (3, 6))
+    positions = torch.arange(5)[None, :] >= torch.tensor([[1], [0], [3]])  # [R, T]: prompts of 1, 0, 3
     results = []
     for mode in ("triton", "reference"):
         monkeypatch.setenv("PDT_KERNELS", mode)
-        out = adapters(snc(hidden, notes, producer, rounds, visible), torch.tensor([2, 0, 2]))
+        mid = snc(hidden, notes, producer, rounds, visible, g=torch.tensor([1.0, 0.5, 0.0]))
+        out = adapters(mid, torch.tensor([2, 0, 2]), positions)
         params = [*snc.parameters(), *adapters.parameters()]
         results.append((out, *torch.autograd.grad(out.square().sum(), params)))
     assert calls == ["snc_attend_triton", "row_adapter_triton"]

@@ -215,6 +215,40 @@ def test_row_adapter_bf16_on_gpu(shape: tuple) -> None:
 
 @gpu
 @needs_cuda
+def test_row_adapter_epilogue_bf16_on_gpu() -> None:
+    """The sidecar's call at the training shape: gate, positions mask (16-token prompts) and residual
+    add fused into the kernels, bf16 against the fp32 truth; masked tokens are exactly h. (The gate's
+    gradient is checked in fp32 by the interpreter cases.)"""
+    from pdt.kernels.row_adapter_triton import row_adapter_triton
+
+    h, ids, weights, grad = _adapter_case(12, 1024, 768, 64, 3)
+    gate = torch.tensor([-4.0, 0.5, 3.0], device="cuda")  # the init value, and two open gates
+    positions = (
+        torch.arange(1024, device="cuda")[None, :] >= 16 * (1 + torch.arange(12, device="cuda"))[:, None]
+    )
+
+    def epilogue(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return lambda x, i, *w: fn(x, i, *w, gate=gate, positions=positions, residual=True)
+
+    hb, grad = h.bfloat16(), grad.bfloat16().float()
+    truth = _adapter_with_grads(
+        epilogue(reference.row_adapter), hb.float(), ids, [w.clone() for w in weights], grad
+    )
+    ours = _adapter_with_grads(
+        epilogue(row_adapter_triton), hb.clone(), ids, [w.clone() for w in weights], grad
+    )
+    ref = _adapter_with_grads(
+        epilogue(reference.row_adapter), hb.clone(), ids, [w.clone() for w in weights], grad
+    )
+    names = ["out", "dh", "dw_down", "db_down", "dw_up", "db_up"]
+    for name, a, b, c in zip(names, ours, ref, truth, strict=True):
+        assert a.dtype == b.dtype, f"{name}: {a.dtype} vs the reference's {b.dtype}"
+        assert_rel_close(name, a, b, c)
+    assert torch.equal(ours[0][~positions], hb[~positions])  # the prompt: the trunk's values, bit for bit
+
+
+@gpu
+@needs_cuda
 def test_row_adapter_fp32_on_gpu_and_deterministic() -> None:
     from pdt.kernels.row_adapter_triton import row_adapter_triton
 

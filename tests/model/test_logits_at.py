@@ -13,7 +13,9 @@ from tests.model.test_pdt_model import tiny_trunk
 
 @pytest.mark.parametrize("model_type", sorted(TINY_ARCH_CONFIGS))
 def test_logits_at_selected_positions_equal_the_full_forward(model_type: str) -> None:
-    model = PDTModel(tiny_trunk(model_type), SidecarConfig(num_streams=2, n_layers=2, d_notes=8, plan_vocab=64))
+    model = PDTModel(
+        tiny_trunk(model_type), SidecarConfig(num_streams=2, n_layers=2, d_notes=8, plan_vocab=64)
+    )
     ids = torch.randint(0, model.trunk.config.vocab_size, (3, 11))
     mask = torch.ones_like(ids)
     mask[2, 8:] = 0  # a padded row

@@ -82,6 +82,35 @@ def test_adapter_rows_use_their_own_streams_weights() -> None:
     assert (other[1] - out[1]).abs().max() > 1e-3, "row 1 as stream 0 must differ from row 1 as stream 1"
 
 
+def test_adapter_epilogue_matches_the_plain_formula() -> None:
+    """The fused epilogue (gate, positions mask, residual add) gives what the plain
+    `h + sigmoid(gate[s]) · positions · adapter_s(h)` gives, values and every gradient; off the
+    positions the output is exactly h even with the gates open."""
+    from pdt.kernels import reference
+
+    adapters = open_module(StreamAdapters(D, RANK, K))
+    hidden = torch.randn(R, T, D, generator=gen(6)).requires_grad_()
+    ids = torch.tensor([2, 0, 2])
+    positions = torch.arange(T)[None, :] >= torch.tensor([[1], [0], [T]])  # row 2: no position at all
+    out = adapters(hidden, ids, positions)
+    assert torch.equal(out[2], hidden[2]) and torch.equal(out[0, 0], hidden[0, 0])
+    delta = reference.row_adapter(hidden, ids, adapters.w_down, adapters.b_down, adapters.w_up, adapters.b_up)
+    scale = torch.sigmoid(adapters.gate)[ids][:, None, None] * positions[..., None]  # [R, T, 1]
+    plain = hidden + scale * delta
+    torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+    leaves = [hidden, *adapters.parameters()]
+    grad = torch.randn(R, T, D, generator=gen(7))
+    for name, a, b in zip(
+        ["hidden", *(n for n, _ in adapters.named_parameters())],
+        torch.autograd.grad(out, leaves, grad),
+        torch.autograd.grad(plain, leaves, grad),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
+    decode = adapters(hidden[:, 1], ids, positions[:, 1])  # [R, D] with [R] positions
+    torch.testing.assert_close(decode, out[:, 1])
+
+
 # --------------------------------------------------------------------------- notes cross-attention
 
 
@@ -160,6 +189,127 @@ def test_snc_external_gate_and_decode_window() -> None:
     decode = snc(**dict(x, visible=window))
     teacher = snc(**dict(x, visible=window[:, None, :].expand(R, T, N)))
     assert torch.equal(decode, teacher)
+
+
+def test_snc_add_delta_matches_the_plain_formula() -> None:
+    """Gate folded into W_o and the residual add fused into the output GEMM: the same values and
+    gradients as `base + sigmoid(a) · g · C W_o`, for a float gate and a per-row one; an empty
+    window still gives exactly base."""
+    snc = open_module(make_snc())
+    x = snc_inputs()
+    x["visible"][1] = False  # row 1 sees nothing
+    hidden = x.pop("hidden").requires_grad_()
+    base = torch.randn(R, T, D, generator=gen(3)).requires_grad_()
+    leaves = [base, hidden, *snc.parameters()]
+    names = ["base", "hidden", *(n for n, _ in snc.named_parameters())]
+    grad = torch.randn(R, T, D, generator=gen(4))
+    for g in (1.0, 0.7, torch.tensor([0.5, 1.0, 0.0])):
+        out = snc.add_delta(base, hidden, **x, g=g)
+        c = snc.context(hidden, **x).view(R, T, WIDTH)  # [R·T, w] → [R, T, w]
+        scale = torch.sigmoid(snc.gate) * (g[:, None, None] if torch.is_tensor(g) else g)
+        plain = base + scale * (c @ snc.w_o.weight.t())
+        torch.testing.assert_close(out, plain, atol=1e-6, rtol=1e-6)
+        assert torch.equal(out[1], base[1])
+        for name, a, b in zip(
+            names,
+            torch.autograd.grad(out, leaves, grad),
+            torch.autograd.grad(plain, leaves, grad),
+            strict=True,
+        ):
+            torch.testing.assert_close(
+                a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name, g=g: f"d{n}, g={g}: {m}"
+            )
+    assert snc.add_delta(base, hidden, **x, g=0.0) is base  # g = 0: no work at all
+
+
+def test_snc_keeps_the_bases_dtype_and_identity() -> None:
+    """A bf16 attention output with fp32 sidecars (no autocast): the sum stays bf16, the delta is
+    rounded once into it, and at init the output is base bit for bit."""
+    x = snc_inputs()
+    base = torch.randn(R, T, D, generator=gen(5)).bfloat16()
+    hidden = x.pop("hidden")
+    assert torch.equal(make_snc().add_delta(base, hidden, **x), base)
+    snc = open_module(make_snc())
+    out = snc.add_delta(base, hidden, **x)
+    assert out.dtype == torch.bfloat16
+    expect = base.float() + snc.add_delta(torch.zeros(R, T, D), hidden, **x)
+    torch.testing.assert_close(out.float(), expect, atol=2e-2, rtol=1e-2)
+
+
+def test_project_notes_all_equals_each_layer_alone() -> None:
+    """The batched keys/values of several layers (one concatenated table, one batched GEMM) equal
+    each layer's own `(notes + producer_emb[p] + round_emb[r]) · W_{k,v}ᵀ`, values and gradients;
+    rounds past max_rounds share the last id."""
+    from pdt.model.sidecars.snc import project_notes_all
+
+    layers = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        layers.append(NotesCrossAttention(D, DN, WIDTH, HEADS, K, ROUNDS))
+    x = snc_inputs()
+    rounds = torch.tensor([[0, 1, 3, 9]] * R)  # 9 > max_rounds - 1
+    batched = project_notes_all(layers, x["notes"], x["producer"], rounds)
+    grad = [torch.randn(R, HEADS, N, WIDTH // HEADS, generator=gen(i)) for i in range(2)]
+    for layer, (k, v) in zip(layers, batched, strict=True):
+        kv_in = x["notes"] + layer.producer_emb(x["producer"]) + layer.round_emb(rounds.clamp(0, ROUNDS - 1))
+        heads = [(kv_in @ w.weight.t()).view(R, N, HEADS, -1).transpose(1, 2) for w in (layer.w_k, layer.w_v)]
+        torch.testing.assert_close(k, heads[0], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(v, heads[1], atol=1e-6, rtol=1e-6)
+        params = [layer.producer_emb.weight, layer.round_emb.weight, layer.w_k.weight, layer.w_v.weight]
+        ours = torch.autograd.grad((k, v), params, grad, retain_graph=True)  # one graph for all layers
+        plain = torch.autograd.grad(heads, params, grad)
+        for a, b in zip(ours, plain, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_gated_out_weights_of_several_layers() -> None:
+    from pdt.model.sidecars.snc import gated_out_weights
+
+    layers = [open_module(make_snc(), seed=s) for s in (1, 2)]
+    with torch.no_grad():
+        layers[1].gate.fill_(-1.0)
+    g_rows = torch.tensor([0.5, 1.0, 0.0])
+    for layer, scalar, per_row in zip(
+        layers,
+        gated_out_weights(layers, 0.7, torch.float32),
+        gated_out_weights(layers, g_rows, torch.bfloat16),
+        strict=True,
+    ):
+        lam = torch.sigmoid(layer.gate)
+        torch.testing.assert_close(scalar, 0.7 * lam * layer.w_o.weight.t())
+        assert per_row.dtype == torch.bfloat16 and per_row.shape == (R, WIDTH, D)
+        expect = (g_rows[:, None, None] * lam * layer.w_o.weight.t()).bfloat16()
+        torch.testing.assert_close(per_row, expect)
+
+
+def test_context_builds_the_snc_mask_once() -> None:
+    from pdt.model.instrument import SidecarContext
+
+    visible = torch.rand(R, T, N, generator=gen(8)) < 0.5
+    positions = torch.arange(T)[None, :] >= torch.tensor([[0], [2], [T]])
+    ctx = SidecarContext(
+        torch.arange(R), torch.zeros(R, N, DN), torch.zeros(R, N), torch.zeros(R, N), visible
+    )
+    assert ctx.snc_mask() is visible  # no positions: the window as given
+    ctx = SidecarContext(
+        torch.arange(R),
+        torch.zeros(R, N, DN),
+        torch.zeros(R, N),
+        torch.zeros(R, N),
+        visible,
+        positions=positions,
+    )
+    mask = ctx.snc_mask()
+    assert ctx.snc_mask() is mask and torch.equal(mask, visible & positions[..., None])
+    decode = SidecarContext(
+        torch.arange(R),
+        torch.zeros(R, N, DN),
+        torch.zeros(R, N),
+        torch.zeros(R, N),
+        visible[:, 0],
+        positions=positions,
+    )
+    assert torch.equal(decode.snc_mask(), visible[:, :1] & positions[..., None])  # [R, N] → [R, T, N]
 
 
 # --------------------------------------------------------------------------- planner and plan ids

@@ -2,7 +2,8 @@
 
 What it is: K small adapters `d → r → d` (GELU), one per stream; each row of a batch uses the
 weights of its own stream (rows of one batch belong to different streams, SPEC §2), computed by
-`pdt.kernels.grouped_adapter`. Output: `h + sigmoid(gate[s]) · adapter_s(h)`.
+`pdt.kernels.row_adapter`. Output: `h + sigmoid(gate[s]) · adapter_s(h)`; the gate, the positions
+mask and the residual add are the kernel's epilogue (one call, no other op).
 What it is not: the hook that puts it into the trunk (`pdt.model.instrument`) nor LoRA on the
 trunk's own weights (curriculum stage 4).
 
@@ -45,20 +46,23 @@ class StreamAdapters(nn.Module):
     ) -> torch.Tensor:
         """hidden [R, T, D] (or [R, D]), stream_ids [R] → same shape and dtype as hidden.
 
-        `positions` [R, T] bool (optional): tokens the adapter acts on; elsewhere it is an exact identity.
+        `positions` [R, T] (or [R]) bool, optional: tokens the adapter acts on; elsewhere it is an
+        exact identity.
         """
         if stream_ids.shape != (hidden.shape[0],):
             raise ValueError(
                 f"StreamAdapters: stream_ids must be [R] = [{hidden.shape[0]}], got {tuple(stream_ids.shape)}"
             )
         squeeze = hidden.dim() == 2
-        h = hidden[:, None] if squeeze else hidden  # [R, T, D]
-        ids = stream_ids.to(h.device).long()
-        delta = row_adapter(h, ids, self.w_down, self.b_down, self.w_up, self.b_up)  # [R, T, D]
-        scale = torch.sigmoid(self.gate).index_select(0, ids)[:, None, None]  # [R, 1, 1] each row's gate
-        if positions is not None:
-            scale = scale * positions[..., None].to(scale.dtype)  # [R, T, 1]: 0 off the stream's tokens
-        out = h + (scale.to(delta.dtype) * delta).to(h.dtype)
+        h = hidden[:, None] if squeeze else hidden  # [R, D] → [R, 1, D]
+        if squeeze and positions is not None:
+            positions = positions[:, None]  # [R] → [R, 1]
+        # One call and no other op: the gate sigmoid(a_s), the positions mask and the residual add are
+        # the kernel's epilogue. The host nearly paces a 12 × 1024 forward on the H100 machine (~15 µs
+        # a host op; bench/profile_sidecars.py), and passes over [R, T, D] would cost GPU time too.
+        ids = stream_ids if stream_ids.device == h.device else stream_ids.to(h.device)
+        weights = (self.w_down, self.b_down, self.w_up, self.b_up)
+        out = row_adapter(h, ids, *weights, gate=self.gate, positions=positions, residual=True)
         return out[:, 0] if squeeze else out
 
     def gate_value(self) -> torch.Tensor:

@@ -8,6 +8,11 @@ per layer and `g` the external gate (0 disables cross-stream influence). What it
 that decides visibility (`pdt.bus`), nor the hook that adds the delta after the trunk's
 self-attention (`pdt.model.instrument`).
 
+Cost: the gate scales `W_o` and the residual add rides on the output GEMM (`add_delta`), so the
+sidecar adds no elementwise pass over [R, T, D] beyond its pre-norm; the keys/values and gated
+output weights of all layers are computed in one batched pass a forward (`project_notes_all`,
+`gated_out_weights`), because the host, not the GPU, paces a small training step.
+
 Identity at init (SPEC §2b.2): `W_o` starts at exactly zero and has no bias, so the delta is
 exactly 0 at init and for a position with an empty window at any time (`snc_attend` returns 0
 there, and `W_o · 0 = 0`). The gate logit starts at `gate_init` (≈ −4, λ ≈ 0.018) so opening the
@@ -18,8 +23,10 @@ a real counterfactual (SPEC §2b.4).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pdt.kernels import snc_attend
@@ -64,11 +71,6 @@ class NotesCrossAttention(nn.Module):
             nn.init.normal_(table.weight, std=0.5 / math.sqrt(d_notes))
         self.gate = nn.Parameter(torch.tensor(float(gate_init)))  # a: λ = sigmoid(a)
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[R, L, width] → [R, H, L, dh]."""
-        rows, length, _ = x.shape
-        return x.reshape(rows, length, self.heads, self.width // self.heads).transpose(1, 2)
-
     def _visible(self, visible: torch.Tensor, rows: int, t: int, n: int) -> torch.Tensor:
         if visible.dim() == 2:  # [R, N]: one window for every position (decode time)
             visible = visible[:, None, :].expand(rows, t, n)  # [R, 1, N] → [R, T, N]
@@ -77,21 +79,23 @@ class NotesCrossAttention(nn.Module):
                 f"NotesCrossAttention: visible must be [R, T, N] = {(rows, t, n)} or [R, N], "
                 f"got {tuple(visible.shape)}"
             )
-        return visible.bool()
+        return visible if visible.dtype == torch.bool else visible.bool()
 
     def project_notes(
         self, notes: torch.Tensor, producer: torch.Tensor, rounds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of a window: notes [R, N, d_n] (+ producer, round embeddings) → 2 × [R, H, N, dh].
 
-        A decode round reuses one window for all its τ tokens, so the decoder computes these once a round.
+        A decode round reuses one window for all its τ tokens, so the decoder computes these once a
+        round; a forward over several layers computes all of them at once (`project_notes_all`).
         """
-        dtype = self.w_q.weight.dtype
-        rounds = rounds.long().clamp(0, self.max_rounds - 1)  # older rounds share the last id
-        kv_in = notes.to(dtype) + self.producer_emb(producer.long()) + self.round_emb(rounds)  # [R, N, d_n]
-        return self._heads(self.w_k(kv_in)), self._heads(self.w_v(kv_in))  # [R, H, N, dh] each
+        return project_notes_all([self], notes, producer, rounds)[0]
 
-    def attend(
+    def gated_out_weight(self, g: float | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(λ · g · W_o)ᵀ in `dtype`: [w, D], or [R, w, D] for a per-row g [R] (see `gated_out_weights`)."""
+        return gated_out_weights([self], g, dtype)[0]
+
+    def context(
         self,
         hidden: torch.Tensor,
         notes: torch.Tensor,
@@ -100,22 +104,26 @@ class NotesCrossAttention(nn.Module):
         visible: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The ungated output `C · W_o`: hidden [R, T, D], notes [R, N, d_n] → [R, T, D] (param dtype).
+        """C, the attention over the notes before `W_o`: hidden [R, T, D], notes [R, N, d_n] → [R·T, w].
 
-        `kv`: keys and values from `project_notes` for this window, if already computed.
+        `kv`: keys and values from `project_notes` for this window, if already computed. C is in the
+        compute dtype (autocast's, else the parameters'); exactly 0 where nothing is visible.
         """
-        rows, t, _ = hidden.shape
-        n = notes.shape[1]
-        dtype = self.w_q.weight.dtype
-        mask = self._visible(visible.to(hidden.device), rows, t, n)  # [R, T, N]
+        rows, t, d = hidden.shape
+        if visible.device != hidden.device:
+            visible = visible.to(hidden.device)
+        mask = self._visible(visible, rows, t, notes.shape[1])  # [R, T, N]
         k, v = kv if kv is not None else self.project_notes(notes, producer, rounds)
-        q = self._heads(self.w_q(self.norm(hidden.to(dtype))))  # [R, H, T, dh]
+        dtype = self.w_q.weight.dtype
+        x = hidden if hidden.dtype == dtype else hidden.to(dtype)
+        q = F.linear(F.rms_norm(x, (d,), self.norm.weight, self.norm.eps), self.w_q.weight)  # [R, T, w]
+        q = q.view(rows, t, self.heads, self.width // self.heads).transpose(1, 2)  # → [R, H, T, dh]
         context = snc_attend(q, k, v, mask)  # [R, H, T, dh], exact 0 where nothing is visible
-        context = context.transpose(1, 2).reshape(rows, t, self.width)  # [R, H, T, dh] → [R, T, w]
-        return self.w_o(context)  # [R, T, D]
+        return context.transpose(1, 2).reshape(rows * t, self.width)  # [R, H, T, dh] → [R·T, w]
 
-    def delta(
+    def add_delta(
         self,
+        base: torch.Tensor,
         hidden: torch.Tensor,
         notes: torch.Tensor,
         producer: torch.Tensor,
@@ -123,19 +131,30 @@ class NotesCrossAttention(nn.Module):
         visible: torch.Tensor,
         g: float | torch.Tensor = 1.0,
         kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        w_out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`λ · g · C W_o`: what the hook adds to the attention output; [R, T, D] in hidden's dtype.
+        """`base + λ · g · C W_o`, [R, T, D] in base's dtype: what the hook puts after the attention.
 
-        notes [R, N, d_n], producer [R, N] (0..K), rounds [R, N], visible [R, T, N] or [R, N]
-        bool, g a float or a tensor [R].
+        base [R, T, D] (the attention output), hidden [R, T, D] (what the attention read: the
+        queries), notes [R, N, d_n], producer [R, N] (0..K), rounds [R, N], visible [R, T, N] or
+        [R, N] bool, g a float or a tensor [R]; `kv` and `w_out` (`gated_out_weight`), if already
+        computed. The gate scales `W_o` (D·w numbers) rather than the output (R·T·D), and the add is
+        the output GEMM's accumulate (`addmm`, beta = 1): no elementwise pass in forward or backward.
         """
         if not torch.is_tensor(g) and float(g) == 0.0:
-            return torch.zeros_like(hidden)  # g = 0: the `independent` baseline, skip the work
-        out = self.attend(hidden, notes, producer, rounds, visible, kv)  # [R, T, D]
-        scale = torch.sigmoid(self.gate) * torch.as_tensor(g, dtype=out.dtype, device=out.device)
-        if scale.dim() == 1:
-            scale = scale.reshape(-1, 1, 1)  # [R] → [R, 1, 1]: one external gate per row
-        return (scale * out).to(hidden.dtype)
+            return base  # g = 0: the `independent` baseline, skip the work
+        c = self.context(hidden, notes, producer, rounds, visible, kv)  # [R·T, w]
+        if w_out is None:
+            w_out = self.gated_out_weight(g, c.dtype)
+        rows, t, d = base.shape
+        if base.dtype != c.dtype:
+            # Mixed dtypes (an fp32 residual under autocast, a bf16 trunk with fp32 sidecars): add in
+            # base's dtype, so the trunk's own values are never rounded to the compute dtype.
+            delta = c @ w_out if w_out.dim() == 2 else torch.bmm(c.view(rows, t, -1), w_out)
+            return base + delta.view(rows, t, d).to(base.dtype)
+        if w_out.dim() == 3:  # one external gate per row: one weight per row
+            return torch.baddbmm(base, c.view(rows, t, -1), w_out)  # [R, T, D]
+        return torch.addmm(base.reshape(rows * t, d), c, w_out).view(rows, t, d)  # [R·T, D] → [R, T, D]
 
     def forward(
         self,
@@ -146,8 +165,8 @@ class NotesCrossAttention(nn.Module):
         visible: torch.Tensor,
         g: float | torch.Tensor = 1.0,
     ) -> torch.Tensor:
-        """hidden [R, T, D] → hidden + λ · g · C W_o, [R, T, D] (arguments as in `delta`)."""
-        return hidden + self.delta(hidden, notes, producer, rounds, visible, g)
+        """hidden [R, T, D] → hidden + λ · g · C W_o, [R, T, D] (arguments as in `add_delta`)."""
+        return self.add_delta(hidden, hidden, notes, producer, rounds, visible, g)
 
     def gate_value(self) -> float:
         """λ = sigmoid(a) of this layer (the gate trace)."""
@@ -158,3 +177,50 @@ class NotesCrossAttention(nn.Module):
             f"d_model={self.d_model}, d_notes={self.d_notes}, width={self.width}, heads={self.heads}, "
             f"num_streams={self.num_streams}, max_rounds={self.max_rounds}"
         )
+
+
+def project_notes_all(
+    layers: Sequence[NotesCrossAttention], notes: torch.Tensor, producer: torch.Tensor, rounds: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Keys and values of one window for every layer: notes [R, N, d_n] → per layer 2 × [R, H, N, dh].
+
+    The layers share their shapes, so their tag tables and projections are concatenated and the L
+    layers cost ~20 host ops in all instead of ~14 each (the host nearly paces a 12 × 1024 step: see
+    `pdt.model.instrument`). Per layer, `(notes + producer_emb[p] + round_emb[r]) · W_{k,v}ᵀ`, as
+    `project_notes` of that layer alone.
+    """
+    first, count = layers[0], len(layers)
+    rows, n, d_n = notes.shape
+    heads, width = first.heads, first.width
+    dtype = first.w_k.weight.dtype
+    # One table per layer, [producer rows (K + 1) | round rows (max_rounds)], stacked: [L·V, d_n].
+    vocab = first.num_streams + 1 + first.max_rounds
+    tables = torch.cat([t for m in layers for t in (m.producer_emb.weight, m.round_emb.weight)])
+    producer = producer if producer.dtype == torch.long else producer.long()
+    # Rounds past max_rounds share the last id.
+    rounds = (rounds if rounds.dtype == torch.long else rounds.long()).clamp(0, first.max_rounds - 1)
+    ids = torch.stack((producer, rounds + first.num_streams + 1))  # [2, R, N]: rows of one layer's table
+    offsets = torch.arange(0, count * vocab, vocab, device=ids.device).view(count, 1, 1, 1)  # [L, 1, 1, 1]
+    tags = F.embedding(ids + offsets, tables)  # [L, 2, R, N, d_n]
+    kv_in = tags.sum(1) + (notes if notes.dtype == dtype else notes.to(dtype))  # [L, R, N, d_n]
+    weights = torch.cat([w for m in layers for w in (m.w_k.weight, m.w_v.weight)])  # [L·2w, d_n]
+    kv = torch.matmul(kv_in.view(count, rows * n, d_n), weights.view(count, 2 * width, d_n).transpose(1, 2))
+    kv = kv.view(count, rows, n, 2, heads, width // heads).permute(3, 0, 1, 4, 2, 5)  # → [2, L, R, H, N, dh]
+    return list(zip(kv[0].unbind(0), kv[1].unbind(0), strict=True))
+
+
+def gated_out_weights(
+    layers: Sequence[NotesCrossAttention], g: float | torch.Tensor, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """(λ_l · g · W_o,l)ᵀ of every layer in `dtype`, as `addmm` takes it: [w, D] each, or [R, w, D]
+    for a per-row g [R]. One batched pass (~6 host ops) instead of ~4 per layer; cast once here, so
+    autocast does not cast it again in each layer's GEMM."""
+    count = len(layers)
+    w_o = torch.stack([m.w_o.weight for m in layers]).transpose(1, 2)  # [L, D, w] → [L, w, D]
+    lam = torch.sigmoid(torch.stack([m.gate for m in layers]))  # [L]
+    if torch.is_tensor(g):
+        scale = torch.outer(lam, g.to(device=lam.device, dtype=lam.dtype))  # [L, R]
+        w_o = w_o.unsqueeze(1) * scale.view(count, -1, 1, 1)  # [L, 1, w, D] · [L, R, 1, 1] → [L, R, w, D]
+        return list(w_o.to(dtype).unbind(0))  # L × [R, w, D]
+    scale = lam if float(g) == 1.0 else lam * float(g)
+    return list((w_o * scale.view(count, 1, 1)).to(dtype).unbind(0))  # L × [w, D]

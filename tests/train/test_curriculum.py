@@ -337,3 +337,23 @@ def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> Non
     from pdt.train.losses import kd_kl
 
     assert 0.0 < float(coarse) <= float(kd_kl(student, teacher)) + 1e-6
+
+
+def test_torchrun_two_processes_train_one_stage(world: dict[str, Path], tmp_path: Path) -> None:
+    """DDP by hand: both ranks read the caches rank 0 built, average gradients, rank 0 saves."""
+    import subprocess
+
+    from tests.conftest import MAIN, PYTHON, child_env
+
+    preset = stage_preset(
+        3, world["trunk"], name="ddp3", init_from=None, bus_mix_prob=0.5, train={"steps": 3}
+    )
+    path = tmp_path / "ddp3.json"
+    path.write_text(json.dumps(preset.model_dump(mode="json")), encoding="utf-8")
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", MAIN]
+    env = child_env(tmp_path, PDT_PRESET=str(path), PDT_DEVICE="cpu", PDT_DATA_DIR=str(world["data"]))
+    proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((tmp_path / "checkpoints" / "ddp3" / "current" / "state.json").read_text())
+    assert state["finished"] and state["world_size"] == 2 and len(state["data"]) == 2 and state["step"] == 3
+    assert (tmp_path / "checkpoints" / "ddp3" / "export" / "calibration.json").is_file()

@@ -272,6 +272,11 @@ def _write_run(workdir: Path, name: str, events) -> Path:  # noqa: ANN001
     return run
 
 
+_SIGINT_CHILD = (
+    "import signal, time; signal.signal(signal.SIGINT, signal.default_int_handler); time.sleep(30)"
+)
+
+
 class TestRuns:
     async def test_replay_a_finished_run_from_logs(self, workdir: Path) -> None:
         _write_run(workdir, "alpha-20240101-000000", training_events(steps=40, total=100, final=FINISHED))
@@ -297,7 +302,10 @@ class TestRuns:
         run = _write_run(workdir, "alpha-20240101-000001", training_events(steps=2))
         # like launch_job: its own session, so the stop signal goes to the job's group only
         process = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True
+            # A real job installs its own SIGINT handler (pdt.jobs); do the same, so a SIGINT disposition
+            # inherited from the test process cannot decide the outcome.
+            [sys.executable, "-c", _SIGINT_CHILD],
+            start_new_session=True,
         )
         try:
             app = PDTApp()
@@ -315,7 +323,7 @@ class TestRuns:
                 assert screen.source.process is process
                 await wait_until(pilot, lambda: screen.state.step == 2)
                 await pilot.press("s")  # SIGINT to the process group of our child
-                await wait_until(pilot, lambda: screen.query_one(RunStatus).kind == "exited", timeout=8)
+                await wait_until(pilot, lambda: screen.query_one(RunStatus).kind == "exited", timeout=20)
                 assert process.returncode is not None
         finally:
             if process.poll() is None:
@@ -421,7 +429,10 @@ class TestApp:
 
     async def test_quit_asks_again_while_a_job_runs(self, workdir: Path) -> None:
         process = subprocess.Popen(
-            [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True
+            # A real job installs its own SIGINT handler (pdt.jobs); do the same, so a SIGINT disposition
+            # inherited from the test process cannot decide the outcome.
+            [sys.executable, "-c", _SIGINT_CHILD],
+            start_new_session=True,
         )
         try:
             app = PDTApp()

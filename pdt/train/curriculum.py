@@ -33,6 +33,7 @@ from pdt.telemetry.events import Checkpoint, Metric, Progress
 from pdt.telemetry.memory import sample_memory
 from pdt.train import curriculum_data as CD
 from pdt.train import distributed as D
+from pdt.train import runtime as R
 from pdt.train.checkpoint import CheckpointManager, LoadedCheckpoint
 from pdt.train.curriculum_eval import calibrate, evaluate, write_report
 from pdt.train.curriculum_step import StepPlan, step_losses
@@ -110,14 +111,6 @@ def _load_trunk(preset: CurriculumPreset, device: torch.device) -> tuple[torch.n
     return trunk.to(device), load_tokenizer(folder)
 
 
-def _autocast_dtype(preset: CurriculumPreset, device: torch.device) -> torch.dtype | None:
-    if preset.train.precision == "fp32":
-        return None
-    if preset.train.precision == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return None
-
-
 def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
     dist = D.setup(preset.distributed.backend)
     cfg = preset.train
@@ -156,7 +149,7 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
         trunk_cache,
         order,
         StepPlan.from_preset(preset),
-        _autocast_dtype(preset, dist.device),
+        R.autocast_dtype(preset.train.precision, dist.device),
         _total_steps(preset, ds, dist.world_size),
     )
     loaded = _load_own(st)
@@ -288,18 +281,13 @@ def _trunk_only(preset: CurriculumPreset, model: PDTModel) -> contextlib.Abstrac
 
 
 def _autocast(preset: CurriculumPreset, device: torch.device) -> contextlib.AbstractContextManager:
-    dtype = _autocast_dtype(preset, device)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """Autocast for the setup passes (caches), before the Stage (and its `autocast_dtype`) exists."""
+    return R.autocast(R.autocast_dtype(preset.train.precision, device), device)
 
 
 def _load_own(st: Stage) -> LoadedCheckpoint | None:
     """Resume this stage from its own `current` (rank 0 verifies first)."""
-    loaded = st.ckpt.load() if st.dist.is_main else None
-    D.barrier(st.dist)
-    if not st.dist.is_main:
-        loaded = st.ckpt.load()
+    loaded = R.load_latest(st.ckpt, st.dist)
     if loaded is None:
         return None
     state = loaded.state
@@ -417,7 +405,7 @@ def _train_step(st: Stage) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         indices = st.order.next()
         batch = _batch(st, "train", indices)
         gen = step_generator(cfg.seed, st.step, micro, st.dist.rank)
-        with _autocast(st.preset, st.dist.device):
+        with R.autocast(st.autocast_dtype, st.dist.device):
             result = step_losses(st.model, batch, st.plan, gen, rollout_fn=_rollout_fn(st, indices, gen))
         (result.loss / cfg.grad_accum).backward()
         tokens += batch.tokens
@@ -473,7 +461,11 @@ def _train(st: Stage) -> str:
     window_tokens, window_start, last_progress, last_memory = 0, time.monotonic(), 0.0, 0.0
     run_start = time.monotonic() - st.elapsed_s
     while st.step < st.total_steps:
-        stop, save_due = D.agree_flags(st.dist, st.ctx.stop_requested(), _save_due(st))
+        stop, save_due = D.agree_flags(
+            st.dist,
+            st.ctx.stop_requested(),
+            R.save_due(st.step, st.last_saved_step, st.last_save_time, st.preset.checkpoint),
+        )
         if stop:
             _save(st, finished=False)
             st.ctx.log(f"stopped at step {st.step}; run the preset again to resume")
@@ -485,7 +477,8 @@ def _train(st: Stage) -> str:
             parts, norm, tokens = _train_step(st)
         except torch.OutOfMemoryError:
             st.order.load_state_dict(cursor_before)
-            _save_after_oom(st)
+            save = lambda: _save(st, finished=False)  # noqa: E731
+            R.save_after_oom(st.dist, st.step, st.last_saved_step, st.optimizer, save, st.ctx.log)
             raise
         st.step += 1
         st.tokens += tokens * st.dist.world_size
@@ -527,13 +520,6 @@ def _finish(st: Stage) -> str:
     return "finished"
 
 
-def _save_due(st: Stage) -> bool:
-    if st.step == st.last_saved_step or st.step == 0:
-        return False
-    minutes = (time.monotonic() - st.last_save_time) / 60.0
-    return st.step % st.preset.checkpoint.every_steps == 0 or minutes >= st.preset.checkpoint.every_minutes
-
-
 def _log_metrics(st: Stage, parts: dict[str, torch.Tensor], norm: torch.Tensor, tokens_per_s: float) -> None:
     reduced = {k: float(D.all_reduce_mean(v.reshape(()), st.dist)) for k, v in parts.items()}
     if not st.dist.is_main:
@@ -560,22 +546,6 @@ def _evaluate(st: Stage) -> None:
 
 
 # --------------------------------------------------------------------------- save / export
-
-
-def _save_after_oom(st: Stage) -> None:
-    st.optimizer.zero_grad(set_to_none=True)
-    if st.dist.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if st.dist.enabled or st.step == st.last_saved_step:
-        return
-    try:
-        _save(st, finished=False)
-        st.ctx.log(f"out of memory: saved step {st.step} before stopping", "warning")
-    except Exception as exc:  # noqa: BLE001 - the OOM is the error to report
-        st.ctx.log(
-            f"out of memory, and the emergency save failed too ({exc}); step {st.last_saved_step} is intact",
-            "warning",
-        )
 
 
 def _state(st: Stage, finished: bool, cursors: list) -> dict[str, Any]:

@@ -9,7 +9,6 @@ What it is not: the training loop (`pdt.train.curriculum`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -19,15 +18,10 @@ from typing import Any
 import torch
 
 from pdt.train import calibration as C
+from pdt.train import runtime as R
 
 # Fixed seed for evaluation batches: no randomness is used with evaluate=True, but keep it explicit.
 _EVAL_SEED = 0
-
-
-def _autocast(st: Any) -> contextlib.AbstractContextManager:
-    from pdt.train.curriculum import _autocast as autocast
-
-    return autocast(st.preset, st.dist.device)
 
 
 @torch.no_grad()
@@ -50,7 +44,7 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
     try:
         for start in starts:
             batch = batch_fn(st, "validation", list(range(start, min(start + size, len(records)))))
-            with _autocast(st):
+            with R.autocast(st.autocast_dtype, st.dist.device):
                 res = step_fn(
                     st.model, batch, st.plan, torch.Generator().manual_seed(_EVAL_SEED), evaluate=True
                 )

@@ -32,6 +32,7 @@ from pdt.telemetry.events import Checkpoint, Metric, Progress, Sample
 from pdt.telemetry.flops import matmul_peak_flops
 from pdt.telemetry.memory import sample_memory
 from pdt.train import distributed as D
+from pdt.train import runtime as R
 from pdt.train.checkpoint import CheckpointManager, LoadedCheckpoint
 from pdt.train.optim import build_optimizer, lr_at, set_lr
 
@@ -91,17 +92,6 @@ def run_pretrain(ctx: JobContext) -> str:
 # --------------------------------------------------------------------------- setup
 
 
-def _precision(preset: PretrainPreset, device: torch.device) -> torch.dtype | None:
-    choice = preset.train.precision
-    if choice == "fp32":
-        return None
-    if choice == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
 def _setup(ctx: JobContext, preset: PretrainPreset) -> Trainer:
     dist = D.setup(preset.distributed.backend)
     cfg = preset.train
@@ -112,7 +102,7 @@ def _setup(ctx: JobContext, preset: PretrainPreset) -> Trainer:
     trunk_path = preset.trunk.path if preset.trunk.source == "folder" else None
     tokenizer = build_tokenizer(preset.tokenizer, trunk_path)
     ckpt = CheckpointManager(ctx.checkpoints_dir, warn=lambda m: ctx.log(m, "warning"))
-    loaded = _load_checkpoint(ctx, ckpt, dist)
+    loaded = R.load_latest(ckpt, dist)
     model = _make_model(preset, tokenizer, cfg.seq_len).to(dist.device)
     tokens_per_step = cfg.seq_len * cfg.micro_batch_size * cfg.grad_accum * dist.world_size
     optimizer = build_optimizer(model, cfg, dist.device)
@@ -129,7 +119,7 @@ def _setup(ctx: JobContext, preset: PretrainPreset) -> Trainer:
         ckpt,
         train_iter,
         eval_batches,
-        _precision(preset, dist.device),
+        R.autocast_dtype(preset.train.precision, dist.device),
         max(1, math.ceil(cfg.token_budget / tokens_per_step)),
         tokens_per_step,
     )
@@ -191,17 +181,6 @@ def _wrap(model: nn.Module, dist: D.DistContext) -> nn.Module:
 
     ids = [dist.device.index] if dist.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-def _load_checkpoint(
-    ctx: JobContext, ckpt: CheckpointManager, dist: D.DistContext
-) -> LoadedCheckpoint | None:
-    """Rank 0 verifies (and may quarantine a damaged slot) before the others read `current`."""
-    loaded = ckpt.load() if dist.is_main else None
-    D.barrier(dist)
-    if not dist.is_main:
-        loaded = ckpt.load()
-    return loaded
 
 
 def _restore(
@@ -280,9 +259,7 @@ def _announce(t: Trainer, loaded: LoadedCheckpoint | None) -> None:
 
 
 def _autocast(t: Trainer) -> contextlib.AbstractContextManager:
-    if t.autocast_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=t.dist.device.type, dtype=t.autocast_dtype)
+    return R.autocast(t.autocast_dtype, t.dist.device)
 
 
 def _lm_loss(t: Trainer, block: torch.Tensor, train: bool = True) -> torch.Tensor:
@@ -324,7 +301,11 @@ def _train(t: Trainer) -> str:
     window_tokens, window_start, last_progress, last_memory = 0, time.monotonic(), 0.0, 0.0
     run_start = time.monotonic() - t.elapsed_s
     while t.step < t.total_steps:
-        stop, save_due = D.agree_flags(t.dist, t.ctx.stop_requested(), _save_due(t))
+        stop, save_due = D.agree_flags(
+            t.dist,
+            t.ctx.stop_requested(),
+            R.save_due(t.step, t.last_saved_step, t.last_save_time, t.preset.checkpoint),
+        )
         if stop:
             _save(t, finished=False)
             t.ctx.log(f"stopped at step {t.step}; run the preset again to resume")
@@ -335,7 +316,14 @@ def _train(t: Trainer) -> str:
         try:
             loss, norm = _train_step(t)
         except torch.OutOfMemoryError:
-            _save_after_oom(t, data_before)
+            R.save_after_oom(
+                t.dist,
+                t.step,
+                t.last_saved_step,
+                t.optimizer,
+                lambda before=data_before: _save(t, finished=False, data_state=before),
+                t.ctx.log,
+            )
             raise
         t.step += 1
         t.tokens += t.tokens_per_step
@@ -360,14 +348,6 @@ def _train(t: Trainer) -> str:
     _save(t, finished=True)
     _export(t)
     return "finished"
-
-
-def _save_due(t: Trainer) -> bool:
-    if t.step == t.last_saved_step or t.step == 0:
-        return False
-    every = t.preset.checkpoint
-    minutes = (time.monotonic() - t.last_save_time) / 60.0
-    return t.step % every.every_steps == 0 or minutes >= every.every_minutes
 
 
 def _log_metrics(t: Trainer, loss: torch.Tensor, norm: torch.Tensor, tokens_per_s: float) -> None:
@@ -420,25 +400,6 @@ def _samples(t: Trainer) -> None:
 
 
 # --------------------------------------------------------------------------- save / export
-
-
-def _save_after_oom(t: Trainer, data_before: dict) -> None:
-    """Keep the last completed step when memory runs out mid-step (single process only: in DDP the
-    other ranks may be inside a collective, so there the last periodic checkpoint stands)."""
-    t.optimizer.zero_grad(set_to_none=True)
-    if t.dist.device.type == "cuda":
-        torch.cuda.empty_cache()
-    if t.dist.enabled or t.step == t.last_saved_step:
-        return
-    try:
-        _save(t, finished=False, data_state=data_before)
-        t.ctx.log(f"out of memory: saved step {t.step} before stopping", "warning")
-    except Exception as exc:  # noqa: BLE001 - the OOM is the error to report; this is best effort
-        t.ctx.log(
-            f"out of memory, and the emergency save failed too ({exc}); the last checkpoint "
-            f"(step {t.last_saved_step}) is intact",
-            "warning",
-        )
 
 
 def _save(t: Trainer, finished: bool, data_state: dict | None = None) -> None:

@@ -121,8 +121,7 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
     ds = CD.open_dataset(preset.dataset)
     CD.check_compatible(ds, preset, tokenizer)
     model = PDTModel(trunk, preset.sidecars)
-    model.sidecar_modules()  # built on the trunk's device by PDTModel
-    params = model.set_trainable([g for g in preset.trained_groups])
+    params = model.set_trainable(list(preset.trained_groups))
     lora_params: list[torch.nn.Parameter] = []
     if preset.lora is not None:
         from pdt.train.lora import attach_lora

@@ -187,7 +187,6 @@ class CurriculumBatch:
     block_pos: torch.Tensor  # [M] position of the block's last token
     block_note: torch.Tensor  # [M] flat index into notes [B·K·Rn] of the block's teacher note
     block_cov: torch.Tensor  # [M, P] coverage target after the block
-    block_last: torch.Tensor  # [M] bool: the last block of its stream (where the corrupted notes stand)
     var_block: torch.Tensor  # [Nv] the block a corrupted note stands in for
     var_note: torch.Tensor  # [Nv, d_n] the corrupted note's embedding
     tokens: int  # real tokens in the rows
@@ -197,7 +196,7 @@ class CurriculumBatch:
     label_rows: torch.Tensor  # [N] its row
     label_targets: torch.Tensor  # [N] its next token
     label_counts: torch.Tensor  # [R] labelled positions per row
-    last_blocks: torch.Tensor  # [M_last] indices of the blocks with block_last
+    last_blocks: torch.Tensor  # [M_last] the last block of each stream (where the corrupted notes stand)
     # The frozen trunk's cached outputs (pdt.train.trunk_cache.attach), None when computed live.
     kd_ids: torch.Tensor | None = None  # [N, k] teacher top-k ids at labelled positions
     kd_logp: torch.Tensor | None = None  # [N, k] their log-probabilities
@@ -275,7 +274,6 @@ def collate(
     var_block, var_note = _variants(records, vectors, blocks["last_block"])
     labelled = labels != IGNORE  # [R, T]
     label_pos = labelled.nonzero()  # [N, 2] (row, t), row-major
-    block_last = _last_mask(len(blocks["row"]), blocks["last_block"])
     return CurriculumBatch(
         input_ids=ids,
         attention_mask=attention,
@@ -299,7 +297,6 @@ def collate(
         block_pos=blocks["pos"],
         block_note=blocks["note"],
         block_cov=_pad_float(blocks["cov"], item_ids.shape[1]),
-        block_last=block_last,
         var_block=var_block,
         var_note=var_note,
         tokens=int(lengths.sum()),
@@ -307,7 +304,7 @@ def collate(
         label_rows=label_pos[:, 0],
         label_targets=labels[labelled],
         label_counts=labelled.sum(dim=1),
-        last_blocks=block_last.nonzero().squeeze(-1),
+        last_blocks=torch.tensor(sorted(blocks["last_block"].values()), dtype=torch.long),
     )
 
 
@@ -358,12 +355,6 @@ def _blocks(
         "cov": cov,
         "last_block": last,
     }
-
-
-def _last_mask(m: int, last_block: dict) -> torch.Tensor:
-    mask = torch.zeros(m, dtype=torch.bool)
-    mask[list(last_block.values())] = True
-    return mask
 
 
 def _pad_float(rows: list[list[float]], width: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from pdt.train.checkpoint import CheckpointManager, LoadedCheckpoint
 from pdt.train.curriculum_eval import calibrate, evaluate, write_report
 from pdt.train.curriculum_step import StepPlan, step_losses
 from pdt.train.lora import LoraError
-from pdt.train.optim import lr_at, param_groups
+from pdt.train.optim import adamw, lr_at, param_groups
 
 
 class CurriculumError(Exception):
@@ -162,17 +162,15 @@ def _optimizer(
     preset: CurriculumPreset, model: PDTModel, lora_params: list, device: torch.device
 ) -> torch.optim.Optimizer:
     cfg = preset.train
-    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     lora_ids = {id(p) for p in lora_params}
+    groups = param_groups(model, cfg.weight_decay)
     for g in groups:
         g["params"] = [p for p in g["params"] if id(p) not in lora_ids]
     groups = [g for g in groups if g["params"]]
     if lora_params:
         lr = preset.lora.lr if preset.lora and preset.lora.lr else cfg.lr
         groups.append({"params": lora_params, "weight_decay": 0.0, "lr_scale": lr / cfg.lr})
-    kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": 1e-8}
-    kwargs["fused" if device.type == "cuda" else "foreach"] = True
-    return torch.optim.AdamW(groups, **kwargs)
+    return adamw(groups, cfg, device)
 
 
 def _total_steps(preset: CurriculumPreset, ds: CD.ExportedDataset, world: int) -> int:

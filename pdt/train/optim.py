@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from pdt.presets.schema import TrainConfig
+from pdt.presets.schema import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -30,16 +30,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    return adamw(param_groups(model, cfg.weight_decay), cfg, device)
+
+
+def adamw(groups: list[dict], cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over these parameter groups: fused on CUDA, foreach elsewhere."""
     kwargs: dict = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": 1e-8}
     if device.type == "cuda":
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
 
 
-def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine to min_lr."""
     warmup = min(cfg.warmup_steps, max(0, total_steps - 1))
     if step < warmup:

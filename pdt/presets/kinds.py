@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pdt.presets.curriculum import CurriculumPreset
+from pdt.presets.inference import InferencePreset, PipelinePreset
 from pdt.presets.schema import DatasetPreset, PresetBase, PretrainPreset
 
 PRESET_KINDS: dict[str, type[PresetBase]] = {
     "pretrain": PretrainPreset,
     "dataset": DatasetPreset,
     "curriculum": CurriculumPreset,
+    "inference": InferencePreset,
+    "pipeline": PipelinePreset,
 }

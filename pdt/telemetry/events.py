@@ -93,6 +93,8 @@ class Memory(Event):
     gpu_allocated_bytes: int = 0
     gpu_reserved_bytes: int = 0
     gpu_peak_bytes: int = 0
+    kv_cache_bytes: int = 0
+    """Bytes the decoder's KV cache really holds (inference; 0 for training)."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +126,172 @@ class Error(Event):
     message: str
 
 
+# --------------------------------------------------------------------------- inference
+#
+# One answer of an inference run is: `decode_started` (what runs, with which knobs), then per
+# round the streams' `stream_token`s (provisional), at each block end `note_snapshot`,
+# `coverage` and `readiness` (decision commit | rollback | forced), a `stream_rollback` when a
+# block is withdrawn (its tokens are gone from text and cache), `stream_done` per stream, `gate`,
+# `memory`, one `timing` per mode that ran (pdt and its baselines) and finally `answer`.
+# Streams are 0-based; rounds are 0-based blocks of τ tokens of a stream's own section.
+
+
+@dataclass(frozen=True)
+class DecodeStarted(Event):
+    """An answer begins: the prompt, the mode and every knob a view needs to lay itself out."""
+
+    kind: ClassVar[str] = "decode_started"
+    answer: int
+    """0-based index of this answer within the run (a prompt asked again is the next answer)."""
+    prompt: str
+    mode: str
+    """pdt | sequential | independent."""
+    k: int
+    tau: int
+    lag: int
+    gamma: float
+    g: float
+    alpha: float
+    max_new_tokens: int
+    layers: list[int] = field(default_factory=list)
+    plan_items: list[list[str]] = field(default_factory=list)
+    """Coverage items per stream (labels as shown)."""
+    stream_prefixes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StreamToken(Event):
+    """One sampled token of a stream. `committed` is False while its block awaits readiness."""
+
+    kind: ClassVar[str] = "stream_token"
+    stream: int
+    round: int
+    token: int
+    text: str
+    committed: bool = False
+    attempt: int = 0
+    """0 for the first try of this block, n for the n-th retry after a rollback."""
+
+
+@dataclass(frozen=True)
+class StreamRollback(Event):
+    """A block was withdrawn: its `removed` tokens (`text`) left the stream's text and KV cache."""
+
+    kind: ClassVar[str] = "stream_rollback"
+    stream: int
+    round: int
+    attempt: int
+    removed: int
+    text: str
+    readiness: float
+
+
+@dataclass(frozen=True)
+class NoteSnapshot(Event):
+    """A note was committed to the bus (stream −1: snapshot 0, the plan note)."""
+
+    kind: ClassVar[str] = "note_snapshot"
+    stream: int
+    round: int
+    version: int
+    visible_from_round: int
+    forced: bool = False
+
+
+@dataclass(frozen=True)
+class Readiness(Event):
+    """The agreement head's score for a finished block, against γ, and what was decided."""
+
+    kind: ClassVar[str] = "readiness"
+    stream: int
+    round: int
+    attempt: int
+    score: float
+    gamma: float
+    decision: str
+    """commit | rollback | forced (committed below γ after the last retry)."""
+
+
+@dataclass(frozen=True)
+class Coverage(Event):
+    """Coverage probability of each of the stream's plan items at a block end."""
+
+    kind: ClassVar[str] = "coverage"
+    stream: int
+    round: int
+    items: list[str]
+    probs: list[float]
+
+
+@dataclass(frozen=True)
+class GateTrace(Event):
+    """The SNC gate of each instrumented layer (λ_l; the effective gate is λ_l · g)."""
+
+    kind: ClassVar[str] = "gate"
+    layers: list[int]
+    values: list[float]
+    g: float = 1.0
+
+
+@dataclass(frozen=True)
+class StreamDone(Event):
+    """A stream stopped: `reason` is eos | budget."""
+
+    kind: ClassVar[str] = "stream_done"
+    stream: int
+    reason: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Timing(Event):
+    """Speed of one mode for this answer. `speedup`: sequential's wall time / this mode's (0: unknown)."""
+
+    kind: ClassVar[str] = "timing"
+    mode: str
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    steps: int = 0
+    """Batched trunk forwards (one per token of every active stream at once)."""
+    step_ms: float = 0.0
+    speedup: float = 0.0
+
+
+@dataclass(frozen=True)
+class Answer(Event):
+    """An answer is complete: the merged text (committed sections in stream order) and its manifest."""
+
+    kind: ClassVar[str] = "answer"
+    answer: int
+    text: str
+    sections: list[str] = field(default_factory=list)
+    manifest: str = ""
+
+
 EVENT_TYPES: dict[str, type[Event]] = {
-    cls.kind: cls for cls in (Progress, Metric, Checkpoint, Log, Sample, Memory, RunStarted, Done, Error)
+    cls.kind: cls
+    for cls in (
+        Progress,
+        Metric,
+        Checkpoint,
+        Log,
+        Sample,
+        Memory,
+        RunStarted,
+        Done,
+        Error,
+        DecodeStarted,
+        StreamToken,
+        StreamRollback,
+        NoteSnapshot,
+        Readiness,
+        Coverage,
+        GateTrace,
+        StreamDone,
+        Timing,
+        Answer,
+    )
 }
 
 

@@ -67,8 +67,26 @@ def _curriculum(ctx: JobContext) -> str:
     return run_curriculum(ctx)
 
 
-#: Preset kind → job. Later kinds (inference, pipeline) add one row each.
-JOBS: dict[str, JobFn] = {"pretrain": _pretrain, "dataset": _dataset, "curriculum": _curriculum}
+def _inference(ctx: JobContext) -> str:
+    from pdt.infer.job import run_inference
+
+    return run_inference(ctx)
+
+
+def _pipeline(ctx: JobContext) -> str:
+    from pdt.pipeline import run_pipeline
+
+    return run_pipeline(ctx)
+
+
+#: Preset kind → job.
+JOBS: dict[str, JobFn] = {
+    "pretrain": _pretrain,
+    "dataset": _dataset,
+    "curriculum": _curriculum,
+    "inference": _inference,
+    "pipeline": _pipeline,
+}
 
 
 class _SignalGuard:
@@ -128,6 +146,8 @@ def user_message(exc: BaseException) -> str | None:
         ("pdt.train.curriculum_data", "CurriculumDataError"),
         ("pdt.train.lora", "LoraError"),
         ("pdt.model.pdt_model", "SidecarLoadError"),
+        ("pdt.infer.job", "InferenceError"),
+        ("pdt.pipeline", "PipelineError"),
     ):
         cls = getattr(sys.modules.get(mod), name, None)
         if isinstance(cls, type):

@@ -113,10 +113,24 @@ def _tiny_curriculum(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _tiny_inference(data: dict[str, Any]) -> dict[str, Any]:
+    decode = data.setdefault("decode", {})
+    decode["max_new_tokens"] = min(int(decode.get("max_new_tokens") or 8), 8)
+    decode["max_retries"] = min(int(decode.get("max_retries") or 0), 1)
+    data["device"] = "cpu"
+    return data
+
+
+def _tiny_pipeline(data: dict[str, Any]) -> dict[str, Any]:
+    return data  # each listed preset is shrunk by its own rule when the pipeline runs them
+
+
 TINY_RULES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "pretrain": _tiny_pretrain,
     "dataset": _tiny_dataset,
     "curriculum": _tiny_curriculum,
+    "inference": _tiny_inference,
+    "pipeline": _tiny_pipeline,
 }
 
 

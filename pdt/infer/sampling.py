@@ -1,7 +1,8 @@
-"""Token sampling for a plain trunk: temperature, top-p, n-gram repetition blocking, KV-cached loop.
+"""Token sampling: temperature, top-k, top-p, n-gram repetition blocking; a KV-cached plain loop.
 
-What it is: the sampler used for periodic training samples and (later) by the K-stream decoder's
-per-row sampling. What it is not: the PDT orchestrator (no notes bus, no rollback here).
+What it is: `sample_next` and `generate` (one row: the periodic samples during pretraining) and
+`sample_rows` (all rows of a decode step at once: the K-stream decoder and its baselines share
+it, so they sample alike). What it is not: the PDT orchestrator (`pdt.infer.orchestrator`).
 """
 
 from __future__ import annotations
@@ -100,3 +101,44 @@ def generate(
     finally:
         model.train(was_training)
     return out
+
+
+def sample_rows(
+    logits: torch.Tensor,
+    histories: list[list[int]],
+    uniforms: list[float],
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    no_repeat_ngram: int,
+) -> list[int]:
+    """One token per row of `logits` [n, V], all rows at once (one device→host read).
+
+    Row i bans the tokens that would repeat an n-gram of `histories[i]`; it then takes the argmax
+    (temperature 0) or samples by inverse CDF with its own uniform `uniforms[i]` ∈ [0, 1) — each
+    stream draws from its own generator, so a stream's tokens do not depend on which other rows
+    share the batch. top-k, then top-p (the token crossing top_p is kept) filter before sampling.
+    """
+    x = logits.float()
+    rows, cols = [], []
+    for i, history in enumerate(histories):
+        for token in banned_by_ngram(history, no_repeat_ngram):
+            rows.append(i)
+            cols.append(token)
+    if rows:
+        x = x.clone()
+        x[torch.tensor(rows), torch.tensor(cols)] = float("-inf")  # [n, V], one scatter for every ban
+    if temperature <= 0:
+        return x.argmax(dim=-1).tolist()
+    x = x / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # [n, 1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs, order = torch.sort(torch.softmax(x, dim=-1), dim=-1, descending=True)  # [n, V]
+    if top_p < 1.0:
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    cum = probs.cumsum(dim=-1)  # [n, V]
+    u = torch.tensor(uniforms, dtype=cum.dtype, device=cum.device)[:, None] * cum[:, -1:]  # [n, 1]
+    pick = torch.searchsorted(cum, u, right=True).clamp(max=cum.shape[-1] - 1)  # [n, 1]
+    return order.gather(1, pick).squeeze(1).tolist()

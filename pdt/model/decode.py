@@ -31,6 +31,7 @@ class DecodeState:
     lengths: torch.Tensor  # [R] long: tokens row r conditions on (prompt + its own tokens)
     prompt_len: int = 0
     tokens: list[list[int]] = field(default_factory=list)  # each row's own tokens after the prompt
+    prompt_hidden: torch.Tensor | None = None  # [1, P, D] the prompt's last hidden states (planner, seeds)
 
     @property
     def rows(self) -> int:
@@ -62,7 +63,7 @@ class StreamDecoder:
 
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, P]
         cache = DynamicCache()
-        out = self.model.trunk(input_ids=ids, past_key_values=cache, use_cache=True)
+        out = self.model.trunk(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
         cache = out.past_key_values
         cache.batch_repeat_interleave(rows)  # the prefix's K/V, once per row
         p = len(prompt_ids)
@@ -73,6 +74,7 @@ class StreamDecoder:
             lengths=torch.full((rows,), p, dtype=torch.long, device=self.device),
             prompt_len=p,
             tokens=[[] for _ in range(rows)],
+            prompt_hidden=out.hidden_states[-1],
         )
         return state, out.logits[:, -1].expand(rows, -1)
 

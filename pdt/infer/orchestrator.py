@@ -1,0 +1,697 @@
+"""The K-stream decoder: rounds of τ tokens, notes at block ends, commit or roll back, and baselines.
+
+What it is: the decode protocol of SPEC §2 on top of `pdt.model.decode.StreamDecoder`:
+1. the prompt is encoded once by the plain trunk and shared by every stream's cache; the planner
+   (or the given plan items) and any seed texts give snapshot 0;
+2. each stream reads its prefix ("Part n of K:", as in training), then rounds: every active stream
+   decodes τ tokens, all streams in ONE batched forward per token, each row with its own cache
+   length, reading its notes window (fixed for the round slot) at every token;
+3. at a block end each stream's speculation head gives its note, the coverage head scores its
+   plan items and the agreement head its readiness; readiness ≥ γ commits the block and its note
+   (visible to the others after Δ rounds), otherwise the block is rolled back — its tokens leave the
+   text AND the row's cache (`StreamDecoder.rollback`: the cache is truncated to the block start,
+   never copied or re-prefilled) — and regenerated with the window of the next round slot, at most
+   `max_retries` times, then committed anyway and recorded as forced;
+4. a stream stops at EOS or its token budget; the answer is the committed sections in order.
+Baselines in the same runtime, with the same sampler: `sequential` (the plain trunk writes the
+whole answer alone: one row, K × the per-stream budget) and `independent` (K streams, sidecars
+on but the bus off: g = 0, no notes, every block committed).
+
+Timing of a round slot (global time T, 0-based): every stream reads the window of reader round T
+— so a stream retrying block b at slot T > b sees the notes its siblings committed since — and
+commits its block-b note tagged round b. Without rollbacks T equals the block index, exactly the
+teacher-forced rule of training (SPEC §2b.7). The first token of block b is predicted at the last
+position of block b − 1 (with that round's window), as in training, so a retry starts from the
+logits saved at the commit point.
+
+What it is not: the job (events to files, manifests, the ask-again loop: `pdt.infer.job`) or the
+bus rule (`pdt.bus`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pdt.bus import Counterfactual, NotesBus, WindowBatch
+from pdt.data.plan_ids import plan_item_id
+from pdt.infer.sampling import sample_rows
+from pdt.model.decode import DecodeState, StreamDecoder
+from pdt.model.instrument import SidecarContext
+from pdt.model.pdt_model import PDTModel
+from pdt.model.sidecars.blend import blend_logits
+from pdt.model.sidecars.heads import coverage_summary
+from pdt.model.sidecars.seed_text import masked_mean_pool
+from pdt.presets.schema import BusConfig
+from pdt.telemetry.events import (
+    Coverage,
+    Event,
+    GateTrace,
+    NoteSnapshot,
+    Readiness,
+    StreamDone,
+    StreamRollback,
+    StreamToken,
+)
+
+MODES = ("pdt", "sequential", "independent")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """Every knob of one answer, resolved (no None left)."""
+
+    num_streams: int
+    tau: int
+    bus: BusConfig
+    gamma: float = 0.5
+    coverage_threshold: float = 0.5
+    max_retries: int = 2
+    g: float = 1.0
+    alpha: float = 1.0
+    temperature: float = 0.7
+    top_p: float = 0.9
+    top_k: int = 0
+    no_repeat_ngram: int = 3
+    seed: int = 0
+    max_new_tokens: int = 96
+    prefixes: tuple[str, ...] = ()
+    counterfactual: Counterfactual = field(default_factory=Counterfactual)
+    ignore_eos: bool = False
+    """Streams write exactly their budget (benchmarks: the same token count in every mode)."""
+
+    def prefix(self, stream: int) -> str:
+        if self.prefixes:
+            return self.prefixes[stream]
+        return f" Part {stream + 1} of {self.num_streams}:"
+
+    def as_dict(self) -> dict[str, Any]:
+        cf = self.counterfactual
+        return {
+            "num_streams": self.num_streams,
+            "tau": self.tau,
+            "lag": self.bus.lag,
+            "window": self.bus.window,
+            "topology": self.bus.topology,
+            "gamma": self.gamma,
+            "coverage_threshold": self.coverage_threshold,
+            "max_retries": self.max_retries,
+            "g": self.g,
+            "alpha": self.alpha,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "no_repeat_ngram": self.no_repeat_ngram,
+            "seed": self.seed,
+            "max_new_tokens": self.max_new_tokens,
+            "ignore_eos": self.ignore_eos,
+            "prefixes": [self.prefix(k) for k in range(self.num_streams)],
+            "counterfactual": {
+                "ablate": sorted(cf.ablate),
+                "freeze": sorted(cf.freeze),
+                "freeze_round": cf.freeze_round,
+                "swap": list(cf.swap) if cf.swap else None,
+                "stale": {str(k): v for k, v in cf.stale.items()},
+                "shuffle": cf.shuffle,
+            },
+        }
+
+
+@dataclass
+class PlanInfo:
+    """Snapshot 0 and the coverage items of each stream."""
+
+    source: str  # "plan_items" | "planner"
+    slot_ids: list[int]
+    items: list[list[str]]  # labels per stream
+    item_ids: list[list[int]]  # plan ids per stream
+    snapshot0: torch.Tensor  # [d_n]
+    seed_texts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Attempt:
+    """One try at one block of one stream."""
+
+    attempt: int
+    slot: int  # the round slot (global time) it was decoded in
+    tokens: list[int] = field(default_factory=list)
+    token_times: list[float] = field(default_factory=list)  # seconds since the answer started
+    text: str = ""
+    readiness: float | None = None
+    decision: str = ""  # commit | rollback | forced | "" (no bus: committed without a score)
+    coverage: list[float] = field(default_factory=list)
+    note_version: int | None = None
+
+
+@dataclass
+class StreamRecord:
+    stream: int
+    prefix: str
+    prefix_ids: list[int]
+    blocks: list[list[Attempt]] = field(default_factory=list)  # per round: its attempts
+    token_ids: list[int] = field(default_factory=list)  # committed section tokens
+    text: str = ""
+    done_reason: str = ""
+
+    @property
+    def generated(self) -> int:
+        """Every sampled token, rolled back ones included."""
+        return sum(len(a.tokens) for block in self.blocks for a in block)
+
+
+@dataclass
+class DecodeResult:
+    mode: str
+    prompt: str
+    prompt_ids: list[int]
+    streams: list[StreamRecord]
+    seconds: float
+    steps: int  # batched trunk forwards after the prefill
+    step_seconds: list[float]
+    kv_cache_bytes: int
+    plan: PlanInfo | None = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    windows: dict[int, dict[int, list[tuple[int, int]]]] = field(
+        default_factory=dict
+    )  # slot → stream → pairs
+    recorded: dict[int, WindowBatch] = field(default_factory=dict)  # slot → the windows read
+    gates: list[float] = field(default_factory=list)
+    state: DecodeState | None = None
+
+    @property
+    def sections(self) -> list[str]:
+        return [s.text for s in self.streams]
+
+    @property
+    def merged(self) -> str:
+        return "\n\n".join(s.text.strip() for s in self.streams if s.text.strip())
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.streams)
+
+    @property
+    def rollbacks(self) -> int:
+        return sum(1 for s in self.streams for b in s.blocks for a in b if a.decision == "rollback")
+
+
+class _Text:
+    """Incremental detokenisation: the new text of each token (BPE pieces may split characters)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def delta(self, before: list[int], token: int) -> str:
+        old = self.tokenizer.decode(before) if before else ""
+        new = self.tokenizer.decode([*before, token])
+        return new[len(old) :] if new.startswith(old) else new
+
+
+class ParallelDecoder:
+    """Decodes prompts with one model; `decode(prompt, mode)` returns a `DecodeResult`."""
+
+    def __init__(
+        self,
+        model: PDTModel,
+        tokenizer: Any,
+        settings: DecodeSettings,
+        emit: Callable[[Event], None] | None = None,
+    ) -> None:
+        if settings.num_streams != model.cfg.num_streams:
+            raise ValueError(
+                f"the sidecars were trained for K = {model.cfg.num_streams} streams, "
+                f"not {settings.num_streams}"
+            )
+        if settings.prefixes and len(settings.prefixes) != settings.num_streams:
+            raise ValueError(
+                f"decode.stream_prefixes has {len(settings.prefixes)} entries "
+                f"for {settings.num_streams} streams"
+            )
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.s = settings
+        self.emit = emit or (lambda _e: None)
+        self.decoder = StreamDecoder(model)
+        self.device = self.decoder.device
+        self.text = _Text(tokenizer)
+        self.eos = getattr(tokenizer, "eot_id", None)
+
+    # ------------------------------------------------------------------ public
+
+    @torch.no_grad()
+    def decode(
+        self,
+        prompt: str,
+        mode: str = "pdt",
+        plan_items: list[list[str]] | None = None,
+        seed_texts: list[str] | None = None,
+        streams: list[int] | None = None,
+        recorded: dict[int, WindowBatch] | None = None,
+        emit_tokens: bool = True,
+        total_tokens: int | None = None,
+    ) -> DecodeResult:
+        """One answer. `streams` (pdt/independent): decode only these streams (tests: a stream alone);
+        `recorded`: read these windows (slot → a WindowBatch over all K streams) instead of the bus;
+        `total_tokens` (sequential): write exactly this many tokens (EOS banned) — the same total as
+        the PDT answer it is compared with; None: K × max_new_tokens, stopping at EOS."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r}: one of {', '.join(MODES)}")
+        prompt_ids = self.tokenizer.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("the prompt encodes to no tokens")
+        if mode == "sequential":
+            return self._sequential(prompt, prompt_ids, total_tokens)
+        return self._parallel(
+            prompt, prompt_ids, mode, plan_items, seed_texts, streams, recorded, emit_tokens
+        )
+
+    # ------------------------------------------------------------------ snapshot 0
+
+    def plan(
+        self, state: DecodeState, plan_items: list[list[str]] | None, seed_texts: list[str] | None
+    ) -> PlanInfo:
+        """Snapshot 0 from the given plan items (hashed like the dataset's) or the planner's argmax,
+        mixed with the seed texts' embeddings when given (normalised mean)."""
+        cfg, k = self.model.cfg, self.s.num_streams
+        planner = self.model.planner
+        if plan_items is not None:
+            if len(plan_items) != k:
+                raise ValueError(f"plan_items has {len(plan_items)} lists for {k} streams")
+            ids = [[plan_item_id(t, cfg.plan_salt, cfg.plan_vocab) for t in items] for items in plan_items]
+            slots: list[int] = []
+            for i in range(max((len(x) for x in ids), default=0)):  # round-robin, unique, ≤ S (as trained)
+                for row in ids:
+                    if i < len(row) and row[i] not in slots and len(slots) < cfg.plan_slots:
+                        slots.append(row[i])
+            labels, source = [list(x) for x in plan_items], "plan_items"
+        else:
+            hidden = state.prompt_hidden  # [1, P, D]
+            pooled = masked_mean_pool(hidden, None)  # [1, D]
+            predicted = planner.logits_pooled(pooled).argmax(dim=-1)[0].tolist()  # [S]
+            slots = list(dict.fromkeys(predicted))  # unique, in slot order
+            ids = [list(slots) for _ in range(k)]
+            labels, source = [[f"plan id {i}" for i in slots] for _ in range(k)], "planner"
+        if slots:
+            snap = planner.snapshot0(torch.tensor([slots], device=self.device))[0]  # [d_n]
+        else:
+            snap = torch.zeros(cfg.d_notes, device=self.device)
+        seeds = [t for t in (seed_texts or []) if t.strip()]
+        if seeds:
+            vectors = [snap[None]] if slots else []
+            for text in seeds:
+                tok = self.tokenizer.encode(text)
+                ids_t = torch.tensor([tok], device=self.device)
+                vectors.append(self.model.embed_texts(ids_t, torch.ones_like(ids_t)).to(snap.dtype))
+            snap = F.normalize(torch.cat(vectors).mean(dim=0), dim=-1, eps=1e-12)
+        return PlanInfo(source, slots, labels, ids, snap.float(), seeds)
+
+    # ------------------------------------------------------------------ the K-stream loop
+
+    def _parallel(
+        self,
+        prompt: str,
+        prompt_ids: list[int],
+        mode: str,
+        plan_items: list[list[str]] | None,
+        seed_texts: list[str] | None,
+        streams: list[int] | None,
+        recorded: dict[int, WindowBatch] | None,
+        emit_tokens: bool,
+    ) -> DecodeResult:
+        s, model = self.s, self.model
+        use_bus = mode == "pdt"
+        ids = list(range(s.num_streams)) if streams is None else list(streams)
+        rows = len(ids)
+        t0 = time.perf_counter()
+        state, last_logits = self.decoder.prefill(prompt_ids, rows)
+        base = self.decoder.prefill(prompt_ids, rows) if s.alpha < 1.0 else None
+        plan = self.plan(state, plan_items, seed_texts)
+        bus = NotesBus(s.num_streams, model.cfg.d_notes, s.bus, model.cfg.max_rounds, s.counterfactual)
+        bus.set_snapshot0(plan.snapshot0.to(self.device))
+        if use_bus:
+            self.emit(NoteSnapshot(stream=-1, round=0, version=bus.snapshot0_version, visible_from_round=0))
+        records = [StreamRecord(k, s.prefix(k), self.tokenizer.encode(s.prefix(k) + "\n")) for k in ids]
+        stream_ids = torch.tensor(ids, device=self.device)
+        self._gens = [torch.Generator().manual_seed(s.seed * 1009 + k) for k in ids]
+        self._plan_labels = plan.items
+        items, item_mask = self._items(plan, ids)
+        result = DecodeResult(mode, prompt, prompt_ids, records, 0.0, 0, [], 0, plan)
+        next_logits = last_logits.clone()  # [R, V] the logits each row samples its next token from
+        last_hidden = torch.zeros(rows, model.d_model, device=self.device)
+
+        def forward(tokens: list[int], active: list[bool], ctx: SidecarContext) -> None:
+            nonlocal next_logits
+            t = time.perf_counter()
+            tok = torch.tensor(tokens, device=self.device)
+            live = torch.tensor(active, device=self.device)
+            logits, hidden = self.decoder.step(state, tok, live, ctx)
+            if base is not None:
+                base_logits, _ = self.decoder.step(base[0], tok, live, None)
+                logits = blend_logits(logits, base_logits, s.alpha)
+            keep = live[:, None]
+            next_logits = torch.where(keep, logits, next_logits)
+            last_hidden.copy_(torch.where(keep, hidden.to(last_hidden.dtype), last_hidden))
+            result.steps += 1
+            result.step_seconds.append(time.perf_counter() - t)
+
+        # prefixes: round 0, snapshot 0 only (as in training, the prefix reads round 0's window)
+        window0 = self._window(bus, recorded, ids, 0, use_bus)
+        ctx0 = self._context(stream_ids, window0, use_bus)
+        for i in range(max(len(r.prefix_ids) for r in records)):
+            active = [i < len(r.prefix_ids) for r in records]
+            forward([r.prefix_ids[i] if a else 0 for r, a in zip(records, active, strict=True)], active, ctx0)
+
+        commit_len = state.lengths.clone()  # [R] cache length at each row's last commit
+        commit_logits = next_logits.clone()  # [R, V] the logits its next block starts from
+        block = [0] * rows
+        attempt = [0] * rows
+        done = [False] * rows
+        slot = 0
+        while not all(done):
+            window = self._window(bus, recorded, ids, slot, use_bus)
+            if use_bus:
+                result.windows[slot] = {k: window.pairs(r) for r, k in enumerate(ids)}
+                result.recorded[slot] = window
+            ctx = self._context(stream_ids, window, use_bus)
+            current = [Attempt(attempt[r], slot) if not done[r] else None for r in range(rows)]
+            for r, a in enumerate(current):
+                if a is not None:
+                    if attempt[r] == 0:
+                        records[r].blocks.append([])
+                    records[r].blocks[block[r]].append(a)
+            ended = [""] * rows  # "eos" | "budget" when the block ended the stream
+            for _ in range(s.tau):
+                live = [
+                    current[r] is not None and not ended[r] and len(current[r].tokens) < s.tau
+                    for r in range(rows)
+                ]
+                if not any(live):
+                    break
+                picked = self._sample(next_logits, records, current, live)
+                feed = [0] * rows
+                for r in range(rows):
+                    if not live[r]:
+                        continue
+                    token = picked[r]
+                    if self.eos is not None and token == self.eos:
+                        ended[r], live[r] = "eos", False
+                        continue
+                    a = current[r]
+                    history = records[r].token_ids + a.tokens
+                    piece = self.text.delta(history, token)
+                    a.tokens.append(token)
+                    a.token_times.append(time.perf_counter() - t0)
+                    a.text += piece
+                    feed[r] = token
+                    if emit_tokens:
+                        self.emit(
+                            StreamToken(
+                                stream=ids[r],
+                                round=block[r],
+                                token=token,
+                                text=piece,
+                                committed=not use_bus,
+                                attempt=attempt[r],
+                            )
+                        )
+                    if len(records[r].token_ids) + len(a.tokens) >= s.max_new_tokens:
+                        ended[r] = "budget"
+                if any(live):
+                    forward(feed, live, ctx)
+            self._block_ends(
+                bus,
+                window,
+                records,
+                current,
+                ended,
+                block,
+                attempt,
+                done,
+                slot,
+                use_bus,
+                state,
+                base,
+                commit_len,
+                commit_logits,
+                items,
+                item_mask,
+                ids,
+                lambda: next_logits,
+                last_hidden,
+            )
+            slot += 1
+        result.seconds = time.perf_counter() - t0
+        result.kv_cache_bytes = state.kv_bytes() + (base[0].kv_bytes() if base is not None else 0)
+        result.timeline = bus.timeline() if use_bus else []
+        result.gates = model.gate_values()
+        result.state = state
+        if use_bus:
+            self.emit(GateTrace(layers=list(model.layer_ids), values=result.gates, g=s.g))
+        return result
+
+    def _block_ends(
+        self,
+        bus: NotesBus,
+        window: WindowBatch,
+        records: list[StreamRecord],
+        current: list[Attempt | None],
+        ended: list[str],
+        block: list[int],
+        attempt: list[int],
+        done: list[bool],
+        slot: int,
+        use_bus: bool,
+        state: DecodeState,
+        base: tuple[DecodeState, torch.Tensor] | None,
+        commit_len: torch.Tensor,
+        commit_logits: torch.Tensor,
+        items: torch.Tensor,
+        item_mask: torch.Tensor,
+        ids: list[int],
+        logits_now: Callable[[], torch.Tensor],
+        last_hidden: torch.Tensor,
+    ) -> None:
+        """Notes, coverage and readiness of every block that ended in this slot; commit or roll back."""
+        s, model = self.s, self.model
+        rows = len(records)
+        judged = [r for r in range(rows) if current[r] is not None and current[r].tokens]
+        scores: dict[int, float] = {}
+        notes = cov = None
+        if use_bus and judged:
+            state_vec = last_hidden  # [R, D] the hidden state at each block's last token
+            notes = model.speculation_head(state_vec)  # [R, d_n]
+            cov_logits = model.coverage_head(state_vec, items, item_mask)  # [R, P]
+            vis = window.mask.to(window.notes.dtype)[..., None]  # [R, W, 1]
+            pooled = (window.notes * vis).sum(dim=1) / vis.sum(dim=1).clamp_min(1)  # [R, d_n]
+            ready = model.agreement_head.score(
+                state_vec, pooled, coverage_summary(cov_logits, item_mask), notes
+            )  # [R]
+            scores = dict(zip(range(rows), ready.float().tolist(), strict=True))
+            cov = torch.sigmoid(cov_logits.float()).tolist()
+        logits_after = logits_now()
+        for r in range(rows):
+            a = current[r]
+            if a is None:
+                continue
+            rec, k = records[r], ids[r]
+            if not a.tokens:  # EOS as the block's first token: nothing to judge, the stream ends
+                rec.blocks[block[r]].pop()
+                if not rec.blocks[block[r]]:
+                    rec.blocks.pop()
+                self._finish(rec, r, ended[r] or "eos", done)
+                continue
+            if use_bus:
+                a.readiness = scores[r]
+                a.coverage = [p for p, m in zip(cov[r], item_mask[r].tolist(), strict=True) if m]
+                if a.readiness >= s.gamma:
+                    a.decision = "commit"
+                elif attempt[r] < s.max_retries:
+                    a.decision = "rollback"
+                else:
+                    a.decision = "forced"
+                self.emit(
+                    Readiness(
+                        stream=k,
+                        round=block[r],
+                        attempt=attempt[r],
+                        score=a.readiness,
+                        gamma=s.gamma,
+                        decision=a.decision,
+                    )
+                )
+                self.emit(Coverage(stream=k, round=block[r], items=self._labels(r, ids), probs=a.coverage))
+            if a.decision == "rollback":
+                self.decoder.rollback(state, r, int(commit_len[r]))
+                if base is not None:
+                    self.decoder.rollback(base[0], r, int(commit_len[r]))
+                logits_after[r] = commit_logits[r]
+                bus.discard(k, block[r])
+                self.emit(
+                    StreamRollback(
+                        stream=k,
+                        round=block[r],
+                        attempt=attempt[r],
+                        removed=len(a.tokens),
+                        text=a.text,
+                        readiness=float(a.readiness or 0.0),
+                    )
+                )
+                attempt[r] += 1
+                continue
+            rec.token_ids += a.tokens
+            rec.text += a.text
+            if use_bus:
+                note = bus.commit(k, block[r], notes[r].float(), step=slot, forced=a.decision == "forced")
+                a.note_version = note.version
+                self.emit(
+                    NoteSnapshot(
+                        stream=k,
+                        round=block[r],
+                        version=note.version,
+                        visible_from_round=bus.visible_from_round(block[r]),
+                        forced=note.forced,
+                    )
+                )
+            commit_len[r] = state.lengths[r]
+            commit_logits[r] = logits_after[r]
+            block[r] += 1
+            attempt[r] = 0
+            if ended[r]:
+                self._finish(rec, r, ended[r], done)
+
+    def _finish(self, rec: StreamRecord, r: int, reason: str, done: list[bool]) -> None:
+        rec.done_reason = reason
+        done[r] = True
+        self.emit(StreamDone(stream=rec.stream, reason=reason, tokens=len(rec.token_ids)))
+
+    def _sample(
+        self,
+        logits: torch.Tensor,
+        records: list[StreamRecord],
+        current: list[Attempt | None],
+        live: list[bool],
+    ) -> list[int]:
+        rows = [r for r in range(len(records)) if live[r]]
+        histories = [records[r].token_ids + current[r].tokens for r in rows]  # type: ignore[union-attr]
+        uniforms = (
+            [float(torch.rand((), generator=self._gens[r])) for r in rows] if self.s.temperature > 0 else []
+        )
+        picked = sample_rows(
+            self._no_eos(logits[torch.tensor(rows, device=logits.device)])
+            if self.s.ignore_eos
+            else logits[torch.tensor(rows, device=logits.device)],
+            histories,
+            uniforms or [0.0] * len(rows),
+            temperature=self.s.temperature,
+            top_p=self.s.top_p,
+            top_k=self.s.top_k,
+            no_repeat_ngram=self.s.no_repeat_ngram,
+        )
+        out = [0] * len(records)
+        for r, token in zip(rows, picked, strict=True):
+            out[r] = int(token)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+
+    def _no_eos(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.eos is None:
+            return logits
+        out = logits.clone()
+        out[:, self.eos] = float("-inf")
+        return out
+
+    def _window(
+        self, bus: NotesBus, recorded: dict[int, WindowBatch] | None, ids: list[int], slot: int, use_bus: bool
+    ) -> WindowBatch:
+        if recorded is not None:
+            full = recorded[slot]
+            rows = torch.tensor(ids, device=full.notes.device)
+            return WindowBatch(
+                notes=full.notes[rows],
+                mask=full.mask[rows],
+                producer=full.producer[rows],
+                rounds=full.rounds[rows],
+                streams=full.streams[rows],
+                reader_rounds=full.reader_rounds[rows],
+            )
+        return bus.windows(ids, slot)
+
+    def _context(self, stream_ids: torch.Tensor, window: WindowBatch, use_bus: bool) -> SidecarContext:
+        dtype = next(self.model.snc.parameters()).dtype
+        return SidecarContext(
+            stream_ids=stream_ids,
+            notes=window.notes.to(dtype),
+            producer=window.producer,
+            rounds=window.rounds,
+            visible=window.mask,
+            g=self.s.g if use_bus else 0.0,
+            kv_cache={},
+        )
+
+    def _items(self, plan: PlanInfo, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        per = [plan.item_ids[k] for k in ids]
+        width = max(1, max(len(x) for x in per))
+        item_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        mask = torch.zeros(len(ids), width, dtype=torch.bool)
+        for r, row in enumerate(per):
+            item_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+            mask[r, : len(row)] = True
+        item_ids, mask = item_ids.to(self.device), mask.to(self.device)
+        return self.model.planner.item_embeddings(item_ids), mask
+
+    def _labels(self, r: int, ids: list[int]) -> list[str]:
+        return self._plan_labels[ids[r]]
+
+    # ------------------------------------------------------------------ sequential baseline
+
+    def _sequential(self, prompt: str, prompt_ids: list[int], total: int | None) -> DecodeResult:
+        """The plain trunk alone writes the whole answer (same runtime, same sampler): `total` tokens
+        with EOS banned, or K × max_new_tokens stopping at EOS."""
+        s = self.s
+        t0 = time.perf_counter()
+        state, logits = self.decoder.prefill(prompt_ids, 1)
+        rec = StreamRecord(0, "", [])
+        attempt = Attempt(0, 0)
+        rec.blocks.append([attempt])
+        result = DecodeResult("sequential", prompt, prompt_ids, [rec], 0.0, 0, [], 0)
+        gen = torch.Generator().manual_seed(s.seed * 1009 + 997)
+        budget = total if total is not None else s.max_new_tokens * s.num_streams
+        ban_eos = total is not None or s.ignore_eos
+        live = torch.ones(1, dtype=torch.bool, device=self.device)
+        while len(attempt.tokens) < budget:
+            uniform = [float(torch.rand((), generator=gen))] if s.temperature > 0 else [0.0]
+            (token,) = sample_rows(
+                self._no_eos(logits) if ban_eos else logits,
+                [attempt.tokens],
+                uniform,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                no_repeat_ngram=s.no_repeat_ngram,
+            )
+            if self.eos is not None and token == self.eos:
+                rec.done_reason = "eos"
+                break
+            attempt.text += self.text.delta(attempt.tokens, token)
+            attempt.tokens.append(token)
+            attempt.token_times.append(time.perf_counter() - t0)
+            if len(attempt.tokens) >= budget:
+                break
+            t = time.perf_counter()
+            logits, _ = self.decoder.step(state, torch.tensor([token], device=self.device), live, None)
+            result.steps += 1
+            result.step_seconds.append(time.perf_counter() - t)
+        rec.done_reason = rec.done_reason or "budget"
+        attempt.decision = "commit"
+        rec.token_ids, rec.text = list(attempt.tokens), attempt.text
+        result.seconds = time.perf_counter() - t0
+        result.kv_cache_bytes = state.kv_bytes()
+        result.state = state
+        return result

@@ -1,0 +1,55 @@
+"""Quality figures of an answer: cross-stream redundancy and NLL under the plain trunk.
+
+What it is: `redundancy(sections)` — how much K sections repeat each other: the mean, over stream
+pairs, of the Jaccard overlap of their word 3-grams and of their named entities (capitalised
+words and runs of them), averaged; 0 = nothing shared. `answer_nll(model, prompt_ids, ids)` — the
+mean negative log-likelihood per token of an answer given the prompt, under the plain trunk
+(sidecars off), the yardstick for "PDT writes as well as the trunk alone". What it is not: a
+judge of factual quality.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import torch
+
+_WORD = re.compile(r"\w+")
+_ENTITY = re.compile(r"\b[A-Z][\w'-]*(?:\s+[A-Z][\w'-]*)*")
+
+
+def _trigrams(text: str) -> set[tuple[str, ...]]:
+    words = [w.lower() for w in _WORD.findall(text)]
+    return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
+
+
+def _entities(text: str) -> set[str]:
+    return {m.group().lower() for m in _ENTITY.finditer(text)}
+
+
+def _jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a | b else 0.0
+
+
+def redundancy(sections: list[str]) -> float:
+    """Mean pairwise overlap of word 3-grams and entities between sections, in [0, 1]."""
+    pairs = list(itertools.combinations([s for s in sections if s.strip()], 2))
+    if not pairs:
+        return 0.0
+    total = 0.0
+    for a, b in pairs:
+        total += 0.5 * (_jaccard(_trigrams(a), _trigrams(b)) + _jaccard(_entities(a), _entities(b)))
+    return total / len(pairs)
+
+
+@torch.no_grad()
+def answer_nll(trunk: torch.nn.Module, prompt_ids: list[int], answer_ids: list[int]) -> float:
+    """Mean NLL (nats/token) of `answer_ids` after `prompt_ids` under `trunk` alone (no hooks active)."""
+    if not answer_ids:
+        return float("nan")
+    device = next(trunk.parameters()).device
+    ids = torch.tensor([prompt_ids + answer_ids], device=device)  # [1, P + A]
+    logits = trunk(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()  # [A, V]
+    target = ids[0, len(prompt_ids) :]
+    return float(torch.nn.functional.cross_entropy(logits, target))

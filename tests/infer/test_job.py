@@ -1,0 +1,165 @@
+"""The inference job end to end on the CPU: a real exported trunk + saved sidecars → events, the
+manifest (validated against its schema, replayable), the baselines, errors and the ask-again loop."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdt.data.tokenizer import Tokenizer
+from pdt.infer.inbox import ask
+from pdt.infer.manifest import ManifestError, load_manifest, manifest_events
+from pdt.jobs import run_job
+from pdt.model.pdt_model import PDTModel
+from pdt.model.trunk import build_trunk, export_trunk
+from pdt.presets.loader import validate_preset
+from pdt.presets.schema import SidecarConfig, TrunkConfig
+from pdt.telemetry.sinks import read_events
+from tests.conftest import MAIN, PYTHON, child_env
+from tests.model.test_pdt_model import open_gates
+
+SIDECARS = SidecarConfig(
+    num_streams=3, n_layers=2, d_notes=16, adapter_rank=8, snc_heads=2, d_plan=8, plan_vocab=512
+)
+PLAN = [["Moon", "orbit"], ["tides", "Earth"], ["Apollo"]]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("infer_world")
+    tok = Tokenizer(vocab_size=1024)
+    cfg = TrunkConfig(
+        model_type="llama",
+        config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2},
+    )
+    trunk = build_trunk(cfg, tok.vocab_size, 256, tok.eot_id, seed=0)
+    export_trunk(trunk, tok, root / "trunk", {"preset": "test"})
+    model = PDTModel(trunk, SIDECARS)
+    open_gates(model, snc=True, adapters=True)
+    with torch.no_grad():  # readiness scores spread around γ so both decisions happen
+        model.agreement_head.out.weight.normal_(0, 2.0)
+    folder = model.save_sidecars(root / "sidecars")
+    (folder / "calibration.json").write_text(
+        json.dumps({"readiness": {"gamma": 0.5}, "coverage": {"threshold": 0.4}}), encoding="utf-8"
+    )
+    (folder / "training.json").write_text(
+        json.dumps({"stride": 4, "bus": {"lag": 1, "window": 4, "topology": "all_to_all"}}), encoding="utf-8"
+    )
+    return {"trunk": root / "trunk", "sidecars": folder}
+
+
+def preset(world: dict[str, Path], **over) -> object:  # noqa: ANN003
+    data = {
+        "name": "demo_test",
+        "kind": "inference",
+        "sidecars": {"path": str(world["sidecars"])},
+        "trunk": {"path": str(world["trunk"])},
+        "prompt": "Tell me about the Moon.",
+        "plan_items": PLAN,
+        "decode": {"max_new_tokens": 10, "temperature": 0.8, "max_retries": 1},
+        "baselines": ["sequential", "independent"],
+        "device": "cpu",
+    }
+    data.update(over)
+    return validate_preset(data, source="test")
+
+
+def test_an_answer_writes_a_valid_replayable_manifest(world: dict[str, Path], tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert run_job(preset(world), run_dir, console=False) == 0
+    manifest = load_manifest(run_dir / "manifest-0.json")  # validated against the schema
+    assert manifest.prompt == "Tell me about the Moon." and manifest.config["tau"] == 4
+    assert manifest.config["gamma"] == 0.5 and manifest.config["lag"] == 1
+    assert [[c.item for c in cov] for cov in manifest.coverage] == PLAN
+    assert all(c.covered == (c.prob >= 0.4) for cov in manifest.coverage for c in cov)
+    assert set(manifest.timings) == {"pdt", "sequential", "independent"}
+    pdt = manifest.timings["pdt"]
+    assert manifest.timings["sequential"].new_tokens == pdt.new_tokens > 0  # the same total
+    assert len(pdt.per_token_s) == pdt.generated_tokens >= pdt.new_tokens
+    assert manifest.memory["kv_cache_bytes"] > 0
+    for s in manifest.streams:  # text == committed attempts; token ids == committed tokens
+        committed = [b[-1] for b in s.blocks]
+        assert s.token_ids == [t for a in committed for t in a.tokens]
+        assert all(a.decision == "rollback" for b in s.blocks for a in b[:-1])
+    assert len(manifest.rollbacks) == sum(len(b) - 1 for s in manifest.streams for b in s.blocks)
+    assert manifest.rollbacks and manifest.commits  # both decisions happened
+    assert manifest.merged == "\n\n".join(s.text.strip() for s in manifest.streams if s.text.strip())
+    # the replay is the live event sequence of this answer
+    live = [e.to_dict() for e in read_events(run_dir / "events.jsonl")]
+    first = next(i for i, e in enumerate(live) if e["kind"] == "decode_started")
+    last = next(i for i, e in enumerate(live) if e["kind"] == "answer")
+    replay = [e.to_dict() for e in manifest_events(run_dir / "manifest-0.json")]
+    assert replay == live[first : last + 1]
+    kinds = {e["kind"] for e in replay}
+    assert {
+        "stream_token",
+        "readiness",
+        "stream_rollback",
+        "note_snapshot",
+        "coverage",
+        "gate",
+        "timing",
+    } <= kinds
+
+
+def test_a_damaged_manifest_is_refused_with_its_field(tmp_path: Path) -> None:
+    path = tmp_path / "manifest-0.json"
+    path.write_text(json.dumps({"format": "pdt-manifest/1", "prompt": 3}), encoding="utf-8")
+    with pytest.raises(ManifestError, match="manifest-0.json"):
+        load_manifest(path)
+
+
+def test_missing_stage_says_which_preset_to_run(world: dict[str, Path], tmp_path: Path) -> None:
+    p = preset(world, sidecars={"preset": "stage3_missing"})
+    run_dir = tmp_path / "run"
+    assert run_job(p, run_dir, console=False) == 1
+    error = [e for e in read_events(run_dir / "events.jsonl") if e.kind == "error"][0]
+    assert "run the preset 'stage3_missing'" in error.message
+
+
+def test_a_mismatched_counterfactual_is_a_message(world: dict[str, Path], tmp_path: Path) -> None:
+    p = preset(world, counterfactual={"swap": [0, 7]})
+    assert run_job(p, tmp_path / "run", console=False) == 1
+    error = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e.kind == "error"][0]
+    assert "counterfactual" in error.message and "7" in error.message
+
+
+def _wait_for(path: Path, kind: str, count: int, proc: subprocess.Popen, timeout: float = 60.0) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = [e for e in read_events(path)] if path.exists() else []
+        if sum(e.kind == kind for e in events) >= count:
+            return events
+        assert proc.poll() is None, f"the job exited early ({proc.returncode})"
+        time.sleep(0.2)
+    raise AssertionError(f"no {count} {kind} events after {timeout} s")
+
+
+def test_serving_answers_a_prompt_from_the_inbox_then_stops(world: dict[str, Path], tmp_path: Path) -> None:
+    path = tmp_path / "demo.json"
+    data = json.loads(preset(world, baselines=[]).model_dump_json())
+    path.write_text(json.dumps(data), encoding="utf-8")
+    run_dir = tmp_path / "logs" / "demo"
+    env = child_env(
+        tmp_path, PDT_PRESET=str(path), PDT_RUN_DIR=str(run_dir), PDT_INFER_SERVE="1", PDT_HEADLESS="1"
+    )
+    proc = subprocess.Popen([PYTHON, MAIN], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for(run_dir / "events.jsonl", "answer", 1, proc)
+        ask(run_dir, "What about Mars?")
+        events = _wait_for(run_dir / "events.jsonl", "answer", 2, proc)
+        started = [e for e in events if e.kind == "decode_started"]
+        assert [e.prompt for e in started] == ["Tell me about the Moon.", "What about Mars?"]
+        assert (run_dir / "manifest-1.json").exists()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [e.kind for e in read_events(run_dir / "events.jsonl")][-1] == "done"

@@ -183,6 +183,7 @@ class DecodeResult:
     recorded: dict[int, WindowBatch] = field(default_factory=dict)  # slot → the windows read
     gates: list[float] = field(default_factory=list)
     state: DecodeState | None = None
+    prefix_steps: int = 0  # the first `prefix_steps` steps fed the stream prefixes (no sampling)
 
     @property
     def sections(self) -> list[str]:
@@ -367,6 +368,7 @@ class ParallelDecoder:
             active = [i < len(r.prefix_ids) for r in records]
             forward([r.prefix_ids[i] if a else 0 for r, a in zip(records, active, strict=True)], active, ctx0)
 
+        result.prefix_steps = result.steps
         commit_len = state.lengths.clone()  # [R] cache length at each row's last commit
         commit_logits = next_logits.clone()  # [R, V] the logits its next block starts from
         block = [0] * rows

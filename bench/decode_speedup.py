@@ -1,0 +1,214 @@
+"""Decode speedup: PDT with K streams against the `sequential` baseline, same run, same total tokens.
+
+For each K in {1, 2, 3, 4, 8} and a few prompts ("Tell me about <title>." for validation titles of
+the dataset the stage was trained on), in the one runtime of `pdt.infer.orchestrator`:
+- PDT: K streams × N new tokens each (EOS banned, so every mode writes the same total), rounds of
+  τ tokens, notes / coverage / readiness at every block end, commit or rollback at γ;
+- `sequential`: the plain trunk writes K × N tokens alone (one row);
+- `independent`: K streams, sidecars on, bus off (g = 0), every block committed.
+Figures per K (means over the prompts):
+- step_ratio: aggregate tokens per second of batched-forward time (prefix steps excluded; rolled-back
+  tokens count, they were computed) of PDT over sequential's — what batching the streams buys;
+- e2e_ratio: sequential's wall time over PDT's for the whole answer (prefill, planner, prefixes,
+  heads, rollbacks and sampling included);
+- redundancy_pdt / redundancy_independent: shared word 3-grams and entities between the sections
+  (`pdt.infer.quality.redundancy`; K ≥ 2);
+- nll_ratio: NLL of PDT's merged answer under the plain trunk / NLL of sequential's answer.
+K = 3 uses the trained stage-3 sidecars (real γ, real rollbacks); the other K have no trained
+sidecars (they are trained for K = 3), so they use freshly initialised sidecars sized for K with
+their gates opened and γ = 0 (no rollbacks): their speed is real, their quality figures are not
+meaningful and are reported as null.
+CPU: the tiny pipeline (pretrain_tiny + stage3, fp32). GPU: pretrain_124m + stage3_124m, bf16.
+Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from pdt.bus import Counterfactual  # noqa: E402
+from pdt.infer.job import Session  # noqa: E402
+from pdt.infer.orchestrator import DecodeResult, ParallelDecoder  # noqa: E402
+from pdt.infer.quality import answer_nll, redundancy  # noqa: E402
+from pdt.jobs import JobContext  # noqa: E402
+from pdt.model.pdt_model import PDTModel  # noqa: E402
+from pdt.presets.loader import load_preset_file, validate_preset  # noqa: E402
+
+SETUPS = {
+    "cpu": {"demo": "demo_tiny", "tokens": 64, "prompts": 3},
+    "cuda": {"demo": "demo_124m", "tokens": 128, "prompts": 4},
+}
+KS = (1, 2, 3, 4, 8)
+TITLES = ("the Moon", "Photosynthesis", "the Roman Empire", "Volcano", "Music")
+
+
+def _session(device: torch.device, demo: str) -> Session:
+    data = json.loads(load_preset_file(ROOT / "presets" / f"{demo}.json").model_dump_json())
+    data["device"] = device.type
+    preset = validate_preset(data, source=demo)
+    ctx = JobContext(preset=preset, run_dir=Path("/tmp"), checkpoints_dir=Path("/tmp"), emit=lambda e: None)
+    return Session(ctx, preset)
+
+
+def _untrained(model: PDTModel, k: int) -> PDTModel:
+    """Sidecars sized for K streams, gates opened, zero-initialised outputs given weights (timing only)."""
+    cfg = model.cfg.model_copy(update={"num_streams": k})
+    fresh = PDTModel(model.trunk, cfg)
+    gen = torch.Generator().manual_seed(k)
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():
+            if name.startswith("trunk.") or not name.startswith(("snc.", "adapters.")):
+                continue
+            if p.dim() == 0 or p.numel() <= k:
+                p.fill_(0.0)  # gate logits: λ = 0.5
+            elif torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    dtype = next(model.snc.parameters()).dtype
+    return fresh.to(device=next(model.trunk.parameters()).device, dtype=dtype).eval()
+
+
+def _token_rate(res: DecodeResult) -> float:
+    """Sampled tokens per second of batched-forward time, prefix steps excluded."""
+    steps = res.step_seconds[res.prefix_steps :]
+    tokens = sum(s.generated for s in res.streams)
+    return tokens / sum(steps) if steps else 0.0
+
+
+def _one(decoder: ParallelDecoder, prompt: str, trunk: torch.nn.Module, quality: bool) -> dict[str, Any]:
+    pdt = decoder.decode(prompt, "pdt", emit_tokens=False)
+    seq = decoder.decode(prompt, "sequential", total_tokens=pdt.new_tokens)
+    ind = decoder.decode(prompt, "independent", emit_tokens=False)
+    out = {
+        "step_ratio": _token_rate(pdt) / _token_rate(seq),
+        "e2e_ratio": seq.seconds / pdt.seconds,
+        "independent_step_ratio": _token_rate(ind) / _token_rate(seq),
+        "independent_e2e_ratio": seq.seconds / ind.seconds,
+        "pdt_s": pdt.seconds,
+        "sequential_s": seq.seconds,
+        "independent_s": ind.seconds,
+        "tokens": pdt.new_tokens,
+        "generated": sum(s.generated for s in pdt.streams),
+        "rollbacks": pdt.rollbacks,
+        "pdt_step_ms": 1000 * statistics.mean(pdt.step_seconds[pdt.prefix_steps :]),
+        "sequential_step_ms": 1000 * statistics.mean(seq.step_seconds),
+        "kv_cache_bytes": pdt.kv_cache_bytes,
+    }
+    if quality:
+        tok = decoder.tokenizer
+        nll_pdt = answer_nll(trunk, pdt.prompt_ids, tok.encode(pdt.merged))
+        nll_seq = answer_nll(trunk, seq.prompt_ids, seq.streams[0].token_ids)
+        out.update(
+            redundancy_pdt=redundancy(pdt.sections),
+            redundancy_independent=redundancy(ind.sections),
+            nll_pdt=nll_pdt,
+            nll_sequential=nll_seq,
+            nll_ratio=nll_pdt / nll_seq,
+        )
+    return out
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setup = SETUPS[device.type]
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    session = _session(device, setup["demo"])
+    trained_k = session.model.cfg.num_streams
+    prompts = [f"Tell me about {t}." for t in TITLES[: setup["prompts"]]]
+    base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0)
+    records = []
+    for k in KS:
+        trained = k == trained_k
+        model = session.model if trained else _untrained(session.model, k)
+        settings = dataclasses.replace(
+            base,
+            num_streams=k,
+            prefixes=(),
+            gamma=base.gamma if trained else 0.0,
+            counterfactual=base.counterfactual if trained else Counterfactual(),
+        )
+        decoder = ParallelDecoder(model, session.tokenizer, settings)
+        _one(decoder, prompts[0], session.model.trunk, quality=False)  # warm-up (allocator, kernels)
+        runs = [_one(decoder, p, session.model.trunk, quality=trained and k > 1) for p in prompts]
+        mean = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
+        records.append(
+            {
+                "device": torch.cuda.get_device_name()
+                if device.type == "cuda"
+                else f"cpu ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)",
+                "trunk": session.trunk_info["folder"],
+                "trunk_dtype": session.trunk_info["dtype"],
+                "k": k,
+                "mode": "eager",
+                "sidecars": "trained (stage 3)" if trained else "untrained, gates opened (timing only)",
+                "tau": settings.tau,
+                "gamma": settings.gamma,
+                "tokens_per_stream": setup["tokens"],
+                "prompts": len(prompts),
+                "step_ratio": mean["step_ratio"],
+                "e2e_ratio": mean["e2e_ratio"],
+                "independent_step_ratio": mean["independent_step_ratio"],
+                "independent_e2e_ratio": mean["independent_e2e_ratio"],
+                "redundancy_pdt": mean.get("redundancy_pdt"),
+                "redundancy_independent": mean.get("redundancy_independent"),
+                "nll_ratio": mean.get("nll_ratio"),
+                "nll_pdt": mean.get("nll_pdt"),
+                "nll_sequential": mean.get("nll_sequential"),
+                "rollbacks_per_answer": mean["rollbacks"],
+                "generated_per_answer": mean["generated"],
+                "tokens_per_answer": mean["tokens"],
+                "pdt_step_ms": mean["pdt_step_ms"],
+                "sequential_step_ms": mean["sequential_step_ms"],
+                "pdt_s": mean["pdt_s"],
+                "sequential_s": mean["sequential_s"],
+                "kv_cache_bytes": int(mean["kv_cache_bytes"]),
+            }
+        )
+        r = records[-1]
+        print(
+            f"K={k}: step {r['step_ratio']:.2f}x  e2e {r['e2e_ratio']:.2f}x  independent step "
+            f"{r['independent_step_ratio']:.2f}x e2e {r['independent_e2e_ratio']:.2f}x  rollbacks "
+            f"{r['rollbacks_per_answer']:.1f}",
+            flush=True,
+        )
+    out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "decode_speedup.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {"records": []}
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    kept = [
+        r
+        for r in existing.get("records", [])
+        if str(r.get("device", "")).startswith("cpu") != (kind == "cpu")
+    ]
+    path.write_text(json.dumps({"records": kept + records}, indent=2) + "\n")
+    print(
+        f"\n{'device':<28} {'K':>2} {'step':>6} {'e2e':>6} {'ind step':>8} {'red pdt':>8} {'red ind':>8} {'nll':>6}"
+    )
+    for r in kept + records:
+
+        def f(x: Any) -> str:
+            return "  -  " if x is None else f"{x:.3f}"
+
+        print(
+            f"{r['device'][:28]:<28} {r['k']:>2} {r['step_ratio']:>6.2f} {r['e2e_ratio']:>6.2f} "
+            f"{r['independent_step_ratio']:>8.2f} {f(r['redundancy_pdt']):>8} "
+            f"{f(r['redundancy_independent']):>8} {f(r['nll_ratio']):>6}"
+        )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

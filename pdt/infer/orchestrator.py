@@ -202,16 +202,35 @@ class DecodeResult:
         return sum(1 for s in self.streams for b in s.blocks for a in b if a.decision == "rollback")
 
 
-class _Text:
-    """Incremental detokenisation: the new text of each token (BPE pieces may split characters)."""
+class _Detok:
+    """Live text of one stream, one piece per token: a piece never splits a character (a token that
+    ends mid-character waits for the next) and is decoded after a few previous tokens, so
+    tokenizers that drop a leading space on a lone token (sentencepiece) still space words right.
+    The record's text is always `decode(tokens)`; these pieces are for the live view."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    CONTEXT = 4
+
+    def __init__(self, tokenizer: Any, context: list[int] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.context = list(context or [])[-self.CONTEXT :]
+        self.pending: list[int] = []
 
-    def delta(self, before: list[int], token: int) -> str:
-        old = self.tokenizer.decode(before) if before else ""
-        new = self.tokenizer.decode([*before, token])
-        return new[len(old) :] if new.startswith(old) else new
+    def push(self, token: int) -> str:
+        pending = [*self.pending, token]
+        head = self.tokenizer.decode(self.context) if self.context else ""
+        full = self.tokenizer.decode(self.context + pending)
+        piece = full[len(head) :] if full.startswith(head) else self.tokenizer.decode(pending)
+        if piece.endswith("\ufffd"):  # an incomplete character: wait for the next token
+            self.pending = pending
+            return ""
+        self.context = (self.context + pending)[-self.CONTEXT :]
+        self.pending = []
+        return piece
+
+    def copy(self) -> _Detok:
+        out = _Detok(self.tokenizer, self.context)
+        out.pending = list(self.pending)
+        return out
 
 
 class ParallelDecoder:
@@ -240,7 +259,6 @@ class ParallelDecoder:
         self.emit = emit or (lambda _e: None)
         self.decoder = StreamDecoder(model)
         self.device = self.decoder.device
-        self.text = _Text(tokenizer)
         self.eos = getattr(tokenizer, "eot_id", None)
 
     # ------------------------------------------------------------------ public
@@ -369,6 +387,8 @@ class ParallelDecoder:
             forward([r.prefix_ids[i] if a else 0 for r, a in zip(records, active, strict=True)], active, ctx0)
 
         result.prefix_steps = result.steps
+        detoks = [_Detok(self.tokenizer, r.prefix_ids) for r in records]
+        committed_detoks = [d.copy() for d in detoks]
         commit_len = state.lengths.clone()  # [R] cache length at each row's last commit
         commit_logits = next_logits.clone()  # [R, V] the logits its next block starts from
         block = [0] * rows
@@ -405,11 +425,9 @@ class ParallelDecoder:
                         ended[r], live[r] = "eos", False
                         continue
                     a = current[r]
-                    history = records[r].token_ids + a.tokens
-                    piece = self.text.delta(history, token)
+                    piece = detoks[r].push(token)
                     a.tokens.append(token)
                     a.token_times.append(time.perf_counter() - t0)
-                    a.text += piece
                     feed[r] = token
                     if emit_tokens:
                         self.emit(
@@ -446,6 +464,8 @@ class ParallelDecoder:
                 ids,
                 lambda: next_logits,
                 last_hidden,
+                detoks,
+                committed_detoks,
             )
             slot += 1
         result.seconds = time.perf_counter() - t0
@@ -478,6 +498,8 @@ class ParallelDecoder:
         ids: list[int],
         logits_now: Callable[[], torch.Tensor],
         last_hidden: torch.Tensor,
+        detoks: list[_Detok],
+        committed_detoks: list[_Detok],
     ) -> None:
         """Notes, coverage and readiness of every block that ended in this slot; commit or roll back."""
         s, model = self.s, self.model
@@ -502,6 +524,7 @@ class ParallelDecoder:
             if a is None:
                 continue
             rec, k = records[r], ids[r]
+            a.text = self.tokenizer.decode(a.tokens) if a.tokens else ""
             if not a.tokens:  # EOS as the block's first token: nothing to judge, the stream ends
                 rec.blocks[block[r]].pop()
                 if not rec.blocks[block[r]]:
@@ -533,6 +556,7 @@ class ParallelDecoder:
                 if base is not None:
                     self.decoder.rollback(base[0], r, int(commit_len[r]))
                 logits_after[r] = commit_logits[r]
+                detoks[r] = committed_detoks[r].copy()
                 bus.discard(k, block[r])
                 self.emit(
                     StreamRollback(
@@ -547,7 +571,8 @@ class ParallelDecoder:
                 attempt[r] += 1
                 continue
             rec.token_ids += a.tokens
-            rec.text += a.text
+            rec.text = self.tokenizer.decode(rec.token_ids)
+            committed_detoks[r] = detoks[r].copy()
             if use_bus:
                 note = bus.commit(k, block[r], notes[r].float(), step=slot, forced=a.decision == "forced")
                 a.note_version = note.version
@@ -667,6 +692,7 @@ class ParallelDecoder:
         budget = total if total is not None else s.max_new_tokens * s.num_streams
         ban_eos = total is not None or s.ignore_eos
         live = torch.ones(1, dtype=torch.bool, device=self.device)
+        detok = _Detok(self.tokenizer, prompt_ids)
         while len(attempt.tokens) < budget:
             uniform = [float(torch.rand((), generator=gen))] if s.temperature > 0 else [0.0]
             (token,) = sample_rows(
@@ -681,7 +707,7 @@ class ParallelDecoder:
             if self.eos is not None and token == self.eos:
                 rec.done_reason = "eos"
                 break
-            attempt.text += self.text.delta(attempt.tokens, token)
+            detok.push(token)  # the same host work per token as a stream's live text
             attempt.tokens.append(token)
             attempt.token_times.append(time.perf_counter() - t0)
             if len(attempt.tokens) >= budget:
@@ -692,6 +718,7 @@ class ParallelDecoder:
             result.step_seconds.append(time.perf_counter() - t)
         rec.done_reason = rec.done_reason or "budget"
         attempt.decision = "commit"
+        attempt.text = self.tokenizer.decode(attempt.tokens) if attempt.tokens else ""
         rec.token_ids, rec.text = list(attempt.tokens), attempt.text
         result.seconds = time.perf_counter() - t0
         result.kv_cache_bytes = state.kv_bytes()

@@ -149,3 +149,17 @@ def test_sequential_writes_the_total_it_is_given_and_independent_has_no_bus(mode
     # g = 0 with the adapters on: the same as PDT with the bus ablated and g = 0
     ablated = ParallelDecoder(model, CharTok(), settings(max_new_tokens=6, g=0.0)).decode(PROMPT, "pdt")
     assert [s.token_ids for s in ind.streams] == [s.token_ids for s in ablated.streams]
+
+
+def test_live_text_pieces_never_split_a_character() -> None:
+    from pdt.data.tokenizer import Tokenizer
+    from pdt.infer.orchestrator import _Detok
+
+    tok = Tokenizer(vocab_size=1024)  # a small BPE: Greek letters split into byte tokens
+    text = "The word is derived from the Greek χλλύγευγία (euangelion), meaning “good news”."
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the case being tested occurs
+    detok = _Detok(tok)
+    pieces = [detok.push(i) for i in ids]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in p for p in pieces)

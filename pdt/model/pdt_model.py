@@ -267,6 +267,15 @@ class PDTModel(nn.Module):
             raise SidecarLoadError(
                 f"{where}: sidecar keys differ — missing {missing[:5]}, unexpected {extra[:5]}"
             )
+        shapes = {
+            k: (tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape
+        }
+        if shapes:
+            name, (saved, now) = next(iter(shapes.items()))
+            raise SidecarLoadError(
+                f"{where}: {len(shapes)} sidecar tensor(s) have other shapes, e.g. {name} saved {saved}, "
+                f"now {now} — saved by another version of the sidecars; train the stages again"
+            )
         for attr in {key.split(".", 1)[0] for key in own}:  # each sidecar module strictly, never the trunk
             prefix = attr + "."
             sub = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

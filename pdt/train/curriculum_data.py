@@ -197,6 +197,11 @@ class CurriculumBatch:
     label_targets: torch.Tensor  # [N] its next token
     label_counts: torch.Tensor  # [R] labelled positions per row
     last_blocks: torch.Tensor  # [M_last] the last block of each stream (where the corrupted notes stand)
+    # Readiness in note space as the decoder sees it: block spec_own[i] with its own speculation note
+    # (label 1) and with the speculation note of block spec_sib[i] — a sibling stream's block of the
+    # same round (else its last) — claiming to be its own (label 0: an ownership violation).
+    spec_own: torch.Tensor  # [Ms]
+    spec_sib: torch.Tensor  # [Ms]
     # The frozen trunk's cached outputs (pdt.train.trunk_cache.attach), None when computed live.
     kd_ids: torch.Tensor | None = None  # [N, k] teacher top-k ids at labelled positions
     kd_logp: torch.Tensor | None = None  # [N, k] their log-probabilities
@@ -305,6 +310,8 @@ def collate(
         label_targets=labels[labelled],
         label_counts=labelled.sum(dim=1),
         last_blocks=torch.tensor(sorted(blocks["last_block"].values()), dtype=torch.long),
+        spec_own=blocks["spec_own"],
+        spec_sib=blocks["spec_sib"],
     )
 
 
@@ -334,7 +341,7 @@ def _blocks(
     records: list[dict[str, Any]], k: int, cap: int, stride: int, note_index: list, rn: int
 ) -> dict[str, Any]:
     """Block ends: for round r of stream j, the position of the block's last section token."""
-    row, pos, note, cov, last = [], [], [], [], {}
+    row, pos, note, cov, last, where = [], [], [], [], {}, {}
     for b, rec in enumerate(records):
         for j in range(k):
             start = len(rec["token_ids"][j]) - sum(rec["label_mask"][j])
@@ -344,16 +351,28 @@ def _blocks(
                 if end >= length or end < start:
                     continue
                 last[(b, j)] = len(row)
+                where[(b, j, r)] = len(row)
                 row.append(b * k + j)
                 pos.append(end)
                 note.append(note_index[b][j][r])
                 cov.append([COVERAGE_TARGET[int(c)] for c in rec["coverage_targets"][j][r + 1]])
+    own, sib = [], []
+    for (b, j, r), i in where.items():
+        for step in range(1, k):  # the next stream that has a block of this round, else its last block
+            other = (j + step) % k
+            found = where.get((b, other, r), last.get((b, other)))
+            if found is not None:
+                own.append(i)
+                sib.append(found)
+                break
     return {
         "row": torch.tensor(row, dtype=torch.long),
         "pos": torch.tensor(pos, dtype=torch.long),
         "note": torch.tensor(note, dtype=torch.long),
         "cov": cov,
         "last_block": last,
+        "spec_own": torch.tensor(own, dtype=torch.long),
+        "spec_sib": torch.tensor(sib, dtype=torch.long),
     }
 
 

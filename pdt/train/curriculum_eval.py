@@ -20,6 +20,10 @@ import torch
 from pdt.train import calibration as C
 from pdt.train import runtime as R
 
+#: Readiness example sources (`curriculum_step._readiness`): dataset corruptions, speculation notes
+#: (own vs a sibling's), own rollouts.
+READINESS_KINDS = {0: "dataset", 1: "speculation", 2: "rollouts"}
+
 # Fixed seed for evaluation batches: no randomness is used with evaluate=True, but keep it explicit.
 _EVAL_SEED = 0
 
@@ -82,6 +86,11 @@ def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]
         out.update({f"coverage_{k}": v for k, v in prf.items()})
     if "readiness_scores" in sc:
         out["readiness_auc"] = C.roc_auc(sc["readiness_scores"], sc["readiness_labels"])
+        for kind, name in READINESS_KINDS.items():  # each source of examples on its own
+            keep = sc["readiness_kinds"] == kind
+            labels = sc["readiness_labels"][keep]
+            if 0 < labels.sum() < len(labels):
+                out[f"readiness_auc_{name}"] = C.roc_auc(sc["readiness_scores"][keep], labels)
     return out
 
 

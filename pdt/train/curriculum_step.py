@@ -284,15 +284,19 @@ def _head_losses(
         scores["coverage_scores"] = torch.sigmoid(cov_logits.detach().float())[item_mask]
         scores["coverage_labels"] = (batch.block_cov[item_mask] >= 1.0).float()
     if want["readiness"]:
-        logits, labels = _readiness(model, batch, state, window, cov_logits.detach(), item_mask, target)
-        if extra is not None:
+        logits, labels, kinds = _readiness(
+            model, batch, state, window, cov_logits.detach(), item_mask, target
+        )
+        if extra is not None:  # kind 2: the model's own sampled blocks, labelled by their events
             own = model.agreement_head(extra.state, extra.pooled, extra.summary, extra.note)
             logits, labels = torch.cat([logits, own]), torch.cat([labels, extra.labels])
+            kinds = torch.cat([kinds, torch.full_like(extra.labels, 2.0)])
             scores["rollout_violations"] = (1.0 - extra.labels).mean().reshape(1)
-        parts["readiness"] = L.readiness_bce(logits, labels)
+        parts["readiness"] = L.readiness_bce(logits, labels, kinds)
         if evaluate:
             scores["readiness_scores"] = torch.sigmoid(logits.detach().float())
             scores["readiness_labels"] = labels
+            scores["readiness_kinds"] = kinds
     return scores
 
 
@@ -304,18 +308,33 @@ def _readiness(
     cov_logits: torch.Tensor,
     item_mask: torch.Tensor,
     target: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last block of every stream with its real note (label 1), and the same blocks with the
-    dataset's corrupted notes (label 0: entity swap, dropped fact, wrong owner). Only last blocks:
-    the corrupted variants are of the final notes, so positives from earlier blocks would let the
-    head tell the classes apart by position (coverage so far) instead of by the note."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Readiness examples with real labels; returns (logits, labels, kinds).
+
+    Kind 0 — the dataset's events: the last block of every stream with its real teacher note
+    (label 1) and the same blocks with the dataset's corrupted notes (label 0: entity swap, dropped
+    fact, wrong owner). Only last blocks: the corrupted variants are of the final notes, so
+    positives from earlier blocks would let the head tell the classes apart by position.
+    Kind 1 — the decoder's view: at every block, the stream's own speculation note (label 1) and a
+    sibling block's speculation note in its place (label 0: the note claims another stream's
+    content). At inference the head scores exactly such notes, which kind 0 never shows it; both
+    labels occur at every block and with the same kind of note, so only the agreement of note and
+    state separates them."""
     visible = window.visible[batch.block_row, batch.block_pos]  # [M, N]
     wnotes = window.notes[batch.block_row].detach()  # [M, N, d_n]
     pooled = (wnotes * visible[..., None]).sum(dim=1) / visible.sum(dim=1, keepdim=True).clamp_min(1)
     summary = coverage_summary(cov_logits, item_mask)  # [M, 2]
     pos = batch.last_blocks  # [M_last]
-    idx = torch.cat([pos, batch.var_block])
-    state_all, pooled_all, summary_all = state[idx], pooled[idx], summary[idx]
-    note_all = torch.cat([target[pos], batch.var_note.to(target.dtype)])
-    labels = torch.cat([torch.ones(len(pos)), torch.zeros(len(batch.var_block))]).to(state.device)
-    return model.agreement_head(state_all, pooled_all, summary_all, note_all), labels
+    spec = model.speculation_head(state).detach()  # [M, d_n] the notes the decoder would commit
+    own, sib = batch.spec_own, batch.spec_sib  # [Ms]
+    idx = torch.cat([pos, batch.var_block, own, own])
+    note_all = torch.cat(
+        [target[pos], batch.var_note.to(target.dtype), spec[own].to(target.dtype), spec[sib].to(target.dtype)]
+    )
+    n_pos, n_var, n_spec = len(pos), len(batch.var_block), len(own)
+    labels = torch.cat([torch.ones(n_pos), torch.zeros(n_var), torch.ones(n_spec), torch.zeros(n_spec)]).to(
+        state.device
+    )
+    kinds = torch.cat([torch.zeros(n_pos + n_var), torch.ones(2 * n_spec)]).to(state.device)
+    logits = model.agreement_head(state[idx], pooled[idx], summary[idx], note_all)
+    return logits, labels, kinds

@@ -94,18 +94,32 @@ def coverage_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return torch.where(real, per, 0.0).sum() / real.sum().clamp_min(1)
 
 
-def readiness_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logits [N], labels [N] in {0, 1} → mean BCE, the two classes weighted equally (the data has
-    several real blocks per corrupted one; unweighted, a constant "ready" would look good)."""
+#: Readiness example sources weighted equally in the loss (`groups` ids 0..READINESS_GROUPS-1).
+READINESS_GROUPS = 3
+
+
+def readiness_bce(
+    logits: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """logits [N], labels [N] in {0, 1}, groups [N] (source of each example, default all 0) → BCE
+    where each present group weighs the same and, within it, the two classes weigh the same (the
+    data has several real blocks per corrupted one; unweighted, a constant "ready" would look
+    good). Computed without reading anything back from the device."""
     if logits.shape[0] == 0:
         return _zero(logits)
     labels = labels.float()
-    per = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
-    pos, neg = labels.sum(), (1 - labels).sum()
-    # Each present class gets half the weight (all of it when the other class is absent).
+    per = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")  # [N]
+    if groups is None:
+        groups = torch.zeros_like(labels)
+    onehot = F.one_hot(groups.long(), READINESS_GROUPS).float()  # [N, G]
+    pos = (onehot * labels[:, None]).sum(dim=0)  # [G]
+    neg = (onehot * (1 - labels[:, None])).sum(dim=0)
+    # Each present class gets half its group's weight (all of it when the other class is absent).
     share_pos = torch.where(neg > 0, 0.5, 1.0) / pos.clamp_min(1)
     share_neg = torch.where(pos > 0, 0.5, 1.0) / neg.clamp_min(1)
-    return (per * torch.where(labels > 0.5, share_pos, share_neg)).sum()
+    present = ((pos + neg) > 0).float().sum()
+    weight = (onehot * torch.where(labels[:, None] > 0.5, share_pos, share_neg)).sum(dim=1) / present  # [N]
+    return (per * weight).sum()
 
 
 def stream_ce(logits: torch.Tensor, streams: torch.Tensor) -> torch.Tensor:

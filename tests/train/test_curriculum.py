@@ -219,6 +219,15 @@ def test_collate_rows_labels_rounds_and_blocks(world: dict[str, Path]) -> None:
         assert int(batch.block_note[m]) == (b * k + j) * batch.notes.shape[2] + r  # note of its own round
         assert bool(batch.notes_mask.reshape(-1)[batch.block_note[m]])
     assert batch.var_block.numel() > 0 and torch.isin(batch.var_block, batch.last_blocks).all()
+    # Speculation-note readiness pairs: every block, against a block of another stream of the same
+    # example, of the same round when that stream has one.
+    assert batch.spec_own.numel() == batch.block_row.numel()
+    for own, sib in zip(batch.spec_own.tolist(), batch.spec_sib.tolist(), strict=True):
+        (b1, j1), (b2, j2) = divmod(int(batch.block_row[own]), k), divmod(int(batch.block_row[sib]), k)
+        assert b1 == b2 and j1 != j2
+        r1 = int(batch.pos_round[b1 * k + j1, batch.block_pos[own]])
+        r2 = int(batch.pos_round[b2 * k + j2, batch.block_pos[sib]])
+        assert r1 == r2 or sib == max(i for i in range(len(batch.block_row)) if batch.block_row[i] == b2 * k + j2)
 
 
 def test_kd_is_zero_at_init_and_grows_once_sidecars_move(world: dict[str, Path]) -> None:

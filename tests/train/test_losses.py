@@ -38,6 +38,18 @@ def test_readiness_weights_the_classes_equally() -> None:
     assert torch.allclose(L.readiness_bce(logits, labels), 0.5 * per[:3].mean() + 0.5 * per[3])
 
 
+def test_readiness_weights_each_source_equally() -> None:
+    """Group 0 has 4 examples, group 1 has 2: each group weighs half, each class half of that."""
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.3, -0.2])
+    labels = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    g0 = 0.5 * per[:3].mean() + 0.5 * per[3]
+    g1 = 0.5 * per[4] + 0.5 * per[5]
+    assert torch.allclose(L.readiness_bce(logits, labels, groups), 0.5 * g0 + 0.5 * g1)
+    assert not torch.allclose(L.readiness_bce(logits, labels), 0.5 * g0 + 0.5 * g1)
+
+
 def test_coverage_bce_skips_padding_and_empty_inputs_give_zero() -> None:
     logits = torch.tensor([[0.3, float("nan")]])
     targets = torch.tensor([[1.0, 0.0]])

@@ -83,16 +83,17 @@ def coverage_summary(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class AgreementHead(nn.Module):
     """Readiness: may this stream's block be committed? Logit [B]; `score` = sigmoid in [0, 1].
 
-    Features: proj(state) [d_n], pooled window [d_n], note [d_n], window ⊙ note [d_n] (does the
-    note agree with what the siblings said?), coverage summary [c] → MLP (4·d_n + c → d_n → 1).
-    Parameters: D·d_n + d_n + (4·d_n + c)·d_n + d_n + d_n + 1.
+    Features: s = proj(state) [d_n], pooled window [d_n], note [d_n], window ⊙ note [d_n] (does the
+    note agree with what the siblings said?), s ⊙ note [d_n] (is the note about this stream's own
+    block?), coverage summary [c] → MLP (5·d_n + c → d_n → 1).
+    Parameters: D·d_n + d_n + (5·d_n + c)·d_n + d_n + d_n + 1.
     """
 
     def __init__(self, d_model: int, d_notes: int, coverage_dim: int = COVERAGE_SUMMARY_DIM) -> None:
         super().__init__()
         self.d_model, self.d_notes, self.coverage_dim = d_model, d_notes, coverage_dim
         self.state_proj = nn.Linear(d_model, d_notes)
-        self.hidden = nn.Linear(4 * d_notes + coverage_dim, d_notes)
+        self.hidden = nn.Linear(5 * d_notes + coverage_dim, d_notes)
         self.out = nn.Linear(d_notes, 1)
 
     def forward(
@@ -101,9 +102,10 @@ class AgreementHead(nn.Module):
         """state [B, D], window [B, d_n], coverage [B, c], note [B, d_n] → readiness logit [B]."""
         dtype = self.out.weight.dtype
         window, note, coverage = window.to(dtype), note.to(dtype), coverage.to(dtype)
+        own = self.state_proj(state.to(dtype))  # [B, d_n]
         features = torch.cat(
-            [self.state_proj(state.to(dtype)), window, note, window * note, coverage], dim=-1
-        )  # [B, 4·d_n + c]
+            [own, window, note, window * note, own * note, coverage], dim=-1
+        )  # [B, 5·d_n + c]
         return self.out(F.gelu(self.hidden(features))).squeeze(-1)  # [B, 1] → [B]
 
     def score(

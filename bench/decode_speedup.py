@@ -194,9 +194,8 @@ def main() -> None:
         if str(r.get("device", "")).startswith("cpu") != (kind == "cpu")
     ]
     path.write_text(json.dumps({"records": kept + records}, indent=2) + "\n")
-    print(
-        f"\n{'device':<28} {'K':>2} {'step':>6} {'e2e':>6} {'ind step':>8} {'red pdt':>8} {'red ind':>8} {'nll':>6}"
-    )
+    head = f"{'device':<28} {'K':>2} {'step':>6} {'e2e':>6} {'ind step':>8}"
+    print(f"\n{head} {'red pdt':>8} {'red ind':>8} {'nll':>6}")
     for r in kept + records:
 
         def f(x: Any) -> str:

@@ -63,7 +63,9 @@ class StreamDecoder:
 
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, P]
         cache = DynamicCache()
-        out = self.model.trunk(input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        out = self.model.trunk(
+            input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True
+        )
         cache = out.past_key_values
         cache.batch_repeat_interleave(rows)  # the prefix's K/V, once per row
         p = len(prompt_ids)

@@ -605,7 +605,8 @@ def _export(st: Stage) -> None:
         (folder / "calibration.json").write_text(
             json.dumps(st.calibration, indent=2) + "\n", encoding="utf-8"
         )
-        training = {"stride": st.ds.stride, "bus": st.preset.bus.model_dump(mode="json"), "stage": st.preset.stage}
+        bus = st.preset.bus.model_dump(mode="json")
+        training = {"stride": st.ds.stride, "bus": bus, "stage": st.preset.stage}
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
         st.ctx.log(f"exported the stage-{st.preset.stage} sidecars: {folder}")
     write_report(st, [st.ctx.run_dir / "report.json"] + ([folder / "report.json"] if folder.exists() else []))

@@ -227,7 +227,8 @@ def test_collate_rows_labels_rounds_and_blocks(world: dict[str, Path]) -> None:
         assert b1 == b2 and j1 != j2
         r1 = int(batch.pos_round[b1 * k + j1, batch.block_pos[own]])
         r2 = int(batch.pos_round[b2 * k + j2, batch.block_pos[sib]])
-        assert r1 == r2 or sib == max(i for i in range(len(batch.block_row)) if batch.block_row[i] == b2 * k + j2)
+        last = max(i for i in range(len(batch.block_row)) if batch.block_row[i] == b2 * k + j2)
+        assert r1 == r2 or sib == last
 
 
 def test_kd_is_zero_at_init_and_grows_once_sidecars_move(world: dict[str, Path]) -> None:

@@ -210,12 +210,12 @@ def _note_vectors(
             ctx.log(
                 f"embedding {len(texts):,} teacher notes of the {split} split with the frozen trunk (once)"
             )
-            ctx.emit(Progress(step=0, total=1, stage=f"notes:{split}"))
+            ctx.emit(Progress(step=0, total=1, stage=f"notes-{split}"))
             with _autocast(preset, dist.device), _trunk_only(preset, model):
                 vec = CD.embed_note_texts(
                     texts, tokenizer, model.embed_texts, preset.train.note_tokens, dist.device
                 )
-            ctx.emit(Progress(step=1, total=1, stage=f"notes:{split}"))
+            ctx.emit(Progress(step=1, total=1, stage=f"notes-{split}"))
             return vec
 
         out[split] = CD.load_or_build_notes(path, records, build, dist.is_main, lambda: D.barrier(dist))
@@ -260,7 +260,7 @@ def _trunk_cache(
                 batch = CD.collate(chunk, zeros, preset, tokenizer.eot_id, ds.stride).to(dist.device)
                 with _autocast(preset, dist.device), _trunk_only(preset, model):
                     entries += TC.compute_batch(model, batch, cfg.kd_top_k)
-                ctx.emit(Progress(step=start + len(chunk), total=len(records), stage=f"trunk:{split}"))
+                ctx.emit(Progress(step=start + len(chunk), total=len(records), stage=f"trunk-{split}"))
             return entries
 
         out[split] = TC.load_or_build(path, len(records), build, key, dist.is_main, lambda: D.barrier(dist))

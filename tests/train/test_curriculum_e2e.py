@@ -1,9 +1,11 @@
-"""End to end on the CPU through `python main.py`: dataset_tiny → pretrain_tiny → stage0…stage3.
+"""End to end on the CPU through `python main.py`: the shipped `quickstart` pipeline —
+dataset_tiny → pretrain_tiny → stage0…stage3 → demo_tiny.
 
 The shipped presets, resolved and shrunk to a tiny budget (same names, so every cross-reference —
-trunk.preset, dataset, init_from — resolves as in a user's run), each run as its own unattended
-child process. Then the stage-3 sidecars load strictly onto the exported trunk (SPEC §2b.10: a
-renamed argument anywhere on this path fails here).
+trunk.preset, dataset, init_from, sidecars.preset, the pipeline's list — resolves as in a user's
+run), run as ONE unattended child process of the pipeline. Then the demo's manifest validates and
+the stage-3 sidecars load strictly onto the exported trunk (SPEC §2b.10: a renamed argument
+anywhere on this path fails here).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import torch
 from pdt.model.pdt_model import PDTModel
 from pdt.model.trunk import load_trunk
 from pdt.presets import find_preset, load_preset_file
+from pdt.infer.manifest import load_manifest
 from pdt.presets.loader import SHIPPED_DIR
+from pdt.telemetry.sinks import read_events
 from tests.conftest import MAIN, PYTHON, child_env
 
 CURRICULUM = {
@@ -41,6 +45,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "stage1": CURRICULUM,
     "stage2": CURRICULUM,
     "stage3": {**CURRICULUM, "rollouts": {"every": 1, "rows": 2}},
+    "demo_tiny": {"decode": {"max_new_tokens": 12}},
+    "quickstart": {},
 }
 
 
@@ -53,24 +59,34 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def test_dataset_pretrain_and_stages_0_to_3_then_the_sidecars_load(tmp_path: Path) -> None:
+def test_quickstart_from_dataset_to_live_streams_then_the_sidecars_load(tmp_path: Path) -> None:
     presets = tmp_path / "presets"
     presets.mkdir()
-    env = child_env(tmp_path, PDT_DATA_DIR=str(tmp_path / "data"))
     for name, over in OVERRIDES.items():
         data = _merge(find_preset(name, SHIPPED_DIR).model_dump(mode="json"), over)
-        path = presets / f"{name}.json"
-        path.write_text(json.dumps(data), encoding="utf-8")
-        proc = subprocess.run(
-            [PYTHON, MAIN],
-            env={**env, "PDT_PRESET": str(path)},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-        assert "Traceback" not in proc.stdout + proc.stderr
+        (presets / f"{name}.json").write_text(json.dumps(data), encoding="utf-8")
+    run_dir = tmp_path / "logs" / "quickstart"
+    env = child_env(
+        tmp_path, PDT_DATA_DIR=str(tmp_path / "data"), PDT_PRESETS_DIR=str(presets), PDT_RUN_DIR=str(run_dir)
+    )
+    proc = subprocess.run(
+        [PYTHON, MAIN],
+        env={**env, "PDT_PRESET": "quickstart"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, f"quickstart failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stdout + proc.stderr
+    events = read_events(run_dir / "events.jsonl")
+    answers = [e for e in events if e.kind == "answer"]
+    assert len(answers) == 1 and answers[0].text.strip()
+    tokens = [e for e in events if e.kind == "stream_token"]
+    assert {e.stream for e in tokens} == {0, 1, 2}  # three streams wrote, live
+    manifest = load_manifest(answers[0].manifest)  # validated against the schema
+    assert manifest.preset == "demo_tiny" and len(manifest.streams) == 3
+    assert manifest.timings["sequential"].new_tokens == manifest.timings["pdt"].new_tokens
     checkpoints = tmp_path / "checkpoints"
     stage3 = load_preset_file(presets / "stage3.json")
     export = checkpoints / "stage3" / "export"

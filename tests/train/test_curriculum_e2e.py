@@ -18,10 +18,10 @@ from typing import Any
 import pytest
 import torch
 
+from pdt.infer.manifest import load_manifest
 from pdt.model.pdt_model import PDTModel
 from pdt.model.trunk import load_trunk
 from pdt.presets import find_preset, load_preset_file
-from pdt.infer.manifest import load_manifest
 from pdt.presets.loader import SHIPPED_DIR
 from pdt.telemetry.sinks import read_events
 from tests.conftest import MAIN, PYTHON, child_env

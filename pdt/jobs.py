@@ -173,8 +173,9 @@ def oom_message(exc: BaseException) -> str:
             f"{torch.cuda.max_memory_allocated() / gib:.1f} GiB at peak."
         )
     lines.append(
-        "Lower train.micro_batch_size (raise train.grad_accum to keep the same batch), or lower "
-        "train.seq_len, then run again: training resumes from the last checkpoint."
+        "Training: lower train.micro_batch_size (raise train.grad_accum to keep the same batch), or "
+        "train.seq_len / train.max_stream_tokens, then run again — it resumes from the last checkpoint. "
+        "Inference: lower decode.max_new_tokens, or load the trunk in bf16 (trunk.dtype)."
     )
     return " ".join(lines)
 

@@ -27,7 +27,7 @@ from pdt.bus import Counterfactual, CounterfactualError
 from pdt.data.tokenizer import load_tokenizer
 from pdt.infer import inbox
 from pdt.infer.manifest import build_manifest, write_manifest
-from pdt.infer.orchestrator import DecodeResult, DecodeSettings, ParallelDecoder
+from pdt.infer.orchestrator import DecodeResult, DecodeSettings, ParallelDecoder, plain_trunk
 from pdt.infer.quality import answer_nll, redundancy
 from pdt.jobs import JobContext
 from pdt.model.pdt_model import SIDECAR_META, PDTModel, trunk_identity
@@ -39,8 +39,10 @@ from pdt.runs import checkpoints_root, data_root
 from pdt.telemetry.events import Answer, DecodeStarted, Event, Timing
 from pdt.telemetry.memory import sample_memory
 
-#: Written beside the exported sidecars by the curriculum: the stride and bus they were trained with.
+#: Written beside the exported sidecars by the curriculum: the stride and bus they were trained with
+#: (and the LoRA settings of a stage-4 export).
 TRAINING_FILE = "training.json"
+LORA_FILE = "lora.safetensors"
 
 
 class InferenceError(Exception):
@@ -66,6 +68,7 @@ class Session:
         self.model.to(device=self.device, dtype=dtype).eval()
         self.calibration = _read_json(self.folder / "calibration.json")
         self.training = _training_defaults(self.folder, stage)
+        self.lora = self._load_lora(stage)
         self.settings = self._settings(cfg)
         self.trunk_info = {**trunk_identity(trunk), "folder": str(trunk_dir), "dtype": str(dtype)}
         self.answers = 0
@@ -74,6 +77,29 @@ class Session:
             f"sidecars of {self.folder}; K = {cfg.num_streams}, τ = {self.settings.tau}, "
             f"Δ = {self.settings.bus.lag}, γ = {self.settings.gamma:.3f}"
         )
+
+    def _load_lora(self, stage: CurriculumPreset | None) -> bool:
+        """A stage-4 export holds LoRA weights for the trunk: the streams decode with them, while the
+        baselines and the NLL yardstick use the trunk as pretrained (LoRA off), as in training."""
+        path = self.folder / LORA_FILE
+        if not path.exists():
+            return False
+        from safetensors.torch import load_file
+
+        from pdt.presets.curriculum import LoraSettings
+        from pdt.train.lora import attach_lora, load_lora_state
+
+        raw = self.training.get("lora") or (stage.lora.model_dump() if stage and stage.lora else None)
+        if raw is None:
+            raise InferenceError(
+                f"{path} holds LoRA weights but neither {self.folder / TRAINING_FILE} nor a curriculum "
+                "preset says their rank and targets: run the stage-4 preset again to rewrite its export"
+            )
+        for p in attach_lora(self.model.trunk, LoraSettings(**raw)):
+            p.requires_grad_(False)
+        load_lora_state(self.model.trunk, load_file(str(path)), str(path))
+        self.model.to(device=self.device, dtype=next(self.model.trunk.parameters()).dtype)
+        return True
 
     def _settings(self, cfg: SidecarConfig) -> DecodeSettings:
         d, p = self.preset.decode, self.preset
@@ -223,6 +249,12 @@ class Session:
         return manifest.model_dump()
 
     def _quality(self, result: DecodeResult, baselines: dict[str, DecodeResult]) -> dict[str, float | None]:
+        with plain_trunk(self.model.trunk):
+            return self._quality_plain(result, baselines)
+
+    def _quality_plain(
+        self, result: DecodeResult, baselines: dict[str, DecodeResult]
+    ) -> dict[str, float | None]:
         trunk = self.model.trunk
         out = {
             "redundancy_pdt": redundancy(result.sections),

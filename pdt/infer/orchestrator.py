@@ -30,6 +30,7 @@ bus rule (`pdt.bus`).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +61,15 @@ from pdt.telemetry.events import (
 )
 
 MODES = ("pdt", "sequential", "independent")
+
+
+def plain_trunk(trunk: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """The trunk as pretrained: a stage-4 LoRA switched off (no-op without one)."""
+    if not any("lora_" in name for name, _ in trunk.named_parameters()):
+        return contextlib.nullcontext()
+    from pdt.train.lora import lora_disabled
+
+    return lora_disabled(trunk)
 
 
 @dataclass(frozen=True)
@@ -285,7 +295,8 @@ class ParallelDecoder:
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
         if mode == "sequential":
-            return self._sequential(prompt, prompt_ids, total_tokens)
+            with plain_trunk(self.model.trunk):
+                return self._sequential(prompt, prompt_ids, total_tokens)
         return self._parallel(
             prompt, prompt_ids, mode, plan_items, seed_texts, streams, recorded, emit_tokens
         )

@@ -607,6 +607,8 @@ def _export(st: Stage) -> None:
         )
         bus = st.preset.bus.model_dump(mode="json")
         training = {"stride": st.ds.stride, "bus": bus, "stage": st.preset.stage}
+        if st.preset.lora is not None:  # what the demo needs to rebuild the adapted trunk
+            training["lora"] = st.preset.lora.model_dump(mode="json")
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
         st.ctx.log(f"exported the stage-{st.preset.stage} sidecars: {folder}")
     write_report(st, [st.ctx.run_dir / "report.json"] + ([folder / "report.json"] if folder.exists() else []))

@@ -163,3 +163,34 @@ def test_serving_answers_a_prompt_from_the_inbox_then_stops(world: dict[str, Pat
         if proc.poll() is None:
             proc.kill()
     assert [e.kind for e in read_events(run_dir / "events.jsonl")][-1] == "done"
+
+
+def test_a_stage4_export_decodes_with_its_lora_and_the_baseline_without(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pdt.model.trunk import load_trunk
+    from pdt.presets.curriculum import LoraSettings
+    from pdt.train.lora import attach_lora, lora_state_dict
+
+    folder = tmp_path / "stage4"
+    shutil.copytree(world["sidecars"], folder)
+    trunk = load_trunk(world["trunk"])
+    for p in attach_lora(trunk, LoraSettings(rank=4)):
+        with torch.no_grad():
+            p.normal_(0, 0.5)  # a LoRA that changes the trunk
+    save_file(lora_state_dict(trunk), str(folder / "lora.safetensors"))
+    training = json.loads((folder / "training.json").read_text())
+    (folder / "training.json").write_text(json.dumps({**training, "lora": {"rank": 4}}))
+    decode = {"max_new_tokens": 10, "temperature": 0.0, "max_retries": 0}
+    runs = {}
+    for name, path in (("plain", world["sidecars"]), ("lora", folder)):
+        p = preset(world, sidecars={"path": str(path)}, decode=decode, baselines=["sequential"])
+        assert run_job(p, tmp_path / name, console=False) == 0
+        runs[name] = load_manifest(tmp_path / name / "manifest-0.json")
+    assert [s.token_ids for s in runs["lora"].streams] != [s.token_ids for s in runs["plain"].streams]
+    seq = {name: m.baselines["sequential"].token_ids for name, m in runs.items()}
+    assert seq["lora"] == seq["plain"]  # the baseline is the trunk as pretrained

@@ -277,3 +277,46 @@ class ListEventSource(EventSource):
 
     def console_tail(self, max_lines: int = 20) -> list[str]:
         return self._console[-max_lines:]
+
+
+class ReplaySource(EventSource):
+    """A recorded answer (e.g. a manifest's events) played back at its recorded pace.
+
+    Events are released when the time since `start()` reaches their offset from the first event,
+    divided by `speed`; gaps longer than `max_gap_s` (a model loading, a pause before asking
+    again) are shortened to it. Nothing runs, so nothing can be stopped.
+    """
+
+    def __init__(
+        self, events: Sequence[Event], title: str, speed: float = 1.0, max_gap_s: float = 1.0
+    ) -> None:
+        self.events = list(events)
+        self._title = title
+        self._due: list[float] = []
+        offset, last = 0.0, None
+        for e in self.events:
+            if last is not None:
+                offset += min(max(0.0, e.t - last), max_gap_s) / max(speed, 1e-6)
+            self._due.append(offset)
+            last = e.t
+        self._next = 0
+        self._t0 = 0.0
+
+    @property
+    def title(self) -> str:
+        return self._title
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+
+    def poll(self) -> list[Event]:
+        now = time.monotonic() - self._t0
+        end = self._next
+        while end < len(self.events) and self._due[end] <= now:
+            end += 1
+        out, self._next = self.events[self._next : end], end
+        return out
+
+    @property
+    def ended(self) -> bool:
+        return self._next >= len(self.events)

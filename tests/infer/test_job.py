@@ -194,3 +194,27 @@ def test_a_stage4_export_decodes_with_its_lora_and_the_baseline_without(
     assert [s.token_ids for s in runs["lora"].streams] != [s.token_ids for s in runs["plain"].streams]
     seq = {name: m.baselines["sequential"].token_ids for name, m in runs.items()}
     assert seq["lora"] == seq["plain"]  # the baseline is the trunk as pretrained
+
+
+async def test_the_ui_replays_a_manifest(world: dict[str, Path], tmp_path: Path) -> None:
+    """The runs screen's replay of a real manifest shows the answer as it was written."""
+    from pdt.tui.app import PDTApp
+    from pdt.tui.screens.run import RunScreen
+    from pdt.tui.screens.runs import manifest_replay
+    from tests.tui.conftest import screen_text, wait_until
+
+    run_dir = tmp_path / "run"
+    assert run_job(preset(world, baselines=["sequential"]), run_dir, console=False) == 0
+    manifest = load_manifest(run_dir / "manifest-0.json")
+    source = manifest_replay(run_dir / "manifest-0.json")
+    assert [e.kind for e in source.events][:2] == ["run_started", "decode_started"]
+    assert source.events[-1].kind == "done"
+    app = PDTApp()
+    async with app.run_test(size=(160, 48)) as pilot:
+        app.open_source(source)
+        await wait_until(
+            pilot, lambda: isinstance(app.screen, RunScreen) and "finished" in screen_text(app), 20
+        )
+        view = app.screen.decode
+        assert [s.committed for s in view.streams] == [s.text for s in manifest.streams]
+        assert view.speedup() == pytest.approx(manifest.speedup["e2e_vs_sequential"])

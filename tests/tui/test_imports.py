@@ -14,9 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 ALWAYS = ["pdt", "pdt.presets", "pdt.telemetry.events", "pdt.telemetry.sinks", "pdt.runs"]
 #: Packages whose every module is checked (those that exist when the test runs).
-DISCOVERED_PACKAGES = ["data", "train", "model", "presets", "telemetry"]
+DISCOVERED_PACKAGES = ["data", "train", "model", "presets", "telemetry", "infer", "bus"]
 #: Single core modules checked when present (the job runner main.py uses unattended).
-OPTIONAL = ["pdt.jobs"]
+OPTIONAL = ["pdt.jobs", "pdt.pipeline"]
 
 
 def _discover() -> list[str]:

@@ -1,9 +1,14 @@
-"""The training run screen: a live (or replayed) view of one run's events.
+"""The run screen: a live (or replayed) view of one run's events — training, or the inference demo.
 
 What it is: a reader thread that polls an `EventSource` ~10×/s and posts batches of events as a
 message; the screen folds them into a `RunState` and redraws only the changed panes at most 20×/s.
 Keys: `s` stops the job (first press: checkpoint and exit; second press: kill), `escape` goes back
 (a job launched here keeps running and can be reattached from the runs list).
+As soon as an answer starts (`decode_started`: an inference preset, or a pipeline reaching its
+demo) the screen switches to the inference layout: one pane per stream with its live text
+(provisional in italics, rolled-back blocks struck through until the retry commits), the notes-bus
+timeline, readiness against γ, coverage, the gate trace, speed against the sequential baseline,
+memory with the KV cache, and a prompt box that asks the running demo again (`pdt.infer.inbox`).
 What it is not: the job — it never touches training, only the event stream and the process.
 """
 
@@ -13,19 +18,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Container, Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Footer, Header
+from textual.widgets import Footer, Header, Input, Static
 from textual.worker import get_current_worker
 
 from pdt.telemetry.events import Event
+from pdt.tui.decode_state import DecodeView
 from pdt.tui.event_source import EventSource
 from pdt.tui.run_state import RunState
 from pdt.tui.widgets.checkpoint_list import CheckpointList
+from pdt.tui.widgets.decode_panes import (
+    BusTimeline,
+    CoveragePane,
+    GatePane,
+    ReadinessPane,
+    SpeedPane,
+    StreamPane,
+)
 from pdt.tui.widgets.log_tail import LogTail
 from pdt.tui.widgets.loss_plot import LossPlot
 from pdt.tui.widgets.memory_pane import MemoryPane
@@ -49,6 +64,8 @@ A live view of one job (or the replay of a finished one).
 
 - **s** — stop: the job saves a checkpoint at the next step and exits.
   Press **s** again to kill it at once (work since the last checkpoint is lost).
+- Inference: type a prompt in the box at the bottom and press **Enter** to ask the
+  running demo again (the model stays loaded); **tab** moves between the box and the panes.
 - **escape** — back to the presets. A job started here keeps running;
   reattach with **r** on the home screen.
 """
@@ -76,6 +93,7 @@ A live view of one job (or the replay of a finished one).
         super().__init__()
         self.source = source
         self.state = RunState()
+        self.decode = DecodeView()
         self.stop_presses = 0
         self._dirty: set[str] = {"status", "progress"}
 
@@ -94,6 +112,18 @@ A live view of one job (or the replay of a finished one).
         with Horizontal(id="run-bottom"):
             yield SamplePane(id="sample")
             yield LogTail(id="log")
+        with Vertical(id="decode"):
+            yield Static("", id="decode-prompt")
+            with Horizontal(id="decode-body"):
+                yield Container(id="streams")
+                with VerticalScroll(id="decode-side"):
+                    yield SpeedPane(id="speed")
+                    yield BusTimeline(id="bus")
+                    yield ReadinessPane(id="readiness")
+                    yield CoveragePane(id="coverage")
+                    yield GatePane(id="gates")
+                    yield MemoryPane(id="decode-memory")
+            yield Input(placeholder="ask again: type a prompt and press Enter", id="ask")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -105,6 +135,12 @@ A live view of one job (or the replay of a finished one).
             "#checkpoints-box": "checkpoints",
             "#sample": "sample",
             "#log": "log",
+            "#speed": "speed",
+            "#bus": "notes bus",
+            "#readiness": "readiness",
+            "#coverage": "coverage",
+            "#gates": "SNC gates",
+            "#decode-memory": "memory",
         }
         for selector, title in titles.items():
             self.query_one(selector).border_title = title
@@ -150,6 +186,9 @@ A live view of one job (or the replay of a finished one).
         if message.run_dir is not None:
             self.sub_title = message.run_dir.name
         self._dirty |= self.state.apply(message.events)
+        decode = self.decode.apply(message.events)
+        if decode:
+            self._dirty |= {f"decode-{name}" for name in decode}
         if message.ended:
             self.state.end(message.exit_code, message.console_tail, message.failure)
             self._dirty |= {"status", "progress", "ended"}
@@ -163,6 +202,8 @@ A live view of one job (or the replay of a finished one).
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, set()
         state = self.state
+        if any(name.startswith("decode-") for name in dirty):
+            self._flush_decode(dirty)
         if dirty & {"progress", "status"}:
             self.query_one(ProgressPane).show(state, time.time())
         if dirty & {"progress", "metrics"}:
@@ -172,7 +213,7 @@ A live view of one job (or the replay of a finished one).
         if "plot" in dirty:
             self.query_one(LossPlot).show(state.history)
         if "memory" in dirty:
-            self.query_one(MemoryPane).show(state.memory)
+            self.query_one("#memory", MemoryPane).show(state.memory)
         if "checkpoints" in dirty:
             self.query_one(CheckpointList).show(state.checkpoints)
         if "sample" in dirty:
@@ -188,6 +229,66 @@ A live view of one job (or the replay of a finished one).
         if dirty:
             kind, text = self.status()
             self.query_one(RunStatus).set_status(kind, text)
+
+    def _flush_decode(self, dirty: set[str]) -> None:
+        """Redraw the inference panes that changed (switching the layout on the first answer)."""
+        v = self.decode
+        if not v.active:
+            if "decode-memory" in dirty:
+                self.query_one("#decode-memory", MemoryPane).show(v.memory)
+            return
+        if not self.has_class("-decode"):
+            self.add_class("-decode")
+        streams = self.query_one("#streams", Container)
+        if "decode-header" in dirty or len(streams.children) != len(v.streams):
+            if len(streams.children) != len(v.streams):
+                streams.remove_children()
+                streams.mount_all([StreamPane(k) for k in range(len(v.streams))])
+            knobs = f"K={v.k} τ={v.tau} Δ={v.lag} γ={v.gamma:.2f} g={v.g:g}"
+            title = f"answer {v.answer + 1}" + (" · writing…" if v.answering else " · done")
+            line = Text.assemble((title, "bold"), "  ", v.prompt, "  ", (knobs, "dim"))
+            self.query_one("#decode-prompt", Static).update(line)
+        if "decode-streams" in dirty:
+            for pane, view in zip(streams.query(StreamPane), v.streams, strict=False):
+                pane.show(view)
+        panes = {
+            "decode-speed": (SpeedPane, "#speed"),
+            "decode-notes": (BusTimeline, "#bus"),
+            "decode-readiness": (ReadinessPane, "#readiness"),
+            "decode-coverage": (CoveragePane, "#coverage"),
+            "decode-gates": (GatePane, "#gates"),
+        }
+        for name, (cls, selector) in panes.items():
+            if name in dirty:
+                self.query_one(selector, cls).show(v)
+        if dirty & {"decode-memory", "decode-speed"}:
+            self.query_one("#decode-memory", MemoryPane).show(v.memory)
+            self.query_one("#speed", SpeedPane).show(v)
+
+    @on(Input.Submitted, "#ask")
+    def _on_ask(self, event: Input.Submitted) -> None:
+        prompt = event.value.strip()
+        if not prompt:
+            return
+        run_dir = self.source.run_dir
+        if self.state.final_status() is not None or run_dir is None:
+            self.notify(
+                "This demo is no longer running, so it cannot answer. Start it again from the home "
+                "screen (Enter on the inference preset) and ask there.",
+                title="Not running",
+                severity="warning",
+                timeout=8,
+            )
+            return
+        from pdt.infer.inbox import ask
+
+        try:
+            ask(run_dir, prompt)
+        except (OSError, ValueError) as exc:
+            self.notify(f"could not send the prompt: {exc}", severity="error")
+            return
+        event.input.value = ""
+        self.notify(f"asked: {prompt[:60]}", title="Sent to the demo", timeout=4)
 
     def status(self) -> tuple[str, str]:
         """(kind, text) of the status line."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.text import Text
@@ -20,6 +21,8 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from pdt.runs import RunInfo, list_runs
+from pdt.telemetry.events import Done, RunStarted
+from pdt.tui.event_source import ReplaySource
 
 if TYPE_CHECKING:
     from pdt.tui.app import PDTApp
@@ -38,11 +41,14 @@ Every run folder under `logs/`, newest first.
 
 - **enter** — open it: a running job is followed live (and **s** stops it),
   a finished one is replayed from its `events.jsonl`
+- **m** — replay the latest answer manifest of an inference run (or a pipeline's demo)
+  at its recorded pace, from `manifest-<n>.json`
 - **escape** — back to the presets
 """
 
     BINDINGS = [
         Binding("enter", "open", "Open"),
+        Binding("m", "replay_manifest", "Replay answer"),
         Binding("escape", "app.pop_screen", "Back"),
     ]
 
@@ -85,15 +91,48 @@ Every run folder under `logs/`, newest first.
     def _on_row(self) -> None:
         self.action_open()
 
-    def action_open(self) -> None:
-        from pathlib import Path
-
+    def _selected(self) -> Path | None:
         table = self.query_one(DataTable)
         if table.row_count == 0:
-            return
+            return None
         key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
-        if key is None:
+        return None if key is None else Path(key)
+
+    def action_open(self) -> None:
+        run_dir = self._selected()
+        if run_dir is None:
             return
         app: PDTApp = self.app  # type: ignore[assignment]
         app.pop_screen()
-        app.open_run_dir(Path(key))
+        app.open_run_dir(run_dir)
+
+    def action_replay_manifest(self) -> None:
+        run_dir = self._selected()
+        if run_dir is None:
+            return
+        manifests = sorted(run_dir.rglob("manifest-*.json"), key=lambda p: p.stat().st_mtime)
+        if not manifests:
+            self.notify(
+                "This run has no answer manifest (only inference runs write them).", severity="warning"
+            )
+            return
+        try:
+            source = manifest_replay(manifests[-1])
+        except Exception as exc:  # noqa: BLE001 - a damaged file is a message, never a crash
+            self.notify(f"cannot replay {manifests[-1].name}: {exc}", severity="error")
+            return
+        app: PDTApp = self.app  # type: ignore[assignment]
+        app.pop_screen()
+        app.open_source(source)
+
+
+def manifest_replay(path: Path) -> ReplaySource:
+    """A manifest's recorded answer as an event source, framed as a finished run."""
+    from pdt.infer.manifest import load_manifest, manifest_events
+
+    manifest = load_manifest(path)
+    events = manifest_events(path)
+    t0 = events[0].t if events else time.time()
+    t1 = events[-1].t if events else t0
+    head = RunStarted(run=path.parent.name, preset=manifest.preset, preset_kind="inference", pid=0, t=t0)
+    return ReplaySource([head, *events, Done(status="finished", t=t1)], title=f"replay of {path.name}")

@@ -1,0 +1,198 @@
+"""The inference view: the fold of an answer's events, and the run screen driven by a recorded
+event stream (Pilot) at 80×24 and large — live text, a struck rollback, readiness, coverage,
+speedup, memory — plus the prompt box writing to the demo's inbox."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pdt.telemetry.events import (
+    Answer,
+    Coverage,
+    DecodeStarted,
+    Done,
+    Event,
+    GateTrace,
+    Memory,
+    NoteSnapshot,
+    Readiness,
+    RunStarted,
+    StreamDone,
+    StreamRollback,
+    StreamToken,
+    Timing,
+)
+from pdt.tui.app import PDTApp
+from pdt.tui.decode_state import DecodeView
+from pdt.tui.event_source import ListEventSource
+from pdt.tui.screens.run import RunScreen
+from pdt.tui.widgets.decode_panes import stream_text
+
+from .conftest import screen_text, wait_until
+
+SMALL, LARGE = (80, 24), (160, 48)
+T0 = 1_700_000_000.0
+
+
+def _tokens(stream: int, rnd: int, words: list[str], attempt: int = 0, t: float = T0) -> list[Event]:
+    return [
+        StreamToken(stream=stream, round=rnd, token=100 + i, text=w, attempt=attempt, t=t + 0.01 * i)
+        for i, w in enumerate(words)
+    ]
+
+
+def answer_events(finish: bool = True) -> list[Event]:
+    """Three streams; stream 2's first block is rolled back and rewritten."""
+    ev: list[Event] = [
+        RunStarted(run="demo-1", preset="demo_tiny", preset_kind="inference", pid=7, t=T0),
+        DecodeStarted(
+            answer=0,
+            prompt="Tell me about the Moon.",
+            mode="pdt",
+            k=3,
+            tau=4,
+            lag=1,
+            gamma=0.6,
+            g=1.0,
+            alpha=1.0,
+            max_new_tokens=8,
+            layers=[2, 3],
+            plan_items=[["Moon"], ["tides"], ["Apollo"]],
+            t=T0,
+        ),
+        NoteSnapshot(stream=-1, round=0, version=0, visible_from_round=0, t=T0),
+    ]
+    ev += _tokens(0, 0, ["The", " Moon", " orbits", " Earth"], t=T0 + 1)
+    ev += _tokens(1, 0, ["Tides", " rise", " and", " fall"], t=T0 + 1)
+    ev += _tokens(2, 0, ["Moon", " Moon", " Moon", " Moon"], t=T0 + 1)
+    ev += [
+        Readiness(stream=0, round=0, attempt=0, score=0.91, gamma=0.6, decision="commit", t=T0 + 2),
+        Coverage(stream=0, round=0, items=["Moon"], probs=[0.97], t=T0 + 2),
+        NoteSnapshot(stream=0, round=0, version=0, visible_from_round=1, t=T0 + 2),
+        Readiness(stream=1, round=0, attempt=0, score=0.72, gamma=0.6, decision="commit", t=T0 + 2),
+        Coverage(stream=1, round=0, items=["tides"], probs=[0.2], t=T0 + 2),
+        NoteSnapshot(stream=1, round=0, version=0, visible_from_round=1, t=T0 + 2),
+        Readiness(stream=2, round=0, attempt=0, score=0.12, gamma=0.6, decision="rollback", t=T0 + 2),
+        Coverage(stream=2, round=0, items=["Apollo"], probs=[0.05], t=T0 + 2),
+        StreamRollback(
+            stream=2, round=0, attempt=0, removed=4, text="Moon Moon Moon Moon", readiness=0.12, t=T0 + 2
+        ),
+    ]
+    ev += _tokens(2, 0, ["Apollo", " 11", " landed", " there"], attempt=1, t=T0 + 3)
+    if not finish:
+        return ev
+    ev += [
+        Readiness(stream=2, round=0, attempt=1, score=0.88, gamma=0.6, decision="commit", t=T0 + 4),
+        Coverage(stream=2, round=0, items=["Apollo"], probs=[0.93], t=T0 + 4),
+        NoteSnapshot(stream=2, round=0, version=0, visible_from_round=1, t=T0 + 4),
+        StreamDone(stream=0, reason="budget", tokens=4, t=T0 + 4),
+        StreamDone(stream=1, reason="budget", tokens=4, t=T0 + 4),
+        StreamDone(stream=2, reason="eos", tokens=4, t=T0 + 4),
+        GateTrace(layers=[2, 3], values=[0.25, 0.5], g=1.0, t=T0 + 4),
+        Memory(rss_bytes=2**30, kv_cache_bytes=3 * 2**20, t=T0 + 4),
+        Timing(mode="pdt", tokens=12, seconds=0.5, tokens_per_s=24.0, steps=12, speedup=2.5, t=T0 + 5),
+        Timing(mode="sequential", tokens=12, seconds=1.25, tokens_per_s=9.6, steps=12, speedup=1.0, t=T0 + 5),
+        Answer(answer=0, text="The Moon orbits Earth", sections=["a", "b", "c"], manifest="m.json", t=T0 + 5),
+        Done(status="finished", t=T0 + 6),
+    ]
+    return ev
+
+
+def test_fold_commits_strikes_and_replaces() -> None:
+    view = DecodeView()
+    view.apply(answer_events(finish=False))
+    s0, s2 = view.streams[0], view.streams[2]
+    assert s0.committed == "The Moon orbits Earth" and s0.provisional == ""
+    assert s2.committed == "" and s2.struck == ["Moon Moon Moon Moon"]
+    assert s2.provisional == "Apollo 11 landed there" and s2.attempt == 1 and s2.rollbacks == 1
+    spans = stream_text(s2).spans
+    assert any("strike" in str(span.style) for span in spans)
+    view.apply(answer_events()[len(answer_events(finish=False)) :])
+    assert s2.committed == "Apollo 11 landed there" and s2.struck == [] and s2.done == "eos"
+    assert view.readiness[2] == [(0, 0, 0.12, "rollback"), (0, 1, 0.88, "commit")]
+    assert view.coverage[2] == (["Apollo"], [0.93])
+    assert view.notes[-1] == {0: (0, False)} and view.notes[2] == {0: (0, False)}
+    assert view.speedup() == 2.5 and view.gates == [0.25, 0.5]
+    assert not view.answering
+
+
+def test_a_new_answer_resets_the_panes_and_keeps_the_old_answer() -> None:
+    view = DecodeView()
+    view.apply(answer_events())
+    view.apply(
+        [
+            DecodeStarted(
+                answer=1,
+                prompt="And Mars?",
+                mode="pdt",
+                k=3,
+                tau=4,
+                lag=1,
+                gamma=0.6,
+                g=1.0,
+                alpha=1.0,
+                max_new_tokens=8,
+            )
+        ]
+    )
+    assert view.answer == 1 and view.prompt == "And Mars?" and view.answering
+    assert all(s.committed == "" and s.tokens == 0 for s in view.streams)
+    assert view.readiness == {} and view.timings == {}
+    assert view.answers[0].text == "The Moon orbits Earth"
+
+
+@pytest.mark.parametrize("size", [SMALL, LARGE])
+async def test_the_run_screen_switches_to_the_streams(workdir: Path, size: tuple[int, int]) -> None:
+    source = ListEventSource(answer_events(finish=False), keep_open=True, run_dir=workdir)
+    app = PDTApp()
+    async with app.run_test(size=size) as pilot:
+        app.open_source(source)
+        await wait_until(pilot, lambda: isinstance(app.screen, RunScreen))
+        screen = app.screen
+        await wait_until(pilot, lambda: screen.has_class("-decode") and "Apollo" in screen_text(app))
+        text = screen_text(app)
+        for k in range(3):
+            assert screen.query_one(f"#stream-{k}").region.height >= 3  # every stream is visible
+        assert "The Moon orbits Earth" in text and "Tides rise and fall" in text
+        assert "Moon Moon" in text  # the withdrawn block, still shown (struck) while the retry writes
+        assert "↺" in text and "retry 1" in text
+        assert "Tell me about the Moon." in text
+        assert not screen.query_one("#run-main").display  # the training panes gave way
+        source.events += answer_events()[len(answer_events(finish=False)) :]
+        await wait_until(pilot, lambda: "×2.50" in screen_text(app), timeout=8)
+        text = screen_text(app)
+        assert "Apollo 11 landed there" in text and "Moon Moon" not in text  # replaced
+        if size == LARGE:  # the side panes have room to show everything
+            assert "3.0 MiB" in text and "0.500" in text and "1/1" in text
+
+
+async def test_the_prompt_box_asks_the_running_demo(workdir: Path) -> None:
+    source = ListEventSource(answer_events(finish=False), keep_open=True, run_dir=workdir)
+    app = PDTApp()
+    async with app.run_test(size=SMALL) as pilot:
+        app.open_source(source)
+        await wait_until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen.has_class("-decode"))
+        app.screen.query_one("#ask").focus()
+        await pilot.press(*"What about Mars?")
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: (workdir / "prompts.jsonl").exists())
+        lines = (workdir / "prompts.jsonl").read_text().splitlines()
+        assert [json.loads(x)["prompt"] for x in lines] == ["What about Mars?"]
+        assert app.screen.query_one("#ask").value == ""
+
+
+async def test_the_prompt_box_says_so_when_the_demo_has_ended(workdir: Path) -> None:
+    source = ListEventSource(answer_events(finish=True), run_dir=workdir)
+    app = PDTApp()
+    async with app.run_test(size=SMALL) as pilot:
+        app.open_source(source)
+        await wait_until(pilot, lambda: isinstance(app.screen, RunScreen) and "finished" in screen_text(app))
+        app.screen.query_one("#ask").focus()
+        await pilot.press(*"again")
+        await pilot.press("enter")
+        await pilot.pause(0.2)
+        assert not (workdir / "prompts.jsonl").exists()
+        assert any("no longer running" in str(n.message) for n in app._notifications)

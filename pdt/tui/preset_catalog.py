@@ -61,6 +61,24 @@ KEY_SETTINGS: dict[str, dict[str, str]] = {
         "lora.rank": "LoRA rank",
         "distributed.nproc_per_node": "processes",
     },
+    "inference": {
+        "sidecars.preset": "sidecars of",
+        "sidecars.path": "sidecars folder",
+        "trunk.preset": "trunk preset",
+        "trunk.path": "trunk folder",
+        "prompt": "prompt",
+        "decode.max_new_tokens": "tokens / stream",
+        "decode.tau": "τ (None: trained)",
+        "decode.gamma": "γ (None: calibrated)",
+        "decode.temperature": "temperature",
+        "decode.max_retries": "max retries",
+        "baselines": "baselines",
+        "device": "device",
+    },
+    "pipeline": {
+        "presets": "runs, in order",
+        "featured": "featured",
+    },
 }
 
 
@@ -76,10 +94,16 @@ class PresetRow:
     running: bool = False
     nproc: int = 1
     settings: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    featured: bool = False
+    """A pipeline with `featured: true` (or the preset named quickstart): starred, listed first."""
 
     @property
     def name(self) -> str:
         return self.info.name
+
+    @property
+    def starred(self) -> bool:
+        return self.featured or self.name == QUICKSTART
 
     @property
     def group(self) -> str:
@@ -127,6 +151,8 @@ def _show(value: Any) -> str:
         return value
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
         return f"{value:,}"
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return ", ".join(value)  # preset names, baselines: plain words read better than JSON
     return json.dumps(value)
 
 
@@ -194,7 +220,8 @@ def load_catalog(
                 running=info.name in running_presets or (last is not None and last.status == "running"),
                 nproc=_nproc(resolved),
                 settings=key_settings(info, resolved),
+                featured=bool((resolved or {}).get("featured", False)),
             )
         )
-    rows.sort(key=lambda r: (group_order(r.group), r.name != QUICKSTART, r.name))
+    rows.sort(key=lambda r: (group_order(r.group), not r.starred, r.name))
     return rows

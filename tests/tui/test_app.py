@@ -69,6 +69,20 @@ class TestHome:
             assert presets.highlighted_name == "quickstart"
             assert "Start here" in _text(app.screen.query_one("#details-body"))
 
+    async def test_a_featured_pipeline_is_starred_first_and_selected(self, workdir: Path) -> None:
+        pipe = {"name": "getting_started", "kind": "pipeline", "presets": ["alpha", "beta"], "featured": True}
+        (workdir / "presets" / "getting_started.json").write_text(json.dumps(pipe), encoding="utf-8")
+        (workdir / "presets" / "quickstart.json").unlink()
+        app = PDTApp()
+        async with app.run_test(size=SMALL) as pilot:
+            presets = await _loaded_home(pilot)
+            ids = [option.id for option in presets.options]
+            assert ids[:2] == ["group:pipeline", "getting_started"]
+            assert "★ getting_started" in screen_text(app)
+            assert "★ alpha" not in screen_text(app)
+            assert presets.highlighted_name == "getting_started"
+            assert "alpha, beta" in _text(app.screen.query_one("#details-body"))
+
     async def test_invalid_preset_shows_its_error(self, workdir: Path) -> None:
         app = PDTApp()
         async with app.run_test(size=SMALL) as pilot:

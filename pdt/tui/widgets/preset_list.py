@@ -12,7 +12,7 @@ from textual.content import Content
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from pdt.tui.preset_catalog import INVALID, QUICKSTART, PresetRow
+from pdt.tui.preset_catalog import INVALID, PresetRow
 
 _STATUS_STYLE = {
     "running": "bold $accent",
@@ -64,7 +64,8 @@ class PresetList(OptionList):
             options.append(Option(self._prompt(row), id=row.name))
         self.set_options(options)
         names = [r.name for r in rows]
-        target = keep if keep in names else (QUICKSTART if QUICKSTART in names else (names or [None])[0])
+        starred = [r.name for r in self._rows if r.starred]
+        target = keep if keep in names else (starred[0] if starred else (names or [None])[0])
         if target is not None:
             self.highlighted = self.get_option_index(target)
 
@@ -84,7 +85,7 @@ class PresetList(OptionList):
 
     @staticmethod
     def _prompt(row: PresetRow) -> Content:
-        star = row.name == QUICKSTART
+        star = row.starred
         parts: list[str | tuple[str, str]] = [
             ("★ " + row.name, "bold $accent") if star else ("  " + row.name, "bold"),
             "  ",

@@ -84,6 +84,8 @@ class RunState:
 
     def _apply_one(self, event: Event) -> str:
         if isinstance(event, Progress):
+            if (event.stage, event.total) != (self.stage, self.total) or event.step < self.step:
+                self._rate_origin = None  # another stage or job (a pipeline's next child): a new rate
             self.step, self.total, self.tokens, self.stage = (
                 event.step,
                 event.total,

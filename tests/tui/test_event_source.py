@@ -135,6 +135,20 @@ class TestRunState:
         assert state.eta_s() == pytest.approx(30.0)  # 150 left at 5/s
         assert state.elapsed_s(now=25.0) == pytest.approx(25.0)
 
+    def test_eta_restarts_with_the_next_job_of_a_pipeline(self) -> None:
+        state = RunState()
+        state.apply(
+            [
+                Progress(step=0, total=2, stage="pipeline", t=0.0),
+                Progress(step=10, total=10, stage="stage0", t=100.0),  # the first child, slow
+                Progress(step=1, total=2, stage="pipeline", t=101.0),
+                Progress(step=5, total=100, stage="stage1", t=110.0),
+                Progress(step=25, total=100, stage="stage1", t=120.0),
+            ]
+        )
+        assert state.steps_per_s() == pytest.approx(2.0)  # 20 steps in 10 s of stage1 alone
+        assert state.eta_s() == pytest.approx(37.5)
+
     def test_final_status_precedence(self) -> None:
         state = RunState()
         assert state.final_status() is None

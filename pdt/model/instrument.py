@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pdt.model.sidecars.snc import gated_out_weights, project_notes_all
+from pdt.model.sidecars.snc import FoldedWindow, gated_out_weights, project_notes_all
 
 
 class UnsupportedTrunkError(Exception):
@@ -104,6 +104,19 @@ class SidecarContext:
     # The SNC mask (`visible` with the positions folded in), built on first use: the same for every
     # instrumented layer, so one forward builds it once rather than once a layer.
     _snc_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    # Decode on the CPU only: per sidecar module, its weights folded for this round (`folds`).
+    _folded: dict[int, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def folds(self, hidden: torch.Tensor) -> bool:
+        """Whether the sidecars may fold their weights into this context once and reuse them: a decode
+        round (a `kv_cache`, no grad, no positions) on the CPU, where the host paces a token (~1.5 µs
+        an op, ~50 ops a layer unfolded). On CUDA the Triton kernels run as before."""
+        return (
+            self.kv_cache is not None
+            and self.positions is None
+            and not hidden.is_cuda
+            and not torch.is_grad_enabled()
+        )
 
     def snc_mask(self) -> torch.Tensor:
         """`visible` [R, T, N] or [R, N], and False off `positions` (there the SNC delta is exactly 0)."""
@@ -123,6 +136,7 @@ class _SNCState:
     mask: torch.Tensor  # [R, T, N] bool: `visible` with the positions folded in
     kv: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [R, H, N, dh]
     w_out: list[torch.Tensor]  # per layer: (λ · g · W_o)ᵀ [w, D] (or [R, w, D]) in the compute dtype
+    folded: list[FoldedWindow] | None = None  # per layer, when the context folds (CPU decode)
 
     def layer(self, slot: int) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         return self.kv[slot], self.w_out[slot]
@@ -171,16 +185,24 @@ class Instrumentation:
         """What every SNC layer of this forward shares: the mask [R, T, N], and per layer (k, v) — from
         the decode round's `kv_cache` when it has them (no grad), else projected for every layer at
         once — and the gated W_oᵀ in `dtype`."""
+        folds = ctx.folds(hidden) and ctx.visible.dim() == 2 and hidden.dtype == dtype
+        state = ctx._folded.get(id(self)) if folds else None
+        if state is not None and state.folded[0].keys.dtype == dtype:
+            return state  # a decode round on the CPU: folded by the round's first token
         cache = ctx.kv_cache if ctx.kv_cache is not None and not torch.is_grad_enabled() else None
         kv = [cache.get(id(m)) for m in self.snc] if cache is not None else [None]
         if any(pair is None for pair in kv):
             kv = project_notes_all(self.snc, ctx.notes, ctx.producer, ctx.rounds)
             if cache is not None:
                 cache.update({id(m): pair for m, pair in zip(self.snc, kv, strict=True)})
-        mask = ctx.snc_mask()
+        mask, w_out = ctx.snc_mask(), gated_out_weights(self.snc, ctx.g, dtype)
+        if folds:
+            folded = [m.fold_window(pair, mask, w) for m, pair, w in zip(self.snc, kv, w_out, strict=True)]
+            state = ctx._folded[id(self)] = _SNCState(mask, kv, w_out, folded)
+            return state
         if mask.dim() == 2:  # decode: one window for the step's T positions
             mask = mask.unsqueeze(1).expand(mask.shape[0], hidden.shape[1], mask.shape[1])  # [R, T, N]
-        return _SNCState(mask, kv, gated_out_weights(self.snc, ctx.g, dtype))
+        return _SNCState(mask, kv, w_out)
 
     def _attn_hook(self, slot: int):  # noqa: ANN202 - returns a torch hook
         module = self.snc[slot]
@@ -197,9 +219,12 @@ class Instrumentation:
                 if torch.is_autocast_enabled(hidden.device.type):
                     dtype = torch.get_autocast_dtype(hidden.device.type)
                 state = self._snc_state = self._window_state(ctx, hidden, dtype)
-            attn_out = module.add_delta(
-                attn_out, hidden, ctx.notes, ctx.producer, ctx.rounds, state.mask, ctx.g, *state.layer(slot)
-            )  # attn_out + λ·g·C W_o in attn_out's dtype, the add fused into the output GEMM
+            if state.folded is not None and attn_out.dtype == hidden.dtype:
+                attn_out = module.add_folded(attn_out, hidden, state.folded[slot])  # CPU decode
+            else:
+                window = (ctx.notes, ctx.producer, ctx.rounds, state.mask, ctx.g)
+                # attn_out + λ·g·C W_o in attn_out's dtype, the add fused into the output GEMM
+                attn_out = module.add_delta(attn_out, hidden, *window, *state.layer(slot))
             return (attn_out, *output[1:]) if isinstance(output, tuple) else attn_out
 
         return hook
@@ -210,7 +235,13 @@ class Instrumentation:
             if ctx is None or not ctx.adapters:
                 return None
             mlp_out = output[0] if isinstance(output, tuple) else output  # MoE MLPs return (out, router)
-            mlp_out = module(mlp_out, ctx.stream_ids, ctx.positions)  # same dtype: the residual is fused
+            if mlp_out.dim() == 3 and mlp_out.dtype == module.w_down.dtype and ctx.folds(mlp_out):
+                folded = ctx._folded.get(id(module))
+                if folded is None:  # the round's first token: gather the rows' weights once
+                    folded = ctx._folded[id(module)] = module.fold_rows(ctx.stream_ids.to(mlp_out.device))
+                mlp_out = module.add_folded(mlp_out, folded)
+            else:
+                mlp_out = module(mlp_out, ctx.stream_ids, ctx.positions)  # same dtype: residual fused
             return (mlp_out, *output[1:]) if isinstance(output, tuple) else mlp_out
 
         return hook

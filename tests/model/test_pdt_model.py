@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from pdt.model.instrument import ARCHITECTURES, UnsupportedTrunkError
+from pdt.model.instrument import ARCHITECTURES, SidecarContext, UnsupportedTrunkError
 from pdt.model.pdt_model import GROUPS, PDTModel, SidecarLoadError
 from pdt.presets.schema import SidecarConfig
 from tests.conftest import TINY_ARCH_CONFIGS
@@ -233,6 +233,44 @@ def test_shared_snc_state_lives_one_forward() -> None:
     first.logits.square().mean().backward()
     second.logits.square().mean().backward()  # its own graph: no "backward through the graph twice"
     assert model.instrumentation.context is None and model.instrumentation._snc_state is None
+
+
+def test_cpu_decode_folds_once_a_round_and_matches_the_unfolded_step() -> None:
+    """A decode context (a `kv_cache`, no grad) on the CPU folds the sidecars' weights into its
+    window on the first token and reuses them: the logits equal the unfolded hooks' (a context
+    without a cache) within fp32 rounding, with an empty-window row and a per-row gate; at init
+    they equal the plain trunk's bit for bit."""
+    ids, streams = batch(t=1)
+    visible = torch.tensor([[True, True, False, True, False], [False] * 5, [True] * 5])  # [R, N]
+    window = Window(K, 5, 1, visible=visible)
+
+    def context(cache: dict | None, g: float | torch.Tensor = 1.0) -> SidecarContext:
+        return SidecarContext(
+            streams, window.notes, window.producer, window.rounds, visible, g=g, kv_cache=cache
+        )
+
+    model = PDTModel(tiny_trunk("llama"), CFG)
+    with torch.no_grad():
+        plain = model.trunk(input_ids=ids).logits
+        ctx = context({})
+        with model.instrumentation.active(ctx):
+            assert torch.equal(model.trunk(input_ids=ids).logits, plain)
+        assert len(ctx._folded) == 1 + CFG.n_layers  # the SNC state + one adapter per layer
+        open_gates(model, snc=True, adapters=True)
+        for g in (1.0, torch.tensor([0.5, 1.0, 0.0])):
+            folding = context({}, g)
+            for _ in range(2):  # the second token reuses the folded state
+                with model.instrumentation.active(folding):
+                    folded = model.trunk(input_ids=ids).logits
+                with model.instrumentation.active(context(None, g)):
+                    unfolded = model.trunk(input_ids=ids).logits
+                torch.testing.assert_close(folded, unfolded, atol=1e-5, rtol=1e-5)
+            assert (folded - plain).abs().max() > 1e-4  # the sidecars really act
+    # With grad enabled (training), the same context does not fold: the regular hooks run.
+    training = context({})
+    with model.instrumentation.active(training):
+        model.trunk(input_ids=ids).logits.sum().backward()
+    assert not training._folded
 
 
 @pytest.mark.parametrize("lag", [1, 2])

@@ -111,6 +111,19 @@ def test_adapter_epilogue_matches_the_plain_formula() -> None:
     torch.testing.assert_close(decode, out[:, 1])
 
 
+def test_adapter_folded_rows_match_forward() -> None:
+    """A decode round's folded rows (gate and GELU's 1/√2 in the weights, exact-erf GELU written
+    out) give `forward`'s values for rows in any stream order, and exactly h at init."""
+    hidden = torch.randn(R, T, D, generator=gen(8))
+    for ids in (torch.tensor([0, 1, 2]), torch.tensor([2, 0, 2])):
+        fresh = StreamAdapters(D, RANK, K)
+        with torch.no_grad():
+            assert torch.equal(fresh.add_folded(hidden, fresh.fold_rows(ids)), hidden)  # bit for bit
+            adapters = open_module(StreamAdapters(D, RANK, K))
+            folded = adapters.add_folded(hidden, adapters.fold_rows(ids))
+            torch.testing.assert_close(folded, adapters(hidden, ids), atol=1e-6, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- notes cross-attention
 
 
@@ -220,6 +233,29 @@ def test_snc_add_delta_matches_the_plain_formula() -> None:
                 a, b, atol=1e-5, rtol=1e-5, msg=lambda m, n=name, g=g: f"d{n}, g={g}: {m}"
             )
     assert snc.add_delta(base, hidden, **x, g=0.0) is base  # g = 0: no work at all
+
+
+def test_snc_folded_window_matches_add_delta() -> None:
+    """A decode round's folded window (W_q, the norm weight, the scale and λ·g·W_o folded into the
+    keys and values) gives `add_delta`'s values for a float and a per-row gate; a row with an empty
+    window, and every row at init, gives exactly base."""
+    x = snc_inputs()
+    hidden, base = x.pop("hidden"), torch.randn(R, T, D, generator=gen(9))
+    window = torch.tensor([[True, False, True, True], [False] * N, [False, False, False, True]])  # [R, N]
+    x["visible"] = window
+    with torch.no_grad():
+        fresh = make_snc()
+        kv = fresh.project_notes(x["notes"], x["producer"], x["rounds"])
+        folded = fresh.fold_window(kv, window, fresh.gated_out_weight(1.0, torch.float32))
+        assert torch.equal(fresh.add_folded(base, hidden, folded), base)  # identity at init, bit for bit
+        snc = open_module(make_snc())
+        kv = snc.project_notes(x["notes"], x["producer"], x["rounds"])
+        for g in (1.0, torch.tensor([0.5, 1.0, 0.25])):
+            folded = snc.fold_window(kv, window, snc.gated_out_weight(g, torch.float32))
+            out = snc.add_folded(base, hidden, folded)
+            torch.testing.assert_close(out, snc.add_delta(base, hidden, **x, g=g), atol=1e-5, rtol=1e-5)
+            assert torch.equal(out[1], base[1])  # row 1 sees nothing: exactly base
+            assert torch.isfinite(out).all()
 
 
 def test_snc_keeps_the_bases_dtype_and_identity() -> None:

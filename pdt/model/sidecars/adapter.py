@@ -10,16 +10,36 @@ trunk's own weights (curriculum stage 4).
 Identity at init (SPEC §2b.2): the up-projection and its bias start at exactly zero, so the
 adapter's output is exactly 0 and the trunk is unchanged bit for bit; the down-projection is
 random so the up-projection receives a useful gradient from the first step (the LoRA recipe).
+
+Decode rounds on the CPU (`fold_rows`, `add_folded`): the rows' streams and the weights are fixed
+for a round, so each row's weights are gathered once a round with the gate and GELU's 1/√2 folded
+in, and a token costs 6 host ops a layer instead of ~17 (the exact-erf `F.gelu` alone costs ~8 µs
+on a [3, 1, 16] input on CPU, `torch.erf` ~1 µs).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pdt.kernels import row_adapter
+
+
+@dataclass(frozen=True)
+class FoldedRows:
+    """Each row's adapter weights for one decode round (no grad), constants folded in.
+
+    With u' = (h · w_down + b_down) / √2, gelu(u) = u' · (1 + erf(u')) / √2 exactly, so the 1/√2
+    moves into `down` and `up`, and the gate σ(gate[s]) into `up` and `bias_up`.
+    """
+
+    down: torch.Tensor  # [R, D, r]: w_down[s] / √2
+    bias_down: torch.Tensor  # [R, 1, r]: b_down[s] / √2
+    up: torch.Tensor  # [R, r, D]: σ(gate[s]) · w_up[s] / √2
+    bias_up: torch.Tensor  # [R, 1, D]: σ(gate[s]) · b_up[s]
 
 
 class StreamAdapters(nn.Module):
@@ -64,6 +84,26 @@ class StreamAdapters(nn.Module):
         weights = (self.w_down, self.b_down, self.w_up, self.b_up)
         out = row_adapter(h, ids, *weights, gate=self.gate, positions=positions, residual=True)
         return out[:, 0] if squeeze else out
+
+    def fold_rows(self, stream_ids: torch.Tensor) -> FoldedRows:
+        """The rows' weights for a decode round, stream_ids [R]: frozen weights only (no grad)."""
+        ids = stream_ids.long()
+        root = 1.0 / math.sqrt(2.0)
+        gate = torch.sigmoid(self.gate).index_select(0, ids)[:, None, None]  # [R, 1, 1]
+        return FoldedRows(
+            down=self.w_down.index_select(0, ids) * root,  # [R, D, r]
+            bias_down=self.b_down.index_select(0, ids)[:, None, :] * root,  # [R, 1, r]
+            up=self.w_up.index_select(0, ids) * (gate * root),  # [R, r, D]
+            bias_up=self.b_up.index_select(0, ids)[:, None, :] * gate,  # [R, 1, D]
+        )
+
+    def add_folded(self, hidden: torch.Tensor, folded: FoldedRows) -> torch.Tensor:
+        """`h + σ(gate[s]) · adapter_s(h)` from `fold_rows`: hidden [R, T, D] → [R, T, D], in the
+        parameters' dtype. The same values as `forward` within fp32 rounding; exactly `hidden` while
+        w_up and b_up are zero (identity at init)."""
+        u = torch.baddbmm(folded.bias_down, hidden, folded.down)  # [R, T, r], already / √2
+        z = torch.erf(u).add_(1.0).mul_(u)  # √2 · gelu(u · √2)
+        return torch.baddbmm(hidden + folded.bias_up, z, folded.up)  # [R, T, D]
 
     def gate_value(self) -> torch.Tensor:
         """sigmoid(gate) per stream, detached: [K]."""

@@ -11,7 +11,11 @@ self-attention (`pdt.model.instrument`).
 Cost: the gate scales `W_o` and the residual add rides on the output GEMM (`add_delta`), so the
 sidecar adds no elementwise pass over [R, T, D] beyond its pre-norm; the keys/values and gated
 output weights of all layers are computed in one batched pass a forward (`project_notes_all`,
-`gated_out_weights`), because the host, not the GPU, paces a small training step.
+`gated_out_weights`), because the host, not the GPU, paces a small training step. A decode round
+on the CPU goes further (`fold_window`): the window is fixed for its τ tokens and nothing trains,
+so W_q, the norm weight, the score scale and λ·g·W_o are folded into the window's keys and values
+once a round, and a token costs ~10 host ops a layer instead of ~50 (bench/sidecar_overhead.py).
+On the CPU with autograd, `add_delta` folds the same weights per forward (`_add_delta_folded`).
 
 Identity at init (SPEC §2b.2): `W_o` starts at exactly zero and has no bias, so the delta is
 exactly 0 at init and for a position with an empty window at any time (`snc_attend` returns 0
@@ -24,12 +28,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdt.kernels import snc_attend
+from pdt.kernels import kernel_mode, snc_attend
+
+
+@dataclass(frozen=True)
+class FoldedWindow:
+    """One layer's SNC for one decode round, its weights folded into the window (no grad).
+
+    With x̂ = x · rsqrt(mean(x²) + ε), head h's score over note n is
+    `x̂ · (norm ⊙ W_q,hᵀ k_h,n) / sqrt(dh)` and its output is `Σ_n p_h,n · v_h,n W_o,h`: the
+    bracketed products depend on the window and the weights only, so they are computed once a round.
+    What it is not: a training path (the weights are frozen into it) nor a GPU one (there the Triton
+    kernels are launched per layer, unchanged).
+    """
+
+    keys: torch.Tensor  # [R, D, H·N]: per head, scale · norm ⊙ (k_h W_q,h), transposed for the bmm
+    values: torch.Tensor  # [R, H·N, D]: per head, v_h (λ·g·W_o,h)ᵀ; 0 for a row with an empty window
+    bias: torch.Tensor  # [R, 1, H·N]: 0 where visible, −inf elsewhere; all 0 for an empty window
 
 
 class NotesCrossAttention(nn.Module):
@@ -116,10 +137,24 @@ class NotesCrossAttention(nn.Module):
         k, v = kv if kv is not None else self.project_notes(notes, producer, rounds)
         dtype = self.w_q.weight.dtype
         x = hidden if hidden.dtype == dtype else hidden.to(dtype)
-        q = F.linear(F.rms_norm(x, (d,), self.norm.weight, self.norm.eps), self.w_q.weight)  # [R, T, w]
+        q = self._queries(x)  # [R, T, w]
         q = q.view(rows, t, self.heads, self.width // self.heads).transpose(1, 2)  # → [R, H, T, dh]
         context = snc_attend(q, k, v, mask)  # [R, H, T, dh], exact 0 where nothing is visible
         return context.transpose(1, 2).reshape(rows * t, self.width)  # [R, H, T, dh] → [R·T, w]
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        """`rms_norm(x) · W_qᵀ`: x [R, T, D] → [R, T, w].
+
+        On CUDA, `F.rms_norm` is one fused kernel. On the CPU it is ~6 autograd ops over [R, T, D];
+        there the norm weight is folded into W_q ([w, D]) and the 1/rms factor applied to the
+        w-wide queries, from one `vector_norm` pass: 0.88 vs 1.71 ms forward + backward at
+        [6, 128, 256] → 64 on 2 cores. The same values within fp32 rounding.
+        """
+        if x.is_cuda:
+            return F.linear(F.rms_norm(x, (self.d_model,), self.norm.weight, self.norm.eps), self.w_q.weight)
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [R, T, 1]
+        inv_rms = torch.rsqrt(norm.square() * (1.0 / self.d_model) + self.norm.eps)  # [R, T, 1]
+        return F.linear(x, self.w_q.weight * self.norm.weight) * inv_rms  # [w, D] ⊙ [D]
 
     def add_delta(
         self,
@@ -143,6 +178,12 @@ class NotesCrossAttention(nn.Module):
         """
         if not torch.is_tensor(g) and float(g) == 0.0:
             return base  # g = 0: the `independent` baseline, skip the work
+        if self._folds_on_cpu(base, hidden):
+            rows, t, _ = hidden.shape
+            kv = kv if kv is not None else self.project_notes(notes, producer, rounds)
+            mask = self._visible(visible, rows, t, notes.shape[1])  # [R, T, N]
+            w_out = w_out if w_out is not None else self.gated_out_weight(g, hidden.dtype)
+            return self._add_delta_folded(base, hidden, kv, mask, w_out)
         c = self.context(hidden, notes, producer, rounds, visible, kv)  # [R·T, w]
         if w_out is None:
             w_out = self.gated_out_weight(g, c.dtype)
@@ -155,6 +196,89 @@ class NotesCrossAttention(nn.Module):
         if w_out.dim() == 3:  # one external gate per row: one weight per row
             return torch.baddbmm(base, c.view(rows, t, -1), w_out)  # [R, T, D]
         return torch.addmm(base.reshape(rows * t, d), c, w_out).view(rows, t, d)  # [R·T, D] → [R, T, D]
+
+    def _folds_on_cpu(self, base: torch.Tensor, hidden: torch.Tensor) -> bool:
+        """The CPU path of `add_delta` (`_add_delta_folded`): fp32-like, one dtype, no autocast, and no
+        forced Triton (PDT_KERNELS=triton with TRITON_INTERPRET=1 runs the kernels on CPU tensors)."""
+        return (
+            not hidden.is_cuda
+            and base.dtype == hidden.dtype == self.w_q.weight.dtype
+            and not torch.is_autocast_enabled("cpu")
+            and kernel_mode() != "triton"
+        )
+
+    def _add_delta_folded(
+        self,
+        base: torch.Tensor,
+        hidden: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        mask: torch.Tensor,
+        w_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """`add_delta` on the CPU, with autograd: W_q (and the norm weight) folded into the keys and
+        W_o into the values, per forward. base, hidden [R, T, D], kv 2 × [R, H, N, dh], mask [R, T, N].
+
+        Why: on the CPU the host and the small ops pace a sidecar layer, not the FLOPs. Folded, a layer
+        is two [H·N × D] GEMMs per row and a softmax, not a query projection, two batched per-head
+        attention GEMMs, an output projection and the reshapes between them. Scores are laid out
+        [R, H, N, T] and normalised over N = dim −2 (see `reference.snc_attend`). Same values as
+        `context` + `W_o` within fp32 rounding; an empty window gives exactly base.
+        """
+        k, v = kv
+        rows, heads, n, dh = k.shape
+        t, d = hidden.shape[1], self.d_model
+        w_q = (self.w_q.weight * self.norm.weight).view(heads, dh, d)  # [w, D] ⊙ [D] → [H, dh, D]
+        keys = _per_head(k, w_q)  # [R, H·N, D]
+        w_o = w_out.view(heads, dh, d) if w_out.dim() == 2 else w_out.view(rows, heads, dh, d)
+        values = _per_head(v, w_o)  # [R, H·N, D]
+        norm = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True)  # [R, T, 1]
+        inv_rms = torch.rsqrt(norm.square() * (1.0 / d) + self.norm.eps) * (1.0 / math.sqrt(dh))
+        scores = torch.bmm(keys, hidden.transpose(1, 2)) * inv_rms.transpose(1, 2)  # [R, H·N, T]
+        visible = mask.transpose(1, 2)[:, None]  # [R, T, N] → [R, 1, N, T]
+        any_visible = visible.any(dim=-2, keepdim=True)  # [R, 1, 1, T]
+        # −inf off the window, except for a position that sees nothing: finite there, then × 0.
+        scores = scores.view(rows, heads, n, t).masked_fill(~visible & any_visible, float("-inf"))
+        probs = torch.softmax(scores, dim=-2) * any_visible  # [R, H, N, T]
+        return torch.baddbmm(base, probs.view(rows, heads * n, t).transpose(1, 2), values)  # [R, T, D]
+
+    def fold_window(
+        self, kv: tuple[torch.Tensor, torch.Tensor], visible: torch.Tensor, w_out: torch.Tensor
+    ) -> FoldedWindow:
+        """What `add_folded` needs for a decode round: kv from `project_notes` (2 × [R, H, N, dh]),
+        visible [R, N] bool, w_out from `gated_out_weight` ([w, D] or [R, w, D]). Frozen weights only."""
+        k, v = kv
+        rows, heads, n, dh = k.shape
+        d = self.d_model
+        w_q = self.w_q.weight.to(k.dtype).view(heads, dh, d)  # [w, D] → [H, dh, D]
+        scale = self.norm.weight.to(k.dtype) * (1.0 / math.sqrt(dh))  # [D]
+        keys = torch.matmul(k, w_q) * scale  # [R, H, N, dh] @ [H, dh, D] → [R, H, N, D]
+        w_o = w_out.view(heads, dh, d) if w_out.dim() == 2 else w_out.view(rows, heads, dh, d)
+        seen = visible.any(dim=-1)  # [R]
+        values = torch.matmul(v.to(w_o.dtype), w_o)  # [R, H, N, dh] @ [(R,) H, dh, D] → [R, H, N, D]
+        values = torch.where(seen[:, None, None, None], values, torch.zeros((), dtype=values.dtype))
+        bias = torch.zeros(visible.shape, dtype=keys.dtype, device=keys.device)  # [R, N]
+        # An empty window scores 0 everywhere (a harmless uniform softmax, times values of 0): never
+        # a softmax over −inf only (SPEC §2b.2).
+        bias = bias.masked_fill(~visible & seen[:, None], float("-inf"))
+        bias = bias[:, None, :].expand(rows, heads, n).reshape(rows, 1, heads * n)  # → [R, 1, H·N]
+        return FoldedWindow(
+            keys=keys.reshape(rows, heads * n, d).transpose(1, 2).contiguous(),  # → [R, D, H·N]
+            values=values.reshape(rows, heads * n, d),  # [R, H, N, D] → [R, H·N, D]
+            bias=bias,
+        )
+
+    def add_folded(self, base: torch.Tensor, hidden: torch.Tensor, folded: FoldedWindow) -> torch.Tensor:
+        """`base + λ · g · C W_o` from a `FoldedWindow`: base, hidden [R, T, D] → [R, T, D].
+
+        The same values as `add_delta` within fp32 rounding (the products are associated differently);
+        exactly `base` for a row whose window is empty, or while W_o is zero (identity at init).
+        """
+        rows, t, _ = hidden.shape
+        x = hidden if hidden.dtype == folded.keys.dtype else hidden.to(folded.keys.dtype)
+        inv_rms = x.pow(2).mean(-1, keepdim=True).add_(self.norm.eps).rsqrt_()  # [R, T, 1]
+        scores = torch.addcmul(folded.bias, torch.bmm(x, folded.keys), inv_rms)  # [R, T, H·N]
+        probs = torch.softmax(scores.view(rows, t, self.heads, -1), dim=-1)  # each head over its notes
+        return torch.baddbmm(base, probs.view(rows, t, -1), folded.values)  # [R, T, D]
 
     def forward(
         self,
@@ -177,6 +301,19 @@ class NotesCrossAttention(nn.Module):
             f"d_model={self.d_model}, d_notes={self.d_notes}, width={self.width}, heads={self.heads}, "
             f"num_streams={self.num_streams}, max_rounds={self.max_rounds}"
         )
+
+
+def _per_head(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [R, H, N, dh] times each head's weight [H, dh, D] (or [R, H, dh, D]) → [R, H·N, D].
+
+    A shared weight goes through one bmm batched over heads ([H, R·N, dh] @ [H, dh, D]): the
+    broadcasting `matmul` expands it to R copies, and its backward costs 1.6× as much on the CPU.
+    """
+    rows, heads, n, dh = x.shape
+    if weight.dim() == 4:
+        return torch.matmul(x, weight).view(rows, heads * n, -1)  # [R, H, N, D] → [R, H·N, D]
+    per_head = torch.bmm(x.transpose(0, 1).reshape(heads, rows * n, dh), weight)  # [H, R·N, D]
+    return per_head.view(heads, rows, n, -1).transpose(0, 1).reshape(rows, heads * n, -1)  # → [R, H·N, D]
 
 
 def project_notes_all(

@@ -164,6 +164,7 @@ def launch_job(
     env = dict(
         os.environ, PDT_PRESET=preset_ref, PDT_RUN_DIR=str(run_dir), PDT_HEADLESS="1", PYTHONUNBUFFERED="1"
     )
+    env["PDT_INFER_SERVE"] = "1"  # an inference job (or a pipeline's demo) stays up for the prompt box
     log_file = log_file or run_dir / "console.log"
     out = open(log_file, "ab")
     try:

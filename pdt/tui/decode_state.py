@@ -6,7 +6,8 @@ until the retry replaces them), the round and why it stopped; the notes-bus time
 versions per stream and round), readiness per round against γ, the latest coverage of each plan
 item, the gate trace, timings with the speedup against `sequential`, memory with the KV cache,
 and the finished answers. A `decode_started` of a new answer resets the panes; earlier answers'
-merged texts stay in `answers`. `apply()` returns which panes changed.
+merged texts stay in `answers`; a pipeline starting its next preset after the demo makes the view
+inactive again (the run screen shows the training panes). `apply()` returns which panes changed.
 What it is not: a reader of files (the run screen's source feeds it) nor a widget.
 """
 
@@ -22,12 +23,17 @@ from pdt.telemetry.events import (
     GateTrace,
     Memory,
     NoteSnapshot,
+    Progress,
     Readiness,
     StreamDone,
     StreamRollback,
     StreamToken,
     Timing,
 )
+
+#: The stage of a pipeline's own progress (pdt.pipeline.PIPELINE_STAGE; not imported: the pipeline
+#: module pulls in the jobs). Its `step < total` after an answer means the next preset started.
+PIPELINE_STAGE = "pipeline"
 
 #: Withdrawn blocks kept per stream for display (older ones are dropped).
 MAX_STRUCK = 3
@@ -71,6 +77,7 @@ class DecodeView:
     timings: dict[str, Timing] = field(default_factory=dict)
     memory: Memory | None = None
     answers: list[Answer] = field(default_factory=list)
+    answered: bool = False  # the current answer's `answer` event arrived
     first_token_t: float | None = None
     last_token_t: float | None = None
 
@@ -81,7 +88,7 @@ class DecodeView:
 
     @property
     def answering(self) -> bool:
-        return self.active and (not self.answers or self.answers[-1].answer != self.answer)
+        return self.active and not self.answered
 
     def live_tokens_per_s(self) -> float:
         """Sampled tokens per second of the answer so far (all streams together)."""
@@ -109,6 +116,9 @@ class DecodeView:
             return {"streams", "notes", "readiness", "coverage", "gates", "speed", "header"}
         if not self.active:
             return {"memory"} if isinstance(e, Memory) and self._memory(e) else set()
+        if isinstance(e, Progress) and e.stage == PIPELINE_STAGE and e.step < e.total and not self.answering:
+            self.answer = -1  # a pipeline went on to its next preset after the demo: training panes again
+            return {"header"}
         if isinstance(e, StreamToken):
             s = self._stream(e.stream)
             if e.attempt > s.attempt or e.round > s.round:
@@ -157,6 +167,7 @@ class DecodeView:
             return {"memory"} if self._memory(e) else set()
         if isinstance(e, Answer):
             self.answers.append(e)
+            self.answered = True
             return {"speed", "header", "streams"}
         return set()
 
@@ -172,6 +183,7 @@ class DecodeView:
         self.streams = [StreamView() for _ in range(e.k)]
         self.notes, self.readiness, self.coverage, self.gates, self.timings = {}, {}, {}, [], {}
         self.first_token_t = self.last_token_t = None
+        self.answered = False
 
     def _stream(self, k: int) -> StreamView:
         while len(self.streams) <= k:

@@ -19,6 +19,15 @@ from pdt.runs import RunInfo, list_runs, preset_status
 #: Display order of the kinds; a kind not listed comes after these, "invalid" always last.
 KIND_ORDER = ("pipeline", "dataset", "pretrain", "curriculum", "inference")
 INVALID = "invalid"
+#: What each kind is, beside its group header on the home screen.
+KIND_BLURB = {  # short: a header fits the list's 36 columns at 80×24
+    "pipeline": "end to end",
+    "dataset": "training data",
+    "pretrain": "trunks",
+    "curriculum": "sidecars",
+    "inference": "parallel demo",
+    INVALID: "fix with e",
+}
 #: The preset the home screen highlights and selects first.
 QUICKSTART = "quickstart"
 

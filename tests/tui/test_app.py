@@ -78,7 +78,8 @@ class TestHome:
             presets = await _loaded_home(pilot)
             ids = [option.id for option in presets.options]
             assert ids[:2] == ["group:pipeline", "getting_started"]
-            assert "★ getting_started" in screen_text(app)
+            assert "★ getting_started  quickstart" in screen_text(app)  # marked as the place to start
+            assert "PIPELINE  1 · end to end" in screen_text(app)
             assert "★ alpha" not in screen_text(app)
             assert presets.highlighted_name == "getting_started"
             assert "alpha, beta" in _text(app.screen.query_one("#details-body"))
@@ -463,3 +464,20 @@ class TestApp:
         finally:
             process.kill()
             process.wait()
+
+
+def test_launched_jobs_serve_the_prompt_box(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An inference job started from the TUI stays up for more prompts (PDT_INFER_SERVE=1)."""
+    import pdt.runs
+
+    seen: dict[str, str] = {}
+
+    class FakePopen:
+        def __init__(self, cmd: list[str], env: dict[str, str], **kwargs: object) -> None:
+            seen.update(env)
+
+    monkeypatch.setattr(pdt.runs.subprocess, "Popen", FakePopen)
+    run_dir = workdir / "logs" / "demo-1"
+    run_dir.mkdir(parents=True)
+    pdt.runs.launch_job("demo_tiny", run_dir)
+    assert seen["PDT_INFER_SERVE"] == "1" and seen["PDT_PRESET"] == "demo_tiny"

@@ -4,16 +4,20 @@ What it is: a reader thread that polls an `EventSource` ~10×/s and posts batche
 message; the screen folds them into a `RunState` and redraws only the changed panes at most 20×/s.
 Keys: `s` stops the job (first press: checkpoint and exit; second press: kill), `escape` goes back
 (a job launched here keeps running and can be reattached from the runs list).
-As soon as an answer starts (`decode_started`: an inference preset, or a pipeline reaching its
-demo) the screen switches to the inference layout: one pane per stream with its live text
-(provisional in italics, rolled-back blocks struck through until the retry commits), the notes-bus
-timeline, readiness against γ, coverage, the gate trace, speed against the sequential baseline,
-memory with the KV cache, and a prompt box that asks the running demo again (`pdt.infer.inbox`).
+An inference run (RunStarted.preset_kind) shows the inference layout from its start; any other
+run switches to it as soon as an answer starts (`decode_started`: a pipeline reaching its demo),
+and back when a pipeline starts its next preset after the demo. The inference layout: one pane
+per stream with its live text (provisional in italics, rolled-back blocks struck through until the
+retry commits; stacked at 80 columns, side by side when wide), the notes-bus timeline, readiness
+against γ, coverage, the gate trace, speed against the sequential baseline, memory with the KV
+cache, and a prompt box that asks the running demo again (`pdt.infer.inbox`); once the job has
+ended (or for a replay) the box says so and how to start the demo again.
 What it is not: the job — it never touches training, only the event stream and the process.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +34,7 @@ from textual.worker import get_current_worker
 
 from pdt.telemetry.events import Event
 from pdt.tui.decode_state import DecodeView
-from pdt.tui.event_source import EventSource
+from pdt.tui.event_source import EventSource, ReplaySource
 from pdt.tui.run_state import RunState
 from pdt.tui.widgets.checkpoint_list import CheckpointList
 from pdt.tui.widgets.decode_panes import (
@@ -50,6 +54,8 @@ from pdt.tui.widgets.run_status import RunStatus
 from pdt.tui.widgets.sample_pane import SamplePane
 from pdt.tui.widgets.stage_bars import StageBars
 
+#: Columns a stream pane needs to be readable side by side; narrower, the panes stack.
+STREAM_MIN_WIDTH = 24
 #: Redraws per second at most: the eye does not need more, a fast job must not starve input.
 MAX_FPS = 20
 
@@ -192,6 +198,10 @@ A live view of one job (or the replay of a finished one).
         if message.ended:
             self.state.end(message.exit_code, message.console_tail, message.failure)
             self._dirty |= {"status", "progress", "ended"}
+        if self.state.preset_kind == "inference" and not self.decode.active:
+            self._dirty.add(
+                "decode-header"
+            )  # an inference run: its layout from the start, not the first answer
 
     # ---------------------------------------------------------------- drawing
 
@@ -226,6 +236,8 @@ A live view of one job (or the replay of a finished one).
             final = state.final_status()
             if final is not None and final.kind == "exited":
                 self.query_one(LogTail).add_console_tail(state.console_tail)
+        if dirty & {"ended", "status", "decode-header"} and self.has_class("-decode"):
+            self._show_ask_state()
         if dirty:
             kind, text = self.status()
             self.query_one(RunStatus).set_status(kind, text)
@@ -233,20 +245,29 @@ A live view of one job (or the replay of a finished one).
     def _flush_decode(self, dirty: set[str]) -> None:
         """Redraw the inference panes that changed (switching the layout on the first answer)."""
         v = self.decode
+        if "decode-memory" in dirty:
+            self.query_one("#decode-memory", MemoryPane).show(v.memory)
         if not v.active:
-            if "decode-memory" in dirty:
-                self.query_one("#decode-memory", MemoryPane).show(v.memory)
+            inference = self.state.preset_kind == "inference"
+            self.set_class(inference, "-decode")  # a pipeline past its demo: the training panes again
+            if inference and "decode-header" in dirty:
+                self.query_one("#decode-prompt", Static).update(
+                    Text("loading the trunk and sidecars — the streams appear when the answer starts", "dim")
+                )
             return
         if not self.has_class("-decode"):
             self.add_class("-decode")
         streams = self.query_one("#streams", Container)
-        if "decode-header" in dirty or len(streams.children) != len(v.streams):
+        if dirty & {"decode-header", "decode-speed"} or len(streams.children) != len(v.streams):
             if len(streams.children) != len(v.streams):
                 streams.remove_children()
                 streams.mount_all([StreamPane(k) for k in range(len(v.streams))])
+                self._grid_streams()
             knobs = f"K={v.k} τ={v.tau} Δ={v.lag} γ={v.gamma:.2f} g={v.g:g}"
             title = f"answer {v.answer + 1}" + (" · writing…" if v.answering else " · done")
-            line = Text.assemble((title, "bold"), "  ", v.prompt, "  ", (knobs, "dim"))
+            speedup = v.speedup()
+            fast = f" ×{speedup:.2f} vs seq" if speedup is not None else ""
+            line = Text.assemble((title, "bold"), (fast, "bold green"), "  ", v.prompt, "  ", (knobs, "dim"))
             self.query_one("#decode-prompt", Static).update(line)
         if "decode-streams" in dirty:
             for pane, view in zip(streams.query(StreamPane), v.streams, strict=False):
@@ -265,25 +286,65 @@ A live view of one job (or the replay of a finished one).
             self.query_one("#decode-memory", MemoryPane).show(v.memory)
             self.query_one("#speed", SpeedPane).show(v)
 
+    def can_ask(self) -> bool:
+        """Whether the prompt box reaches a job: a run folder is known and its job still runs."""
+        return self.source.run_dir is not None and self.state.final_status() is None
+
+    def demo_preset(self) -> str:
+        """The inference preset behind this view (a pipeline's: from its answer's manifest folder)."""
+        if self.state.preset_kind == "inference" and self.state.preset:
+            return self.state.preset
+        for answer in reversed(self.decode.answers):
+            if answer.manifest:
+                return re.sub(r"^\d+-", "", Path(answer.manifest).parent.name)  # <index>-<name> of a pipeline
+        return "the inference preset"
+
+    def ask_closed_hint(self) -> str:
+        what = "This is a replay" if isinstance(self.source, ReplaySource) else "The demo has ended"
+        return (
+            f"{what}, so nothing can answer here. To ask again: escape, then Enter on "
+            f"{self.demo_preset()} on the home screen (started there, it stays up for more prompts)."
+        )
+
+    def ask_closed_placeholder(self) -> str:
+        what = "a replay" if isinstance(self.source, ReplaySource) else "ended"
+        return f"{what} · to ask again: esc, then Enter on {self.demo_preset()}"
+
+    def _show_ask_state(self) -> None:
+        ask = self.query_one("#ask", Input)
+        closed = self.state.final_status() is not None or isinstance(self.source, ReplaySource)
+        ask.set_class(closed, "-closed")
+        if closed:
+            ask.placeholder = self.ask_closed_placeholder()
+            ask.border_title = "the demo is not running"
+        else:
+            ask.placeholder = "ask again: type a prompt and press Enter"
+            ask.border_title = None
+
+    def on_resize(self) -> None:
+        self._grid_streams()
+
+    def _grid_streams(self) -> None:
+        """As many stream columns as fit STREAM_MIN_WIDTH each beside the side column (1: stacked)."""
+        k = max(1, len(self.decode.streams))
+        side = 46 if self.size.width >= 110 else 34  # #decode-side's width in app.tcss
+        cols = max(1, min(k, (self.size.width - side) // STREAM_MIN_WIDTH))
+        streams = self.query_one("#streams", Container)
+        streams.styles.grid_size_columns = cols
+        streams.styles.grid_size_rows = -(-k // cols)
+
     @on(Input.Submitted, "#ask")
     def _on_ask(self, event: Input.Submitted) -> None:
         prompt = event.value.strip()
         if not prompt:
             return
-        run_dir = self.source.run_dir
-        if self.state.final_status() is not None or run_dir is None:
-            self.notify(
-                "This demo is no longer running, so it cannot answer. Start it again from the home "
-                "screen (Enter on the inference preset) and ask there.",
-                title="Not running",
-                severity="warning",
-                timeout=8,
-            )
+        if not self.can_ask():
+            self.notify(self.ask_closed_hint(), title="Not running", severity="warning", timeout=10)
             return
         from pdt.infer.inbox import ask
 
         try:
-            ask(run_dir, prompt)
+            ask(self.source.run_dir, prompt)
         except (OSError, ValueError) as exc:
             self.notify(f"could not send the prompt: {exc}", severity="error")
             return
@@ -319,9 +380,13 @@ A live view of one job (or the replay of a finished one).
             return
         if self.stop_presses == 0:
             self.source.stop(force=False)
+            first = (
+                "The demo finishes the answer it is writing (skipping its baselines) and exits.\n"
+                if self.has_class("-decode")
+                else "The job saves a checkpoint at the next step and exits.\n"
+            )
             self.notify(
-                "The job saves a checkpoint at the next step and exits.\n"
-                "Press s again to kill it now (work since the last checkpoint is lost).",
+                first + "Press s again to kill it now (work since the last checkpoint is lost).",
                 title="Stopping",
                 timeout=8,
             )

@@ -23,6 +23,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 from pdt.runs import RunInfo, list_runs
 from pdt.telemetry.events import Done, RunStarted
 from pdt.tui.event_source import ReplaySource
+from pdt.tui.screens.manifests import ManifestPicker, find_manifests
 
 if TYPE_CHECKING:
     from pdt.tui.app import PDTApp
@@ -41,8 +42,8 @@ Every run folder under `logs/`, newest first.
 
 - **enter** — open it: a running job is followed live (and **s** stops it),
   a finished one is replayed from its `events.jsonl`
-- **m** — replay the latest answer manifest of an inference run (or a pipeline's demo)
-  at its recorded pace, from `manifest-<n>.json`
+- **m** — replay a recorded answer of an inference run (or a pipeline's demo) at its
+  recorded pace, from its `manifest-<n>.json` (with several answers, pick one first)
 - **escape** — back to the presets
 """
 
@@ -82,7 +83,9 @@ Every run folder under `logs/`, newest first.
             table.add_row(run.path.name, run.preset, status, started, key=str(run.path))
         hint = self.query_one("#runs-hint", Static)
         if message.runs:
-            hint.update(f"{len(message.runs)} run(s) — enter: open (live follow or replay)")
+            hint.update(
+                f"{len(message.runs)} run(s) — enter: open (live follow or replay) · m: replay an answer"
+            )
         else:
             hint.update("No runs yet: runs appear here once a preset has been started.")
         table.focus()
@@ -110,16 +113,26 @@ Every run folder under `logs/`, newest first.
         run_dir = self._selected()
         if run_dir is None:
             return
-        manifests = sorted(run_dir.rglob("manifest-*.json"), key=lambda p: p.stat().st_mtime)
+        manifests = find_manifests(run_dir)
         if not manifests:
             self.notify(
                 "This run has no answer manifest (only inference runs write them).", severity="warning"
             )
+        elif len(manifests) == 1:
+            self._replay(manifests[0])
+        else:
+            self.app.push_screen(ManifestPicker(run_dir, manifests), self._replay)
+
+    def _replay(self, path: Path | None) -> None:
+        if path is None:
             return
         try:
-            source = manifest_replay(manifests[-1])
+            source = manifest_replay(path)
+        except ImportError as exc:  # pdt.infer.manifest without manifest_events: an older checkout
+            self.notify(f"replaying needs pdt.infer.manifest.manifest_events ({exc})", severity="error")
+            return
         except Exception as exc:  # noqa: BLE001 - a damaged file is a message, never a crash
-            self.notify(f"cannot replay {manifests[-1].name}: {exc}", severity="error")
+            self.notify(f"cannot replay {path.name}: {exc}", severity="error")
             return
         app: PDTApp = self.app  # type: ignore[assignment]
         app.pop_screen()

@@ -2,11 +2,12 @@
 
 What it is: static widgets that render a `DecodeView` (pdt.tui.decode_state): `StreamPane` (one
 stream: committed text plain, the block being written in italics, withdrawn blocks struck through
-in red until the retry commits), `BusTimeline` (per stream the committed note versions by round;
-`*` marks a forced commit), `ReadinessPane` (per stream the latest scores against γ, ✓ commit /
-↺ rollback / ! forced), `CoveragePane` (each plan item's latest coverage probability, a bar per
-stream), `GatePane` (λ per instrumented layer) and `SpeedPane` (live tokens/s, the timings of PDT
-and its baselines, the speedup against sequential, KV cache bytes).
+in red until the retry commits), `BusTimeline` (per stream one cell per round: the note version
+committed to the bus, forced commits marked), `ReadinessPane` (per stream a sparkline of the block
+scores coloured by decision — ✓ commit / ↺ rollback / ! forced — and the latest against γ),
+`CoveragePane` (each plan item's latest coverage probability, a bar per stream), `GatePane` (λ per
+instrumented layer) and `SpeedPane` (the speedup against sequential, live tokens/s, the timings of
+PDT and its baselines, KV cache bytes).
 What it is not: the fold of events (pdt.tui.decode_state) or the screen.
 """
 
@@ -67,7 +68,7 @@ class StreamPane(VerticalScroll):
     def show(self, s: StreamView) -> None:
         state = f"round {s.round}" + (f" · retry {s.attempt}" if s.attempt else "")
         if s.done:
-            state = f"done ({s.done})"
+            state = f"⏹ {s.done}"
         self.border_title = f"stream {self.index} · {state}"
         self.border_subtitle = f"{s.tokens} tok · {s.rollbacks} ↺" if s.tokens else ""
         self.body.update(stream_text(s))
@@ -75,7 +76,11 @@ class StreamPane(VerticalScroll):
 
 
 class BusTimeline(Static):
-    """Per stream, the committed note versions by round (v0 of a round, v1 after a retry…)."""
+    """Per stream, one cell per round: the note committed to the bus for it (newest rounds last).
+
+    `●` its first version, `◆` a re-commit after a retry (version ≥ 1), `!` forced (committed below
+    γ after the last retry), `·` a round with no note yet. A note of round r is read from round r+Δ.
+    """
 
     DEFAULT_CSS = "BusTimeline { height: auto; padding: 0 1; }"
 
@@ -83,44 +88,64 @@ class BusTimeline(Static):
         self.update(self.describe(v))
 
     @staticmethod
-    def describe(v: DecodeView) -> Text:
+    def describe(v: DecodeView, width: int = 18) -> Text:
         out = Text()
         plan = v.notes.get(-1, {})
         out.append("plan ", style="bold")
         out.append(f"snapshot 0 v{plan[0][0]}" if 0 in plan else "—", style="cyan")
         out.append(f"   Δ={v.lag}\n", style="dim")
         for k in range(v.k):
-            out.append(f"s{k}   ", style="bold")
+            out.append(f"s{k} ", style="bold")
             rounds = v.notes.get(k, {})
             if not rounds:
-                out.append("no note yet", style="dim")
-            for r in sorted(rounds):
-                version, forced = rounds[r]
-                label = f"r{r}" + (f".v{version}" if version else "") + ("*" if forced else "")
-                out.append(label + " ", style="yellow" if forced else "green")
+                out.append("no note yet\n", style="dim")
+                continue
+            last = max(rounds)
+            first = max(0, last - width + 1)
+            if first:
+                out.append("…", style="dim")
+            for r in range(first, last + 1):
+                version, forced = rounds.get(r, (-1, False))
+                if version < 0:
+                    out.append("·", style="dim")
+                elif forced:
+                    out.append("!", style="bold yellow")
+                else:
+                    out.append("◆" if version else "●", style="cyan" if version else "green")
+            version, forced = rounds[last]
+            out.append(f" r{last}" + (f" v{version}" if version else ""), style="dim")
             out.append("\n")
+        out.append("● note ◆ re-commit ! forced", style="dim")
         return out
 
 
 class ReadinessPane(Static):
-    """The latest readiness scores of each stream against γ."""
+    """Readiness of every block against γ: a sparkline per stream (green commit, red rollback,
+    yellow forced), then the latest score and the number of rollbacks."""
 
     DEFAULT_CSS = "ReadinessPane { height: auto; padding: 0 1; }"
 
-    def show(self, v: DecodeView, last: int = 6) -> None:
-        self.update(self.describe(v, last))
+    def show(self, v: DecodeView) -> None:
+        self.update(self.describe(v))
 
     @staticmethod
-    def describe(v: DecodeView, last: int = 6) -> Text:
-        out = Text(f"γ = {v.gamma:.3f}\n", style="dim")
+    def describe(v: DecodeView, width: int = 12) -> Text:
+        out = Text(f"γ {v.gamma:.3f}  ✓ok ↺rollback !forced\n", style="dim")
         for k in range(v.k):
             out.append(f"s{k} ", style="bold")
-            scores = v.readiness.get(k, [])[-last:]
+            scores = v.readiness.get(k, [])
             if not scores:
-                out.append("—", style="dim")
-            for r, attempt, score, decision in scores:
-                mark, style = _DECISION.get(decision, ("?", "dim"))
-                out.append(f"r{r}{'′' * attempt} {score:.2f}{mark} ", style=style)
+                out.append("—\n", style="dim")
+                continue
+            for _, _, score, decision in scores[-width:]:
+                level = min(8, max(1, int(score * 8 + 0.5)))
+                out.append(_BARS[level], style=_DECISION.get(decision, ("?", "dim"))[1])
+            r, attempt, score, decision = scores[-1]
+            mark, style = _DECISION.get(decision, ("?", "dim"))
+            out.append(f" r{r}{'′' * attempt} {score:.2f}{mark}", style=style)
+            rollbacks = sum(d == "rollback" for *_, d in scores)
+            if rollbacks:
+                out.append(f" {rollbacks}↺", style="dim red")
             out.append("\n")
         return out
 
@@ -174,7 +199,7 @@ class GatePane(Static):
 
 
 class SpeedPane(Static):
-    """Live tokens/s, each mode's timing, PDT's speedup against sequential, KV cache bytes."""
+    """PDT's speedup against sequential, live tokens/s, each mode's timing, KV cache bytes."""
 
     DEFAULT_CSS = "SpeedPane { height: auto; padding: 0 1; }"
 
@@ -184,17 +209,17 @@ class SpeedPane(Static):
     @staticmethod
     def describe(v: DecodeView) -> Text:
         out = Text()
-        out.append(f"live {v.live_tokens_per_s():.1f} tok/s", style="bold")
         speedup = v.speedup()
         if speedup is not None:
-            style = "bold green" if speedup >= 1 else "bold red"
-            out.append(f"  ×{speedup:.2f} vs sequential", style=style)
-        out.append("\n")
+            out.append(f"×{speedup:.2f} vs sequential\n", style="bold green" if speedup >= 1 else "bold red")
+        elif v.answering:
+            out.append("speedup: once the baselines ran\n", style="dim")
+        out.append(f"{'live':<11}{v.live_tokens_per_s():>6.1f} tok/s\n", style="bold")
         for mode in ("pdt", "sequential", "independent"):
             t = v.timings.get(mode)
             if t is not None:
-                out.append(f"{mode[:11]:<11} ", style="bold")
-                out.append(f"{t.tokens} tok · {t.seconds:.2f} s · {t.tokens_per_s:.1f}/s\n")
+                out.append(f"{mode[:11]:<11}", style="bold")
+                out.append(f"{t.tokens_per_s:>6.1f} tok/s {t.seconds:>6.2f}s\n")
         if v.memory is not None and v.memory.kv_cache_bytes:
             out.append(f"KV cache {fmt_bytes(v.memory.kv_cache_bytes)}", style="dim")
-        return out
+        return out.rstrip() or out

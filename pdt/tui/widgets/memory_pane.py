@@ -1,6 +1,7 @@
 """The run screen's memory pane: host RSS and available memory, GPU allocated/reserved/peak.
 
-Layout: `rss`/`avail` (host), then `alloc`/`res`/`peak` (GPU, torch.cuda counters).
+Layout: `rss`/`avail` (host), then `alloc`/`res`/`peak` (GPU, torch.cuda counters), then `kv`
+(an inference run's KV cache of all streams) when reported.
 
 What it is: a static view of the latest `Memory` event in binary units. What it is not: a
 sampler — the job measures, this only shows (a CPU run reports zero GPU bytes: shown as such).
@@ -37,11 +38,15 @@ class MemoryPane(Static):
         if memory is None:
             return Content.styled("no memory report yet", "dim")
         pairs = [("rss", fmt_bytes(memory.rss_bytes)), ("avail", fmt_bytes(memory.available_bytes or None))]
-        if memory.gpu_reserved_bytes or memory.gpu_allocated_bytes or memory.gpu_peak_bytes:
+        gpu = bool(memory.gpu_reserved_bytes or memory.gpu_allocated_bytes or memory.gpu_peak_bytes)
+        if gpu:
             pairs += [
                 ("alloc", fmt_bytes(memory.gpu_allocated_bytes)),
                 ("res", fmt_bytes(memory.gpu_reserved_bytes)),
                 ("peak", fmt_bytes(memory.gpu_peak_bytes)),
             ]
+        if memory.kv_cache_bytes:  # inference only: the K streams' KV cache (on whichever device)
+            pairs.append(("kv", fmt_bytes(memory.kv_cache_bytes)))
+        if gpu:
             return pairs_grid(pairs)
         return Content("\n").join([pairs_grid(pairs), Content.styled("gpu   none (CPU run)", "dim")])

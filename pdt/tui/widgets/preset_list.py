@@ -12,7 +12,7 @@ from textual.content import Content
 from textual.widgets import OptionList
 from textual.widgets.option_list import Option
 
-from pdt.tui.preset_catalog import INVALID, PresetRow
+from pdt.tui.preset_catalog import INVALID, KIND_BLURB, QUICKSTART, PresetRow
 
 _STATUS_STYLE = {
     "running": "bold $accent",
@@ -81,13 +81,17 @@ class PresetList(OptionList):
 
     @staticmethod
     def _header(group: str, count: int) -> Content:
-        return Content.assemble((group.upper(), "bold"), (f"  {count}", "dim"))
+        blurb = KIND_BLURB.get(group)
+        return Content.assemble(
+            (group.upper(), "bold"), (f"  {count}", "dim"), (f" · {blurb}" if blurb else "", "dim italic")
+        )
 
     @staticmethod
     def _prompt(row: PresetRow) -> Content:
         star = row.starred
         parts: list[str | tuple[str, str]] = [
             ("★ " + row.name, "bold $accent") if star else ("  " + row.name, "bold"),
+            ("  quickstart" if row.featured and row.name != QUICKSTART else "", "$accent"),
             "  ",
             (row.status, _STATUS_STYLE.get(row.status, "")),
         ]

@@ -19,6 +19,9 @@ sidecars (they are trained for K = 3), so they use freshly initialised sidecars 
 their gates opened and γ = 0 (no rollbacks): their speed is real, their quality figures are not
 meaningful and are reported as null.
 CPU: the tiny pipeline (pretrain_tiny + stage3, fp32). GPU: pretrain_124m + stage3_124m, bf16.
+On CUDA each K runs with both decode-step engines, recorded as `mode`: `eager` (HF forward per
+token) and `cuda_graph` (the step captured once and replayed: `pdt.model.graph_decode`); all three
+modes of a record (PDT, sequential, independent) run on that record's engine.
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -128,8 +131,12 @@ def main() -> None:
     trained_k = session.model.cfg.num_streams
     prompts = [f"Tell me about {t}." for t in TITLES[: setup["prompts"]]]
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0)
+    engines = ("eager", "cuda_graph") if device.type == "cuda" else ("eager",)
+    only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
+    if only:
+        engines = tuple(e for e in engines if e in only.split(","))
     records = []
-    for k in KS:
+    for k, engine in ((k, e) for k in KS for e in engines):
         trained = k == trained_k
         model = session.model if trained else _untrained(session.model, k)
         settings = dataclasses.replace(
@@ -138,6 +145,7 @@ def main() -> None:
             prefixes=(),
             gamma=base.gamma if trained else 0.0,
             counterfactual=base.counterfactual if trained else Counterfactual(),
+            fast_path=engine,
         )
         decoder = ParallelDecoder(model, session.tokenizer, settings)
         _one(decoder, prompts[0], session.model.trunk, quality=False)  # warm-up (allocator, kernels)
@@ -151,7 +159,7 @@ def main() -> None:
                 "trunk": session.trunk_info["folder"],
                 "trunk_dtype": session.trunk_info["dtype"],
                 "k": k,
-                "mode": "eager",
+                "mode": decoder.engine,
                 "sidecars": "trained (stage 3)" if trained else "untrained, gates opened (timing only)",
                 "tau": settings.tau,
                 "gamma": settings.gamma,
@@ -178,7 +186,7 @@ def main() -> None:
         )
         r = records[-1]
         print(
-            f"K={k}: step {r['step_ratio']:.2f}x  e2e {r['e2e_ratio']:.2f}x  independent step "
+            f"K={k} {engine}: step {r['step_ratio']:.2f}x  e2e {r['e2e_ratio']:.2f}x  independent step "
             f"{r['independent_step_ratio']:.2f}x e2e {r['independent_e2e_ratio']:.2f}x  rollbacks "
             f"{r['rollbacks_per_answer']:.1f}",
             flush=True,
@@ -188,13 +196,14 @@ def main() -> None:
     path = out_dir / "decode_speedup.json"
     existing = json.loads(path.read_text()) if path.is_file() else {"records": []}
     kind = "cuda" if device.type == "cuda" else "cpu"
-    kept = [
+    kept = [  # the other device's records, and this device's records of engines not rerun
         r
         for r in existing.get("records", [])
         if str(r.get("device", "")).startswith("cpu") != (kind == "cpu")
+        or r.get("mode", "eager") not in engines
     ]
     path.write_text(json.dumps({"records": kept + records}, indent=2) + "\n")
-    head = f"{'device':<28} {'K':>2} {'step':>6} {'e2e':>6} {'ind step':>8}"
+    head = f"{'device':<28} {'mode':<10} {'K':>2} {'step':>6} {'e2e':>6} {'ind step':>8}"
     print(f"\n{head} {'red pdt':>8} {'red ind':>8} {'nll':>6}")
     for r in kept + records:
 
@@ -202,7 +211,8 @@ def main() -> None:
             return "  -  " if x is None else f"{x:.3f}"
 
         print(
-            f"{r['device'][:28]:<28} {r['k']:>2} {r['step_ratio']:>6.2f} {r['e2e_ratio']:>6.2f} "
+            f"{r['device'][:28]:<28} {r.get('mode', 'eager'):<10} {r['k']:>2} "
+            f"{r['step_ratio']:>6.2f} {r['e2e_ratio']:>6.2f} "
             f"{r['independent_step_ratio']:>8.2f} {f(r['redundancy_pdt']):>8} "
             f"{f(r['redundancy_independent']):>8} {f(r['nll_ratio']):>6}"
         )

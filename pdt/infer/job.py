@@ -36,7 +36,7 @@ from pdt.presets.curriculum import CurriculumPreset, CurriculumTrunk
 from pdt.presets.inference import InferencePreset
 from pdt.presets.schema import BusConfig, SidecarConfig
 from pdt.runs import checkpoints_root, data_root
-from pdt.telemetry.events import Answer, DecodeStarted, Event, Timing
+from pdt.telemetry.events import Answer, DecodeStarted, Event, Log, Timing
 from pdt.telemetry.memory import sample_memory
 
 #: Written beside the exported sidecars by the curriculum: the stride and bus they were trained with
@@ -72,6 +72,7 @@ class Session:
         self.settings = self._settings(cfg)
         self.trunk_info = {**trunk_identity(trunk), "folder": str(trunk_dir), "dtype": str(dtype)}
         self.answers = 0
+        self._parallel: ParallelDecoder | None = None
         ctx.log(
             f"loaded {trunk_dir} ({self.trunk_info['model_type']}, {dtype}) on {self.device} with the "
             f"sidecars of {self.folder}; K = {cfg.num_streams}, τ = {self.settings.tau}, "
@@ -155,7 +156,15 @@ class Session:
             max_new_tokens=d.max_new_tokens,
             prefixes=tuple(d.stream_prefixes or ()),
             counterfactual=counterfactual,
+            fast_path=d.fast_path,
         )
+
+    def _decoder(self) -> ParallelDecoder:
+        """One decoder for the session: a CUDA-graph engine keeps its buffers and captured graphs
+        from answer to answer (the baselines share them; they run after the PDT answer)."""
+        if self._parallel is None:
+            self._parallel = ParallelDecoder(self.model, self.tokenizer, self.settings)
+        return self._parallel
 
     def answer(self, prompt: str) -> dict[str, Any]:
         """One answer: PDT live, then the baselines; returns the manifest as a dict."""
@@ -185,17 +194,20 @@ class Session:
                 stream_prefixes=[s.prefix(k) for k in range(s.num_streams)],
             )
         )
-        decoder = ParallelDecoder(model, self.tokenizer, s, emit=emit)
+        decoder = self._decoder()
+        if index == 0:
+            emit(Log(level="info", message=f"decode-step engine: {decoder.engine_note}"))
+        decoder.emit = emit
         _reset_peak(self.device)
         result = decoder.decode(prompt, "pdt", self.preset.plan_items, self.preset.seed_texts)
         mem = dataclasses.replace(sample_memory(), kv_cache_bytes=result.kv_cache_bytes)
         emit(mem)
         baselines: dict[str, DecodeResult] = {}
-        quiet = ParallelDecoder(model, self.tokenizer, s)  # baselines emit only their timing
+        decoder.emit = lambda _e: None  # baselines emit only their timing (below)
         for mode in self.preset.baselines:
             if self.ctx.stop_requested():
                 break
-            baselines[mode] = quiet.decode(  # sequential: the same number of tokens as PDT committed
+            baselines[mode] = decoder.decode(  # sequential: the same number of tokens as PDT committed
                 prompt,
                 mode,
                 self.preset.plan_items,
@@ -214,6 +226,7 @@ class Session:
                     steps=res.steps,
                     step_ms=1000.0 * sum(res.step_seconds) / max(1, res.steps),
                     speedup=seq.seconds / res.seconds if seq is not None and res.seconds > 0 else 0.0,
+                    engine=res.engine,
                 )
             )
         quality = self._quality(result, baselines)

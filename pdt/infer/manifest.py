@@ -86,6 +86,7 @@ class TimingRecord(_Strict):
     step_ms_mean: float
     tokens_per_s: float
     per_token_s: list[float]
+    engine: str = "eager"  # the decode-step engine: eager | cuda_graph (manifests before it: eager)
 
 
 class BaselineRecord(_Strict):
@@ -141,6 +142,7 @@ def timing_record(result: Any) -> TimingRecord:
         step_ms_mean=1000.0 * sum(result.step_seconds) / steps,
         tokens_per_s=result.new_tokens / result.seconds if result.seconds > 0 else 0.0,
         per_token_s=sorted(times),
+        engine=getattr(result, "engine", "eager"),
     )
 
 

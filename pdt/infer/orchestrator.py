@@ -43,6 +43,8 @@ from pdt.bus import Counterfactual, NotesBus, WindowBatch
 from pdt.data.plan_ids import plan_item_id
 from pdt.infer.sampling import sample_rows
 from pdt.model.decode import DecodeState, StreamDecoder
+from pdt.model.graph_decode import GraphStreamDecoder
+from pdt.model.graph_decode import unsupported as graph_unsupported
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
 from pdt.model.sidecars.blend import blend_logits
@@ -61,6 +63,24 @@ from pdt.telemetry.events import (
 )
 
 MODES = ("pdt", "sequential", "independent")
+FAST_PATHS = ("auto", "eager", "cuda_graph")
+
+
+def make_decoder(model: PDTModel, settings: DecodeSettings) -> tuple[StreamDecoder, str]:
+    """The step engine `settings.fast_path` asks for, and a line saying why when "auto" fell back to
+    eager. An explicit "cuda_graph" that cannot run is an error naming the reason."""
+    if settings.fast_path not in FAST_PATHS:
+        raise ValueError(f"decode.fast_path {settings.fast_path!r}: one of {', '.join(FAST_PATHS)}")
+    if settings.fast_path == "eager":
+        return StreamDecoder(model), "eager (asked for)"
+    reason = graph_unsupported(model)
+    if reason is None and settings.alpha < 1.0:
+        reason = "alpha < 1 decodes a second, plain state beside each answer"
+    if reason is None:
+        return GraphStreamDecoder(model), "cuda_graph"
+    if settings.fast_path == "cuda_graph":
+        raise ValueError(f"decode.fast_path 'cuda_graph' cannot run here: {reason}; use 'auto' or 'eager'")
+    return StreamDecoder(model), f"eager ({reason})"
 
 
 def plain_trunk(trunk: torch.nn.Module) -> contextlib.AbstractContextManager:
@@ -94,6 +114,9 @@ class DecodeSettings:
     counterfactual: Counterfactual = field(default_factory=Counterfactual)
     ignore_eos: bool = False
     """Streams write exactly their budget (benchmarks: the same token count in every mode)."""
+    fast_path: str = "auto"
+    """The decode-step engine: "eager" (`StreamDecoder`), "cuda_graph" (`GraphStreamDecoder`: one
+    captured graph per step kind, replayed), or "auto" (cuda_graph where it can run, else eager)."""
 
     def prefix(self, stream: int) -> str:
         if self.prefixes:
@@ -120,6 +143,7 @@ class DecodeSettings:
             "seed": self.seed,
             "max_new_tokens": self.max_new_tokens,
             "ignore_eos": self.ignore_eos,
+            "fast_path": self.fast_path,
             "prefixes": [self.prefix(k) for k in range(self.num_streams)],
             "counterfactual": {
                 "ablate": sorted(cf.ablate),
@@ -194,6 +218,7 @@ class DecodeResult:
     gates: list[float] = field(default_factory=list)
     state: DecodeState | None = None
     prefix_steps: int = 0  # the first `prefix_steps` steps fed the stream prefixes (no sampling)
+    engine: str = "eager"  # the decode-step engine that ran it: eager | cuda_graph
 
     @property
     def sections(self) -> list[str]:
@@ -267,7 +292,8 @@ class ParallelDecoder:
         self.tokenizer = tokenizer
         self.s = settings
         self.emit = emit or (lambda _e: None)
-        self.decoder = StreamDecoder(model)
+        self.decoder, self.engine_note = make_decoder(model, settings)
+        self.engine = self.decoder.engine
         self.device = self.decoder.device
         self.eos = getattr(tokenizer, "eot_id", None)
 
@@ -359,19 +385,22 @@ class ParallelDecoder:
         ids = list(range(s.num_streams)) if streams is None else list(streams)
         rows = len(ids)
         t0 = time.perf_counter()
-        state, last_logits = self.decoder.prefill(prompt_ids, rows)
-        base = self.decoder.prefill(prompt_ids, rows) if s.alpha < 1.0 else None
+        records = [StreamRecord(k, s.prefix(k), self.tokenizer.encode(s.prefix(k) + "\n")) for k in ids]
+        # steps at most: the prefixes, then per block τ tokens for each try (a retry takes a new slot)
+        blocks = -(-s.max_new_tokens // s.tau)
+        steps = max(len(r.prefix_ids) for r in records) + blocks * s.tau * (s.max_retries + 1)
+        state, last_logits = self.decoder.prefill(prompt_ids, rows, steps)
+        base = self.decoder.prefill(prompt_ids, rows, steps) if s.alpha < 1.0 else None
         plan = self.plan(state, plan_items, seed_texts)
         bus = NotesBus(s.num_streams, model.cfg.d_notes, s.bus, model.cfg.max_rounds, s.counterfactual)
         bus.set_snapshot0(plan.snapshot0.to(self.device))
         if use_bus:
             self.emit(NoteSnapshot(stream=-1, round=0, version=bus.snapshot0_version, visible_from_round=0))
-        records = [StreamRecord(k, s.prefix(k), self.tokenizer.encode(s.prefix(k) + "\n")) for k in ids]
         stream_ids = torch.tensor(ids, device=self.device)
         self._gens = [torch.Generator().manual_seed(s.seed * 1009 + k) for k in ids]
         self._plan_labels = plan.items
         items, item_mask = self._items(plan, ids)
-        result = DecodeResult(mode, prompt, prompt_ids, records, 0.0, 0, [], 0, plan)
+        result = DecodeResult(mode, prompt, prompt_ids, records, 0.0, 0, [], 0, plan, engine=self.engine)
         next_logits = last_logits.clone()  # [R, V] the logits each row samples its next token from
         last_hidden = torch.zeros(rows, model.d_model, device=self.device)
 
@@ -694,13 +723,13 @@ class ParallelDecoder:
         with EOS banned, or K × max_new_tokens stopping at EOS."""
         s = self.s
         t0 = time.perf_counter()
-        state, logits = self.decoder.prefill(prompt_ids, 1)
+        budget = total if total is not None else s.max_new_tokens * s.num_streams
+        state, logits = self.decoder.prefill(prompt_ids, 1, budget)
         rec = StreamRecord(0, "", [])
         attempt = Attempt(0, 0)
         rec.blocks.append([attempt])
-        result = DecodeResult("sequential", prompt, prompt_ids, [rec], 0.0, 0, [], 0)
+        result = DecodeResult("sequential", prompt, prompt_ids, [rec], 0.0, 0, [], 0, engine=self.engine)
         gen = torch.Generator().manual_seed(s.seed * 1009 + 997)
-        budget = total if total is not None else s.max_new_tokens * s.num_streams
         ban_eos = total is not None or s.ignore_eos
         live = torch.ones(1, dtype=torch.bool, device=self.device)
         detok = _Detok(self.tokenizer, prompt_ids)

@@ -51,14 +51,17 @@ class DecodeState:
 class StreamDecoder:
     """Prefill once, then step all rows together; sidecars read the window given per step."""
 
+    engine = "eager"
+
     def __init__(self, model: PDTModel) -> None:
         self.model = model
         self.device = next(model.trunk.parameters()).device
 
     @torch.no_grad()
-    def prefill(self, prompt_ids: list[int], rows: int) -> tuple[DecodeState, torch.Tensor]:
+    def prefill(self, prompt_ids: list[int], rows: int, steps: int = 0) -> tuple[DecodeState, torch.Tensor]:
         """Encode the prompt once (plain trunk: it is shared, so no stream-specific sidecar touches it)
-        and give every row that cache. Returns the state and the last prompt position's logits [R, V]."""
+        and give every row that cache. Returns the state and the last prompt position's logits [R, V].
+        `steps` (the decode steps expected) sizes static engines' buffers; this cache grows as it goes."""
         from transformers import DynamicCache
 
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, P]

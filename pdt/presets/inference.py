@@ -84,6 +84,9 @@ class DecodeConfig(StrictModel):
     """Token budget per stream (the sequential baseline gets K × this)."""
     stream_prefixes: list[str] | None = None
     """What each stream reads after the prompt before it writes; None: " Part n of K:" as trained."""
+    fast_path: Literal["auto", "eager", "cuda_graph"] = "auto"
+    """Decode-step engine: cuda_graph captures the step once and replays it (CUDA; not with α < 1 or
+    sliding-window trunks); eager runs the HF forward per token; auto: cuda_graph where it can run."""
 
 
 class InferencePreset(PresetBase):

@@ -256,6 +256,8 @@ class Timing(Event):
     """Batched trunk forwards (one per token of every active stream at once)."""
     step_ms: float = 0.0
     speedup: float = 0.0
+    engine: str = "eager"
+    """The decode-step engine: eager (an HF forward per token) or cuda_graph (a replayed capture)."""
 
 
 @dataclass(frozen=True)

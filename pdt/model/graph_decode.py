@@ -1,0 +1,347 @@
+"""The decode step on static buffers, captured once as a CUDA graph and replayed every token.
+
+What it is: `GraphStreamDecoder`, a drop-in for `StreamDecoder` (same `prefill` / `step` /
+`rollback`, same results) whose cache, inputs and sidecar window live in buffers allocated once
+per row count and reused by every answer: the K/V of each layer are [R, H_kv, capacity, dh]
+tensors written at one physical slot per step (all rows share the slot, as in `StreamDecoder`);
+the attention mask is a view of the per-row validity bits; the notes window of a round is copied
+into fixed buffers. With fixed addresses the whole trunk forward — the SNC and adapter hooks and
+their Triton kernels included — is captured as one CUDA graph per (rows, sidecar setting) and a
+step is a replay: a small trunk decoding a token is paced by the host launching ~20 kernels a
+layer (eager HF GPT-2 124M: ~10 ms a token on the H100 machine for ~1 ms of GPU work), which the
+graph removes. On the CPU (`graphs=False`) the same static-buffer step runs eagerly; that is
+what the CPU tests check against `StreamDecoder`, and the GPU tests check the captured graph.
+
+What it is not: the orchestrator (`pdt.infer.orchestrator` picks this engine or the eager one:
+`fast_path`), nor a general static cache — trunks with sliding-window layers, attention kernels
+other than sdpa/eager, or a second state at once (α < 1) use `StreamDecoder` (`unsupported`).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pdt.model.attention import decode_attention
+from pdt.model.decode import DecodeState, StreamDecoder
+from pdt.model.instrument import SidecarContext
+from pdt.model.pdt_model import PDTModel
+
+ENGINE = "cuda_graph"
+_ROUND = 256  # capacities are multiples of this: answers of similar length share buffers and graphs
+
+
+def unsupported(model: PDTModel) -> str | None:
+    """Why this engine cannot run `model` (None: it can)."""
+    trunk = model.trunk
+    device = next(trunk.parameters()).device
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device (the trunk is on {device.type})"
+    config = trunk.config
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r} (the static mask needs sdpa or eager)"
+    if getattr(config, "sliding_window", None) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or ()
+    ):
+        return "sliding-window attention layers (their cache drops slots the static layout keeps)"
+    return None
+
+
+@dataclass
+class _Graph:
+    graph: Any  # torch.cuda.CUDAGraph, or None when run eagerly
+    run: Any  # the forward on the static buffers (what was captured)
+    logits: torch.Tensor | None = None  # [R, 1, V] the captured output buffers
+    hidden: torch.Tensor | None = None  # [R, 1, D]
+
+
+@dataclass
+class _Buffers:
+    """Everything a step reads or writes, at fixed addresses, for one row count."""
+
+    rows: int
+    capacity: int
+    cache: Any  # transformers DynamicCache whose layers write into keys/values at `slot`
+    keys: list[torch.Tensor]  # per layer [R, H_kv, capacity, dh]
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # [R, capacity] bool
+    logical: torch.Tensor  # [R, capacity] long (-1: never a token of the row)
+    ids: torch.Tensor  # [R, 1] long
+    pos: torch.Tensor  # [R, 1] long
+    slot: torch.Tensor  # [1] long: the physical slot the step writes
+    mask: torch.Tensor  # [R, 1, 1, capacity]: a view of `valid` (sdpa) or an additive float buffer
+    window: dict[str, torch.Tensor] = field(default_factory=dict)  # notes window buffers, by field
+    graphs: dict[tuple, _Graph] = field(default_factory=dict)
+    loaded: SidecarContext | None = None  # the context whose window the buffers hold
+    generation: int = 0  # bumped by every prefill: a superseded state may not step
+
+
+@dataclass
+class GraphDecodeState(DecodeState):
+    used: int = 0  # physical slots written so far (the next step writes slot `used`)
+    buffers: _Buffers | None = None
+    generation: int = 0
+
+
+class GraphStreamDecoder(StreamDecoder):
+    """`StreamDecoder` on static buffers; `graphs=True` (CUDA) captures each step kind once."""
+
+    engine = ENGINE
+
+    def __init__(self, model: PDTModel, graphs: bool | None = None) -> None:
+        super().__init__(model)
+        self.graphs = self.device.type == "cuda" if graphs is None else graphs
+        if self.graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self._buffers: dict[int, _Buffers] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.captures = 0  # graphs captured so far (tests, benchmarks)
+
+    # ------------------------------------------------------------------ prefill
+
+    @torch.no_grad()
+    def prefill(self, prompt_ids: list[int], rows: int, steps: int = 0) -> tuple[DecodeState, torch.Tensor]:
+        """As `StreamDecoder.prefill`; `steps` is how many decode steps the caller expects (the
+        buffers are sized for prompt + steps, rounded up, and grow if the answer needs more)."""
+        from transformers import DynamicCache
+
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, P]
+        out = self.model.trunk(
+            input_ids=ids, past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True
+        )
+        p = len(prompt_ids)
+        prompt_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [1, H, P, dh] each
+        buf = self._buffers.get(rows)
+        need = p + max(steps, 1)
+        if buf is None or buf.capacity < need:
+            buf = self._allocate(rows, _round_up(need), prompt_kv, out.past_key_values, buf)
+        for (k, v), bk, bv in zip(prompt_kv, buf.keys, buf.values, strict=True):
+            bk[:, :, :p].copy_(k.expand(rows, -1, -1, -1))
+            bv[:, :, :p].copy_(v.expand(rows, -1, -1, -1))
+        buf.valid.zero_()
+        buf.valid[:, :p] = True
+        buf.logical.fill_(-1)
+        buf.logical[:, :p] = torch.arange(p, device=self.device)
+        buf.loaded = None
+        buf.generation += 1
+        state = GraphDecodeState(
+            cache=buf.cache,
+            valid=buf.valid,
+            logical=buf.logical,
+            lengths=torch.full((rows,), p, dtype=torch.long, device=self.device),
+            prompt_len=p,
+            tokens=[[] for _ in range(rows)],
+            prompt_hidden=out.hidden_states[-1],
+            used=p,
+            buffers=buf,
+            generation=buf.generation,
+        )
+        return state, out.logits[:, -1].expand(rows, -1)
+
+    def _allocate(
+        self, rows: int, capacity: int, prompt_kv: list, template: Any, old: _Buffers | None
+    ) -> _Buffers:
+        """Buffers for `rows` at `capacity` slots; `old` (smaller) is dropped with its graphs."""
+        if old is not None:
+            old.graphs.clear()
+        keys = [
+            torch.zeros(rows, k.shape[1], capacity, k.shape[3], dtype=k.dtype, device=self.device)
+            for k, _ in prompt_kv
+        ]
+        values = [
+            torch.zeros(rows, v.shape[1], capacity, v.shape[3], dtype=v.dtype, device=self.device)
+            for _, v in prompt_kv
+        ]
+        slot = torch.zeros(1, dtype=torch.long, device=self.device)
+        cache = _slot_cache(template, keys, values, slot)
+        valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
+        impl = getattr(self.model.trunk.config, "_attn_implementation", None)
+        if impl == "eager":
+            dtype = self.model.trunk.get_input_embeddings().weight.dtype
+            mask = torch.zeros(rows, 1, 1, capacity, dtype=dtype, device=self.device)
+        else:
+            mask = valid[:, None, None, :]  # a view: the validity bits ARE the sdpa mask
+        buf = _Buffers(
+            rows=rows,
+            capacity=capacity,
+            cache=cache,
+            keys=keys,
+            values=values,
+            valid=valid,
+            logical=torch.full((rows, capacity), -1, dtype=torch.long, device=self.device),
+            ids=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+            pos=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
+            slot=slot,
+            mask=mask,
+            generation=old.generation if old is not None else 0,
+        )
+        self._buffers[rows] = buf
+        return buf
+
+    def _grow(self, state: GraphDecodeState) -> None:
+        """More slots for a live answer: copy what it has into buffers twice as long (graphs recaptured)."""
+        old = state.buffers
+        assert old is not None
+        used = state.used
+        kv = [(k[:1, :, :0], v[:1, :, :0]) for k, v in zip(old.keys, old.values, strict=True)]  # shapes only
+        buf = self._allocate(old.rows, _round_up(2 * old.capacity), kv, old.cache, old)
+        for src, dst in zip(old.keys + old.values, buf.keys + buf.values, strict=True):
+            dst[:, :, :used].copy_(src[:, :, :used])
+        buf.valid[:, :used] = old.valid[:, :used]
+        buf.logical[:, :used] = old.logical[:, :used]
+        buf.generation = state.generation
+        state.buffers, state.cache, state.valid, state.logical = buf, buf.cache, buf.valid, buf.logical
+
+    # ------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(
+        self, state: DecodeState, tokens: torch.Tensor, active: torch.Tensor, context: SidecarContext | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(state, GraphDecodeState) or state.buffers is None:
+            raise TypeError("GraphStreamDecoder.step needs a state from its own prefill")
+        if state.generation != state.buffers.generation:
+            raise RuntimeError("this decode state was superseded by a later prefill with the same rows")
+        if state.used >= state.buffers.capacity:
+            self._grow(state)
+        buf, slot = state.buffers, state.used
+        active = active.to(self.device)
+        position = state.lengths  # [R] the logical index of each row's new token
+        buf.valid[:, slot] = active
+        buf.logical[:, slot] = torch.where(active, position, torch.full_like(position, -1))
+        buf.ids.copy_(tokens.to(self.device).view(-1, 1))
+        buf.pos.copy_(position.view(-1, 1))
+        buf.slot.fill_(slot)
+        if buf.mask.dtype != torch.bool:  # eager attention: additive mask
+            buf.mask.copy_(torch.where(buf.valid, 0.0, torch.finfo(buf.mask.dtype).min)[:, None, None, :])
+        key = self._load(buf, context)
+        run = buf.graphs.get(key)
+        if run is None:
+            run = buf.graphs[key] = self._capture(buf, context)
+        if run.graph is not None:
+            run.graph.replay()
+            logits, hidden = run.logits, run.hidden
+        else:
+            logits, hidden = run.run()
+        assert logits is not None and hidden is not None
+        state.lengths = state.lengths + active.long()
+        state.used += 1
+        for r, (token, live) in enumerate(zip(tokens.tolist(), active.tolist(), strict=True)):
+            if live:
+                state.tokens[r].append(int(token))
+        # copies: the graph's output buffers are overwritten by the next replay
+        return logits[:, -1].clone(), hidden[:, -1].clone()
+
+    def _load(self, buf: _Buffers, context: SidecarContext | None) -> tuple:
+        """Copy a new round's window into the static buffers; the graph key for this context."""
+        if context is None:
+            return ("plain",)
+        if context.positions is not None or context.visible.dim() != 2 or torch.is_tensor(context.g):
+            raise ValueError(
+                "the graph step takes a decode context: one window [R, N], no positions, a float g"
+            )
+        fields = {
+            "stream_ids": context.stream_ids,
+            "notes": context.notes,
+            "producer": context.producer,
+            "rounds": context.rounds,
+            "visible": context.visible,
+        }
+        shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in fields.items())
+        if buf.loaded is not context:
+            for name, t in fields.items():
+                held = buf.window.get(name)
+                if held is None or held.shape != t.shape or held.dtype != t.dtype:
+                    # a new window shape: new buffers, and the graphs that read the old ones go
+                    buf.graphs = {k: v for k, v in buf.graphs.items() if k[0] == "plain"}
+                    held = buf.window[name] = torch.empty_like(t, device=self.device)
+                held.copy_(t)
+            buf.loaded = context
+        return ("sidecars", float(context.g), context.snc, context.adapters, shapes)
+
+    def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
+        ctx = None
+        if context is not None:
+            w = buf.window
+            ctx = SidecarContext(
+                stream_ids=w["stream_ids"],
+                notes=w["notes"],
+                producer=w["producer"],
+                rounds=w["rounds"],
+                visible=w["visible"],
+                g=float(context.g),
+                snc=context.snc,
+                adapters=context.adapters,
+                kv_cache=None,  # the notes' keys/values are recomputed from the buffers in the graph
+            )
+        kwargs = dict(
+            input_ids=buf.ids,
+            past_key_values=buf.cache,
+            attention_mask=buf.mask,
+            position_ids=buf.pos,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        trunk, instrumentation = self.model.trunk, self.model.instrumentation
+
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            with decode_attention():
+                if ctx is None:
+                    out = trunk(**kwargs)
+                else:
+                    with instrumentation.active(ctx):
+                        out = trunk(**kwargs)
+            return out.logits, out.hidden_states[-1]
+
+        if not self.graphs:
+            return _Graph(graph=None, run=run)
+        # Warm-up on a side stream (allocator, Triton autotune and JIT), then capture. Both write this
+        # step's K/V at `slot` with this step's inputs: the replay right after writes the same.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits, hidden = run()
+        self.captures += 1
+        return _Graph(graph=graph, run=run, logits=logits, hidden=hidden)
+
+
+def _round_up(n: int) -> int:
+    return -(-n // _ROUND) * _ROUND
+
+
+def _slot_cache(
+    template: Any, keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor
+) -> Any:
+    """A transformers DynamicCache (the class the trunk already decodes with) whose layers hold the
+    static buffers and write each step's K/V at physical slot `slot` (a device tensor, so the write
+    is part of the graph) — returning the whole buffer; the mask hides the slots a row does not own."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for layer_idx in range(len(keys)):
+        layer = type(template.layers[layer_idx])()
+        layer.keys, layer.values = keys[layer_idx], values[layer_idx]
+        if hasattr(layer, "is_initialized"):
+            layer.is_initialized = True
+        if hasattr(layer, "dtype"):
+            layer.dtype, layer.device = keys[layer_idx].dtype, keys[layer_idx].device
+
+        def update(
+            self: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+        ) -> Any:
+            self.keys.index_copy_(2, slot, key_states)
+            self.values.index_copy_(2, slot, value_states)
+            return self.keys, self.values
+
+        layer.update = types.MethodType(update, layer)
+        cache.layers.append(layer)
+    return cache

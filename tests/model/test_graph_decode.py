@@ -1,0 +1,161 @@
+"""The static-buffer decode engine gives exactly what the eager one gives; the CUDA graph replays it.
+
+On the CPU the engine runs its static-buffer step eagerly (`graphs=False`): same cache slots, same
+masks, same window buffers as the captured graph. The `gpu` tests capture and replay on CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import pdt.model.graph_decode as graph_decode
+from pdt.infer.orchestrator import DecodeSettings, ParallelDecoder, make_decoder
+from pdt.model.decode import StreamDecoder
+from pdt.model.graph_decode import GraphStreamDecoder
+from pdt.model.pdt_model import PDTModel
+from pdt.presets.schema import BusConfig
+from tests.infer.test_orchestrator import PROMPT, CharTok
+from tests.model.test_pdt_model import CFG, K, open_gates, tiny_trunk
+
+
+def _model(model_type: str, device: str = "cpu") -> PDTModel:
+    m = PDTModel(tiny_trunk(model_type), CFG)
+    open_gates(m, snc=True, adapters=True)
+    return m.to(device).eval()
+
+
+def _settings(**over) -> DecodeSettings:  # noqa: ANN003
+    base = dict(
+        num_streams=K,
+        tau=4,
+        bus=BusConfig(lag=1, window=4),
+        gamma=0.0,
+        max_retries=2,
+        temperature=0.0,
+        no_repeat_ngram=0,
+        max_new_tokens=12,
+        ignore_eos=True,
+        fast_path="eager",
+    )
+    base.update(over)
+    return DecodeSettings(**base)
+
+
+def _pair(model: PDTModel, graphs: bool, **over) -> tuple[ParallelDecoder, ParallelDecoder]:  # noqa: ANN003
+    eager = ParallelDecoder(model, CharTok(), _settings(**over))
+    static = ParallelDecoder(model, CharTok(), _settings(**over))
+    static.decoder = GraphStreamDecoder(model, graphs=graphs)
+    static.engine = static.decoder.engine
+    return eager, static
+
+
+def _same(a, b) -> None:  # noqa: ANN001
+    assert [s.token_ids for s in a.streams] == [s.token_ids for s in b.streams]
+    assert a.rollbacks == b.rollbacks
+    assert a.state.tokens == b.state.tokens
+    assert a.state.lengths.tolist() == b.state.lengths.tolist()
+
+
+@pytest.fixture(autouse=True)
+def _small_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Capacities in steps of 16 slots: the answers below outgrow their first buffers (growth is tested)."""
+    monkeypatch.setattr(graph_decode, "_ROUND", 16)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "over",
+    [
+        dict(),
+        dict(temperature=0.9, top_k=20),
+        dict(gamma=1.0, max_retries=1, max_new_tokens=8),  # every block rolled back once, in a batch
+    ],
+)
+def test_static_engine_equals_eager_engine_in_every_mode(model_type: str, over: dict) -> None:
+    model = _model(model_type)
+    eager, static = _pair(model, graphs=False, **over)
+    for mode in ("pdt", "independent", "sequential"):
+        a, b = eager.decode(PROMPT, mode), static.decode(PROMPT, mode)
+        assert b.engine == "cuda_graph" and a.engine == "eager"
+        _same(a, b)
+        assert b.steps == a.steps > 0
+    rolled = eager.decode(PROMPT, "pdt")
+    if over.get("gamma") == 1.0:
+        assert rolled.rollbacks > 0  # the rollback case really rolls back
+
+
+def test_buffers_grow_mid_answer_with_rollbacks_step_for_step() -> None:
+    """Step by step against `StreamDecoder` (same tokens, same active rows, same rollbacks): the
+    logits match while the static buffers grow twice (16 → 32 → 64 slots) under the live answer."""
+    model = _model("llama")
+    eager, static = StreamDecoder(model), GraphStreamDecoder(model, graphs=False)
+    prompt = CharTok().encode(PROMPT)
+    a, logits_a = eager.prefill(prompt, 3)
+    b, logits_b = static.prefill(prompt, 3, steps=0)
+    assert b.buffers.capacity == 32  # 23 prompt tokens + 1, rounded up to 16s
+    gen = torch.Generator().manual_seed(0)
+    for i in range(40):
+        tokens = torch.randint(1, 96, (3,), generator=gen)
+        active = torch.tensor([True, i % 3 != 1, i < 30])  # a waiting row, a row that is done
+        la, ha = eager.step(a, tokens, active, None)
+        lb, hb = static.step(b, tokens, active, None)
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(hb, ha, rtol=1e-5, atol=1e-5)
+        if i in (12, 25):  # roll row 0 back by 5 tokens
+            length = int(a.lengths[0]) - 5
+            eager.rollback(a, 0, length)
+            static.rollback(b, 0, length)
+    assert b.buffers.capacity == 64 and b.used == len(prompt) + 40
+    assert a.tokens == b.tokens and a.lengths.tolist() == b.lengths.tolist()
+
+
+def test_buffers_are_reused_across_answers() -> None:
+    model = _model("llama")
+    eager, static = _pair(model, graphs=False, max_new_tokens=20)
+    first = static.decode(PROMPT, "pdt")
+    _same(eager.decode(PROMPT, "pdt"), first)
+    buf = static.decoder._buffers[K]
+    again = static.decode("Tell me about Music.", "pdt")
+    assert static.decoder._buffers[K] is buf  # same rows, enough room: the same buffers (and graphs)
+    _same(eager.decode("Tell me about Music.", "pdt"), again)
+
+
+def test_a_superseded_state_may_not_step() -> None:
+    model = _model("llama")
+    engine = GraphStreamDecoder(model, graphs=False)
+    old, _ = engine.prefill([5, 6, 7], 2)
+    engine.prefill([8, 9], 2)  # the same rows: the buffers now hold this prompt
+    with pytest.raises(RuntimeError, match="superseded"):
+        engine.step(old, torch.tensor([1, 2]), torch.tensor([True, True]), None)
+
+
+def test_engine_choice_and_its_errors() -> None:
+    model = _model("llama")
+    decoder, note = make_decoder(model, _settings(fast_path="auto"))
+    assert isinstance(decoder, StreamDecoder) and not isinstance(decoder, GraphStreamDecoder)
+    assert note.startswith("eager (") and "CUDA" in note  # auto on the CPU: eager, and it says why
+    with pytest.raises(ValueError, match="cannot run here: CUDA graphs need a CUDA device"):
+        make_decoder(model, _settings(fast_path="cuda_graph"))
+    with pytest.raises(ValueError, match="decode.fast_path 'turbo'"):
+        make_decoder(model, _settings(fast_path="turbo"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(model_type: str) -> None:
+    if not torch.cuda.is_available():
+        pytest.fail("the gpu tests need CUDA")
+    model = _model(model_type, "cuda")
+    over = dict(gamma=1.0, max_retries=1, max_new_tokens=10)
+    eager, static = _pair(model, graphs=True, **over)
+    for mode in ("pdt", "independent", "sequential"):
+        _same(eager.decode(PROMPT, mode), static.decode(PROMPT, mode))
+    captures = static.decoder.captures
+    assert 0 < captures <= 8  # one graph per step kind and window shape, not one per token
+    steps = static.decode(PROMPT, "pdt").steps
+    assert static.decoder.captures == captures < steps  # a second answer replays: nothing captured
+    auto = ParallelDecoder(model, CharTok(), dataclasses.replace(_settings(**over), fast_path="auto"))
+    assert auto.engine == "cuda_graph"

@@ -256,9 +256,11 @@ class Session:
             code_version=pdt.code_version(),
         )
         path = self.ctx.run_dir / f"manifest-{index}.json"
-        emit(Answer(answer=index, text=result.merged, sections=result.sections, manifest=str(path)))
+        done = Answer(answer=index, text=result.merged, sections=result.sections, manifest=str(path))
+        events.append(done.to_dict())
         manifest.events = events  # the answer event too, so a replay ends like the live run
-        write_manifest(manifest, path)
+        write_manifest(manifest, path)  # before the event: whoever sees the answer can open it
+        self.ctx.emit(done)
         return manifest.model_dump()
 
     def _quality(self, result: DecodeResult, baselines: dict[str, DecodeResult]) -> dict[str, float | None]:

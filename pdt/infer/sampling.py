@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from pdt.model.attention import decode_attention
+from pdt.model.attention import cache_arg, decode_attention, output_cache
 
 
 def banned_by_ngram(history: list[int], n: int) -> list[int]:
@@ -83,8 +83,8 @@ def generate(
     try:
         for _ in range(max_new_tokens):
             with decode_attention():
-                result = model(input_ids=ids, past_key_values=past, use_cache=True)
-            past = result.past_key_values
+                result = model(input_ids=ids, use_cache=True, **{cache_arg(model): past})
+            past = output_cache(result)
             token = sample_next(
                 result.logits[0, -1],
                 history,

@@ -9,7 +9,9 @@ are fixed (there cuDNN is fine).
 
 from __future__ import annotations
 
+import inspect
 from contextlib import AbstractContextManager
+from typing import Any
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -18,3 +20,24 @@ _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, 
 
 def decode_attention() -> AbstractContextManager:
     return sdpa_kernel(_DECODE_BACKENDS)
+
+
+def cache_arg(model: Any) -> str:
+    """The keyword a trunk's forward takes its KV cache by: `cache` (transformers ≥ 5.2x, where
+    `past_key_values` is a deprecated alias that warns) or `past_key_values` (earlier 5.x)."""
+    cls = type(model)
+    name = _CACHE_ARGS.get(cls)
+    if name is None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps
+        params = inspect.signature(type(base).forward).parameters
+        name = _CACHE_ARGS[cls] = "cache" if "cache" in params else "past_key_values"
+    return name
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+_CACHE_ARGS: dict[type, str] = {}

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pdt.model.attention import decode_attention
+from pdt.model.attention import cache_arg, decode_attention, output_cache
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
 
@@ -67,9 +67,9 @@ class StreamDecoder:
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, P]
         cache = DynamicCache()
         out = self.model.trunk(
-            input_ids=ids, past_key_values=cache, use_cache=True, output_hidden_states=True
+            input_ids=ids, use_cache=True, output_hidden_states=True, **{cache_arg(self.model.trunk): cache}
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         cache.batch_repeat_interleave(rows)  # the prefix's K/V, once per row
         p = len(prompt_ids)
         state = DecodeState(
@@ -97,7 +97,7 @@ class StreamDecoder:
         ids = tokens.to(self.device)[:, None]  # [R, 1]
         kwargs = dict(
             input_ids=ids,
-            past_key_values=state.cache,
+            **{cache_arg(self.model.trunk): state.cache},
             attention_mask=self._mask(mask, logical, position),
             position_ids=position[:, None],
             use_cache=True,
@@ -109,7 +109,7 @@ class StreamDecoder:
             else:
                 with self.model.instrumentation.active(context):
                     out = self.model.trunk(**kwargs)
-        state.cache = out.past_key_values
+        state.cache = output_cache(out)
         state.valid = mask
         new_logical = torch.where(active, position, torch.full_like(position, -1))
         state.logical = torch.cat([state.logical, new_logical[:, None]], dim=1)  # [R, P+1]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from pdt.model.attention import decode_attention
+from pdt.model.attention import cache_arg, decode_attention, output_cache
 from pdt.model.decode import DecodeState, StreamDecoder
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
@@ -111,14 +111,17 @@ class GraphStreamDecoder(StreamDecoder):
 
         ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)  # [1, P]
         out = self.model.trunk(
-            input_ids=ids, past_key_values=DynamicCache(), use_cache=True, output_hidden_states=True
+            input_ids=ids,
+            use_cache=True,
+            output_hidden_states=True,
+            **{cache_arg(self.model.trunk): DynamicCache()},
         )
         p = len(prompt_ids)
-        prompt_kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]  # [1, H, P, dh] each
+        prompt_kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # [1, H, P, dh] each
         buf = self._buffers.get(rows)
         need = p + max(steps, 1)
         if buf is None or buf.capacity < need:
-            buf = self._allocate(rows, _round_up(need), prompt_kv, out.past_key_values, buf)
+            buf = self._allocate(rows, _round_up(need), prompt_kv, output_cache(out), buf)
         for (k, v), bk, bv in zip(prompt_kv, buf.keys, buf.values, strict=True):
             bk[:, :, :p].copy_(k.expand(rows, -1, -1, -1))
             bv[:, :, :p].copy_(v.expand(rows, -1, -1, -1))
@@ -278,15 +281,15 @@ class GraphStreamDecoder(StreamDecoder):
                 adapters=context.adapters,
                 kv_cache=None,  # the notes' keys/values are recomputed from the buffers in the graph
             )
+        trunk, instrumentation = self.model.trunk, self.model.instrumentation
         kwargs = dict(
             input_ids=buf.ids,
-            past_key_values=buf.cache,
+            **{cache_arg(trunk): buf.cache},
             attention_mask=buf.mask,
             position_ids=buf.pos,
             use_cache=True,
             output_hidden_states=True,
         )
-        trunk, instrumentation = self.model.trunk, self.model.instrumentation
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             with decode_attention():

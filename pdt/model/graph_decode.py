@@ -29,6 +29,7 @@ from pdt.model.attention import cache_arg, decode_attention, output_cache
 from pdt.model.decode import DecodeState, StreamDecoder
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
+from pdt.model.sidecars.snc import gated_out_weights, project_notes_all
 
 ENGINE = "cuda_graph"
 _ROUND = 256  # capacities are multiples of this: answers of similar length share buffers and graphs
@@ -57,6 +58,7 @@ class _Graph:
     run: Any  # the forward on the static buffers (what was captured)
     logits: torch.Tensor | None = None  # [R, 1, V] the captured output buffers
     hidden: torch.Tensor | None = None  # [R, 1, D]
+    ctx: SidecarContext | None = None  # the context it reads (buffers), for the CPU's per-round folds
 
 
 @dataclass
@@ -263,8 +265,31 @@ class GraphStreamDecoder(StreamDecoder):
                     buf.graphs = {k: v for k, v in buf.graphs.items() if k[0] == "plain"}
                     held = buf.window[name] = torch.empty_like(t, device=self.device)
                 held.copy_(t)
+            self._prepare_round(buf, context)
+            for run in buf.graphs.values():  # CPU: weights folded for the last round are stale now
+                if run.ctx is not None:
+                    run.ctx._folded.clear()
             buf.loaded = context
         return ("sidecars", float(context.g), context.snc, context.adapters, shapes)
+
+    def _prepare_round(self, buf: _Buffers, context: SidecarContext) -> None:
+        """What a round's window fixes for all its steps, computed here once rather than in every
+        replay: each SNC layer's note keys/values and its gated output weights, into buffers."""
+        if not context.snc or float(context.g) == 0.0:
+            return  # no SNC in this forward (independent: g = 0)
+        layers = list(self.model.snc)
+        w = buf.window
+        kv = project_notes_all(layers, w["notes"], w["producer"], w["rounds"])
+        w_out = gated_out_weights(layers, float(context.g), layers[0].w_q.weight.dtype)
+        values = {f"k{i}": k for i, (k, _) in enumerate(kv)}
+        values |= {f"v{i}": v for i, (_, v) in enumerate(kv)}
+        values |= {f"w{i}": t for i, t in enumerate(w_out)}
+        for name, t in values.items():
+            held = w.get(name)
+            if held is None or held.shape != t.shape or held.dtype != t.dtype:
+                buf.graphs = {k: g for k, g in buf.graphs.items() if k[0] == "plain"}
+                held = w[name] = torch.empty_like(t)
+            held.copy_(t)
 
     def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
         ctx = None
@@ -279,8 +304,11 @@ class GraphStreamDecoder(StreamDecoder):
                 g=float(context.g),
                 snc=context.snc,
                 adapters=context.adapters,
-                kv_cache=None,  # the notes' keys/values are recomputed from the buffers in the graph
             )
+            if "k0" in w:  # the round's keys/values and output weights: buffers `_prepare_round` fills
+                count = len(self.model.snc)
+                ctx.kv_cache = {id(m): (w[f"k{i}"], w[f"v{i}"]) for i, m in enumerate(self.model.snc)}
+                ctx.w_out = [w[f"w{i}"] for i in range(count)]
         trunk, instrumentation = self.model.trunk, self.model.instrumentation
         kwargs = dict(
             input_ids=buf.ids,
@@ -301,7 +329,7 @@ class GraphStreamDecoder(StreamDecoder):
             return out.logits, out.hidden_states[-1]
 
         if not self.graphs:
-            return _Graph(graph=None, run=run)
+            return _Graph(graph=None, run=run, ctx=ctx)
         # Warm-up on a side stream (allocator, Triton autotune and JIT), then capture. Both write this
         # step's K/V at `slot` with this step's inputs: the replay right after writes the same.
         side = torch.cuda.Stream()
@@ -314,7 +342,7 @@ class GraphStreamDecoder(StreamDecoder):
         with torch.cuda.graph(graph, pool=self._pool):
             logits, hidden = run()
         self.captures += 1
-        return _Graph(graph=graph, run=run, logits=logits, hidden=hidden)
+        return _Graph(graph=graph, run=run, logits=logits, hidden=hidden, ctx=ctx)
 
 
 def _round_up(n: int) -> int:

@@ -101,6 +101,9 @@ class SidecarContext:
     # Decode only (no grad): per-layer note keys/values, filled on first use. A round's window is the
     # same for all its τ tokens, so one context per round projects the notes once, not τ times.
     kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Decode only (no grad): per instrumented layer, (λ · g · W_o)ᵀ already in the compute dtype (the
+    # CUDA-graph engine computes them with the round's keys/values, outside the captured step).
+    w_out: list[torch.Tensor] | None = None
     # The SNC mask (`visible` with the positions folded in), built on first use: the same for every
     # instrumented layer, so one forward builds it once rather than once a layer.
     _snc_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
@@ -195,7 +198,11 @@ class Instrumentation:
             kv = project_notes_all(self.snc, ctx.notes, ctx.producer, ctx.rounds)
             if cache is not None:
                 cache.update({id(m): pair for m, pair in zip(self.snc, kv, strict=True)})
-        mask, w_out = ctx.snc_mask(), gated_out_weights(self.snc, ctx.g, dtype)
+        mask = ctx.snc_mask()
+        if ctx.w_out is not None and ctx.w_out[0].dtype == dtype and not torch.is_grad_enabled():
+            w_out = ctx.w_out
+        else:
+            w_out = gated_out_weights(self.snc, ctx.g, dtype)
         if folds:
             folded = [m.fold_window(pair, mask, w) for m, pair, w in zip(self.snc, kv, w_out, strict=True)]
             state = ctx._folded[id(self)] = _SNCState(mask, kv, w_out, folded)

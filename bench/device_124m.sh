@@ -22,27 +22,27 @@ case "${1:-}" in
     shift
     if [ $# -gt 0 ]; then presets=("$@"); else presets=("${PRESETS_DEFAULT[@]}"); fi
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-    python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-    python -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tail -5
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tail -5
     if [ -f $W/pipeline.log ] && [ ! -f $W/pipeline.done ]; then echo "a pipeline is already running"; exit 0; fi
     rm -rf $W/src && mkdir -p $W/src && cp -r main.py pdt presets pyproject.toml $W/src/
     rm -f $W/pipeline.done
-    (
-      cd $W/src || exit 1
-      export PYTHONPATH="/tmp/site:$W/src"
-      for p in "${presets[@]}"; do
-        t0=$(date +%s)
-        echo "=== $p start $(date +%T)"
-        PDT_PRESET=$p python main.py > "$W/$p.log" 2>&1
-        rc=$?
-        echo "=== $p rc=$rc $(( $(date +%s) - t0 )) s"
-        tail -3 "$W/$p.log"
-        [ $rc -ne 0 ] && { echo "failed: $p" > $W/pipeline.done; exit 1; }
-      done
-      echo ok > $W/pipeline.done
-    ) > $W/pipeline.log 2>&1 < /dev/null &
-    disown
+    mkdir -p $W/src/bench && cp bench/device_124m.sh bench/device_setup.sh $W/src/bench/ && cp -r .whl $W/src/
+    # setsid: a new process session outlives this call (the device kills what a call leaves behind)
+    (cd $W/src && setsid bash bench/device_124m.sh _pipeline "${presets[@]}" > $W/pipeline.log 2>&1 < /dev/null &)
     sleep 5; cat $W/pipeline.log ;;
+  _pipeline)  # (run by launch, detached, from the frozen copy in $W/src)
+    shift
+    for p in "$@"; do
+      t0=$(date +%s)
+      echo "=== $p start $(date +%T)"
+      PDT_PRESET=$p python3 main.py > "$W/$p.log" 2>&1
+      rc=$?
+      echo "=== $p rc=$rc $(( $(date +%s) - t0 )) s"
+      tail -3 "$W/$p.log"
+      [ $rc -ne 0 ] && { echo "failed: $p" > $W/pipeline.done; exit 1; }
+    done
+    echo ok > $W/pipeline.done ;;
   poll)
     limit=${2:-560}; t0=$(date +%s)
     while [ ! -f $W/pipeline.done ] && [ $(( $(date +%s) - t0 )) -lt "$limit" ]; do sleep 10; done
@@ -56,7 +56,7 @@ case "${1:-}" in
       src=$(find $W/checkpoints -path "*stage3_124m*" -name "$f" | head -1)
       [ -n "$src" ] && cp "$src" "$OUT/stage3_$f"
     done
-    python bench/decode_speedup.py 2>&1 | tail -30
-    [ "${SKIP_CURRICULUM:-0}" = 1 ] || python bench/curriculum_throughput.py 2>&1 | tail -8 ;;
+    python3 bench/decode_speedup.py 2>&1 | tail -30
+    [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8 ;;
   *) echo "usage: bench/device_124m.sh launch|poll|measure" >&2; exit 2 ;;
 esac

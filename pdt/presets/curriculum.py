@@ -168,6 +168,9 @@ class CurriculumPreset(PresetBase):
     """Own-rollout readiness labels (stage 3 on)."""
     calibrate: bool | None = None
     """Choose γ (readiness) and the coverage threshold on the validation split at the end; None: stage ≥ 3."""
+    readiness_min_tpr: float = Field(0.9, ge=0, le=1)
+    """γ commits at least this share of the validation's good blocks (then max Youden J): a rollback
+    re-decodes a block, so a weak head must not roll back most good ones. 0: plain Youden."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoint cadence; `export` writes the final sidecars to checkpoints/<preset>/export."""
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)

@@ -5,10 +5,14 @@ statistic, ties counted half), the readiness threshold γ chosen by Youden's J, 
 threshold chosen by F1, and precision/recall/F1 at a threshold. What it is not: where the scores
 come from (`pdt.train.curriculum`) nor where γ is stored (the checkpoint's state).
 
-The rule for γ (SPEC §2 "calibrate γ on validation (ROC)"): among the ROC's operating points,
-take the one maximising J = TPR − FPR (Youden 1950), i.e. the point farthest above the chance
-diagonal; on a tie, the highest threshold (commit less, roll back more: the safer side). A block
-is committed when readiness ≥ γ. With only one class present there is no ROC: γ = 0.5.
+The rule for γ (SPEC §2 "calibrate γ on validation (ROC)"): among the ROC's operating points
+that commit at least `min_tpr` of the good blocks (the curriculum's `readiness_min_tpr`, 0.9 by
+default), take the one maximising J = TPR − FPR (Youden 1950), i.e. the point farthest above the
+chance diagonal; on a tie, the highest threshold (commit less, roll back more: the safer side). A
+block is committed when readiness ≥ γ. Why the floor: a rollback costs a block's tokens again, and
+a weak head's unconstrained Youden point can sit where it rolls back most good blocks (seen: a
+tiny-trunk head with AUC 0.59 whose γ rolled back every block of every answer). With min_tpr = 0 it
+is plain Youden. With only one class present there is no ROC: γ = 0.5.
 """
 
 from __future__ import annotations
@@ -64,15 +68,27 @@ def roc_auc(scores: object, labels: object) -> float:
     return float(np.sum(np.diff(roc.fpr) * (roc.tpr[1:] + roc.tpr[:-1]) / 2.0))  # trapezoids
 
 
-def youden_threshold(scores: object, labels: object) -> float:
-    """γ: the threshold of the ROC point maximising TPR − FPR; ties → the highest threshold."""
+def youden_threshold(scores: object, labels: object, min_tpr: float = 0.0) -> float:
+    """γ: the threshold of the ROC point maximising TPR − FPR among the points whose TPR (the share of
+    good blocks committed) is at least `min_tpr`; ties → the highest threshold."""
     s, y = _arrays(scores, labels)
     if y.size == 0 or y.min() == y.max():
         return 0.5
     roc = roc_curve(s, y)
-    j = roc.tpr - roc.fpr
+    j = np.where(roc.tpr >= min_tpr - 1e-12, roc.tpr - roc.fpr, -np.inf)  # the last point has TPR 1
     best = int(np.flatnonzero(j == j.max())[0])  # thresholds fall, so the first is the highest
     return float(min(1.0, roc.thresholds[best])) if np.isfinite(roc.thresholds[best]) else 1.0
+
+
+def rates_at(scores: object, labels: object, threshold: float) -> dict[str, float]:
+    """TPR and FPR when `score >= threshold` predicts positive (0 where a class is absent)."""
+    s, y = _arrays(scores, labels)
+    pred = s >= threshold
+    pos, neg = float(y.sum()), float((1 - y).sum())
+    return {
+        "tpr": float((pred & (y == 1)).sum()) / pos if pos else 0.0,
+        "fpr": float((pred & (y == 0)).sum()) / neg if neg else 0.0,
+    }
 
 
 def precision_recall_f1(scores: object, labels: object, threshold: float) -> dict[str, float]:

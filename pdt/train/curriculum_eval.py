@@ -101,13 +101,16 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
     cov_s, cov_y = sc.get("coverage_scores"), sc.get("coverage_labels")
     out: dict[str, Any] = {"split": "validation"}
     if ready_s is not None:
+        min_tpr = float(getattr(st.preset, "readiness_min_tpr", 0.0))
+        gamma = C.youden_threshold(ready_s, ready_y, min_tpr)
         out["readiness"] = {
-            "gamma": C.youden_threshold(ready_s, ready_y),
+            "gamma": gamma,
             "auc": C.roc_auc(ready_s, ready_y),
+            **C.rates_at(ready_s, ready_y, gamma),
             "n": int(len(ready_y)),
             "positives": int(ready_y.sum()),
-            "rule": "max Youden J = TPR - FPR over the ROC; ties -> highest threshold; "
-            "commit if readiness >= gamma",
+            "rule": f"max Youden J = TPR - FPR over the ROC points with TPR >= {min_tpr:g}; "
+            "ties -> highest threshold; commit if readiness >= gamma",
         }
     if cov_s is not None:
         threshold = C.best_f1_threshold(cov_s, cov_y)

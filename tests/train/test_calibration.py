@@ -28,6 +28,18 @@ def test_known_roc() -> None:
     assert C.youden_threshold(scores, labels) == pytest.approx(0.8)
 
 
+def test_gamma_with_a_floor_on_the_share_of_good_blocks_committed() -> None:
+    # ROC points (threshold: TPR, FPR): 0.9: .25, 0 | 0.8: .5, 0 | 0.7: .5, .25 | 0.6: .75, .25 |
+    # 0.5: .75, .5 | 0.4: .75, .75 | 0.3: 1, .75 | 0.2: 1, 1.
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+    labels = [1, 1, 0, 1, 0, 0, 1, 0]
+    assert C.youden_threshold(scores, labels) == pytest.approx(0.8)  # J = .5 at 0.8 and 0.6: higher
+    assert C.youden_threshold(scores, labels, min_tpr=0.7) == pytest.approx(0.6)  # J .5 with TPR .75
+    assert C.youden_threshold(scores, labels, min_tpr=0.9) == pytest.approx(0.3)  # only TPR 1: J .25
+    assert C.rates_at(scores, labels, 0.3) == {"tpr": 1.0, "fpr": 0.75}
+    assert C.rates_at(scores, labels, 0.8) == {"tpr": 0.5, "fpr": 0.0}
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_auc_equals_the_pairwise_definition(seed: int) -> None:
     rng = np.random.default_rng(seed)

@@ -65,6 +65,32 @@ def _session(device: torch.device, demo: str) -> Session:
     return Session(ctx, preset)
 
 
+def _random_session(device: torch.device) -> Any:
+    """PDT_BENCH_TRUNK=random: the pretrain_124m (GPU) / pretrain_tiny (CPU) trunk shape with random
+    weights and stage-0 sidecar shapes, no pipeline needed — for the engines' speed (γ = 0, no
+    rollbacks; the quality figures are null)."""
+    from types import SimpleNamespace
+
+    from pdt.data.tokenizer import build_tokenizer
+    from pdt.infer.orchestrator import DecodeSettings
+    from pdt.model.trunk import build_trunk
+    from pdt.presets.schema import BusConfig
+
+    suffix = "_124m" if device.type == "cuda" else ""
+    pre = load_preset_file(ROOT / "presets" / f"pretrain{'_124m' if suffix else '_tiny'}.json")
+    stage = load_preset_file(ROOT / "presets" / f"stage0{suffix}.json")
+    tok = build_tokenizer(pre.tokenizer)
+    trunk = build_trunk(pre.trunk, tok.vocab_size, pre.train.seq_len, tok.eot_id, seed=0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    trunk = trunk.to(device=device, dtype=dtype).eval()
+    model = PDTModel(trunk, stage.sidecars).to(device=device, dtype=dtype).eval()
+    settings = DecodeSettings(
+        num_streams=stage.sidecars.num_streams, tau=32, bus=BusConfig(**stage.bus.model_dump())
+    )
+    info = {"folder": f"{pre.name} shape, random weights", "dtype": str(dtype)}
+    return SimpleNamespace(model=model, tokenizer=tok, settings=settings, trunk_info=info)
+
+
 def _untrained(model: PDTModel, k: int) -> PDTModel:
     """Sidecars sized for K streams, gates opened, zero-initialised outputs given weights (timing only)."""
     cfg = model.cfg.model_copy(update={"num_streams": k})
@@ -127,8 +153,9 @@ def main() -> None:
     setup = SETUPS[device.type]
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-    session = _session(device, setup["demo"])
-    trained_k = session.model.cfg.num_streams
+    random_trunk = os.environ.get("PDT_BENCH_TRUNK") == "random"
+    session = _random_session(device) if random_trunk else _session(device, setup["demo"])
+    trained_k = None if random_trunk else session.model.cfg.num_streams
     prompts = [f"Tell me about {t}." for t in TITLES[: setup["prompts"]]]
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0)
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("eager",)
@@ -193,7 +220,7 @@ def main() -> None:
         )
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "decode_speedup.json"
+    path = out_dir / ("decode_engines.json" if random_trunk else "decode_speedup.json")
     existing = json.loads(path.read_text()) if path.is_file() else {"records": []}
     kind = "cuda" if device.type == "cuda" else "cpu"
     kept = [  # the other device's records, and this device's records of engines not rerun

@@ -58,5 +58,10 @@ case "${1:-}" in
     done
     python3 bench/decode_speedup.py 2>&1 | tail -30
     [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8 ;;
-  *) echo "usage: bench/device_124m.sh launch|poll|measure" >&2; exit 2 ;;
+  engines)  # no pipeline: the GPU tests and both decode engines on a random-weight 124M trunk
+    nvidia-smi --query-gpu=name --format=csv,noheader
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tail -15
+    PDT_BENCH_TRUNK=random python3 bench/decode_speedup.py 2>&1 | tail -16 ;;
+  *) echo "usage: bench/device_124m.sh launch|poll|measure|engines" >&2; exit 2 ;;
 esac

@@ -100,7 +100,6 @@ class GraphStreamDecoder(StreamDecoder):
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self._buffers: dict[int, _Buffers] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
         self.captures = 0  # graphs captured so far (tests, benchmarks)
 
     # ------------------------------------------------------------------ prefill
@@ -339,7 +338,7 @@ class GraphStreamDecoder(StreamDecoder):
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph):  # a private memory pool: graphs replay in any order
             logits, hidden = run()
         self.captures += 1
         return _Graph(graph=graph, run=run, logits=logits, hidden=hidden, ctx=ctx)

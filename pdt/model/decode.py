@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pdt.model import cpu_linear
 from pdt.model.attention import cache_arg, decode_attention, output_cache
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
@@ -56,6 +57,8 @@ class StreamDecoder:
     def __init__(self, model: PDTModel) -> None:
         self.model = model
         self.device = next(model.trunk.parameters()).device
+        if self.device.type == "cpu":
+            cpu_linear.install(model.trunk)  # few-row products in the form MKL runs fast
 
     @torch.no_grad()
     def prefill(self, prompt_ids: list[int], rows: int, steps: int = 0) -> tuple[DecodeState, torch.Tensor]:

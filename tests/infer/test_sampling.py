@@ -38,3 +38,32 @@ def test_greedy_generate_matches_full_recompute() -> None:
         with torch.no_grad():
             ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
     assert out == ids[len(prompt) :]
+
+
+def test_the_nucleus_head_draws_what_the_full_sort_draws(monkeypatch) -> None:  # noqa: ANN001
+    """sample_rows with the top-256 shortcut == with the full vocabulary sorted, peaked or flat rows."""
+    import pdt.infer.sampling as sampling
+
+    gen = torch.Generator().manual_seed(0)
+    peaked = torch.randn(4, 8192, generator=gen) * 4  # the top 256 hold ≥ 0.9: the shortcut
+    flat = torch.randn(2, 8192, generator=gen) * 0.1  # they do not: the full sort
+    calls: list[str] = []
+    real_topk = torch.topk
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append("topk")
+        return real_topk(*args, **kwargs)
+
+    head_mass = [torch.topk(torch.softmax(x / 0.8, -1), 256, -1).values.sum(-1) for x in (peaked, flat)]
+    assert bool((head_mass[0] >= 0.9).all()) and bool((head_mass[1] < 0.9).all())
+    for logits in (peaked, flat):
+        uniforms = torch.rand(logits.shape[0], generator=gen).tolist()
+        args = dict(temperature=0.8, top_p=0.9, top_k=0, no_repeat_ngram=0)
+        monkeypatch.setattr(torch, "topk", spy)
+        fast = sampling.sample_rows(logits, [[]] * logits.shape[0], uniforms, **args)
+        monkeypatch.setattr(torch, "topk", real_topk)
+        monkeypatch.setattr(sampling, "NUCLEUS_HEAD", 10**6)  # never taken: always the full sort
+        full = sampling.sample_rows(logits, [[]] * logits.shape[0], uniforms, **args)
+        monkeypatch.setattr(sampling, "NUCLEUS_HEAD", 256)
+        assert fast == full
+    assert calls == ["topk", "topk"]  # both tried the head; the flat rows fell back

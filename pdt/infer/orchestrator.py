@@ -43,7 +43,7 @@ from pdt.bus import Counterfactual, NotesBus, WindowBatch
 from pdt.data.plan_ids import plan_item_id
 from pdt.infer.sampling import sample_rows
 from pdt.model.decode import DecodeState, StreamDecoder
-from pdt.model.graph_decode import GraphStreamDecoder
+from pdt.model.graph_decode import GraphCaptureError, GraphStreamDecoder
 from pdt.model.graph_decode import unsupported as graph_unsupported
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
@@ -320,12 +320,25 @@ class ParallelDecoder:
         prompt_ids = self.tokenizer.encode(prompt)
         if not prompt_ids:
             raise ValueError("the prompt encodes to no tokens")
-        if mode == "sequential":
-            with plain_trunk(self.model.trunk):
-                return self._sequential(prompt, prompt_ids, total_tokens)
-        return self._parallel(
-            prompt, prompt_ids, mode, plan_items, seed_texts, streams, recorded, emit_tokens
-        )
+
+        def run() -> DecodeResult:
+            if mode == "sequential":
+                with plain_trunk(self.model.trunk):
+                    return self._sequential(prompt, prompt_ids, total_tokens)
+            return self._parallel(
+                prompt, prompt_ids, mode, plan_items, seed_texts, streams, recorded, emit_tokens
+            )
+
+        try:
+            return run()
+        except GraphCaptureError as exc:
+            if self.s.fast_path != "auto":
+                raise ValueError(f"decode.fast_path 'cuda_graph': {exc}; use 'auto' or 'eager'") from exc
+            # auto: this trunk cannot be captured here; decode eagerly from now on (the answer restarts:
+            # a capture fails at the first step, before any token)
+            self.decoder, self.engine = StreamDecoder(self.model), "eager"
+            self.engine_note = f"eager ({exc})"
+            return run()
 
     # ------------------------------------------------------------------ snapshot 0
 

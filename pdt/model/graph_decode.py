@@ -35,6 +35,10 @@ ENGINE = "cuda_graph"
 _ROUND = 256  # capacities are multiples of this: answers of similar length share buffers and graphs
 
 
+class GraphCaptureError(RuntimeError):
+    """The step could not be captured as a CUDA graph (an op that syncs with the host, say)."""
+
+
 def unsupported(model: PDTModel) -> str | None:
     """Why this engine cannot run `model` (None: it can)."""
     trunk = model.trunk
@@ -331,15 +335,20 @@ class GraphStreamDecoder(StreamDecoder):
             return _Graph(graph=None, run=run, ctx=ctx)
         # Warm-up on a side stream (allocator, Triton autotune and JIT), then capture. Both write this
         # step's K/V at `slot` with this step's inputs: the replay right after writes the same.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # a private memory pool: graphs replay in any order
-            logits, hidden = run()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # a private memory pool: graphs replay in any order
+                logits, hidden = run()
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the trunk does that a capture cannot hold
+            raise GraphCaptureError(f"the decode step could not be captured as a CUDA graph: {exc}") from exc
         self.captures += 1
         return _Graph(graph=graph, run=run, logits=logits, hidden=hidden, ctx=ctx)
 

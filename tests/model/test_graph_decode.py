@@ -143,6 +143,27 @@ def test_engine_choice_and_its_errors() -> None:
         make_decoder(model, _settings(fast_path="turbo"))
 
 
+@pytest.mark.parametrize("fast_path", ["auto", "cuda_graph"])
+def test_a_step_that_cannot_be_captured(monkeypatch: pytest.MonkeyPatch, fast_path: str) -> None:
+    """auto: the answer is decoded eagerly instead (same tokens) and the note says why; an explicit
+    cuda_graph: a message naming the setting."""
+    model = _model("llama")
+    eager, static = _pair(model, graphs=False)
+    static.s = dataclasses.replace(static.s, fast_path=fast_path)
+
+    def refuse(*_args: object) -> None:
+        raise graph_decode.GraphCaptureError("the decode step could not be captured as a CUDA graph: sync")
+
+    monkeypatch.setattr(GraphStreamDecoder, "_capture", refuse)
+    if fast_path == "cuda_graph":
+        with pytest.raises(ValueError, match="decode.fast_path 'cuda_graph': the decode step could not"):
+            static.decode(PROMPT, "pdt")
+        return
+    out = static.decode(PROMPT, "pdt")
+    assert out.engine == static.engine == "eager" and "could not be captured" in static.engine_note
+    _same(eager.decode(PROMPT, "pdt"), out)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(model_type: str) -> None:

@@ -163,7 +163,9 @@ def main() -> None:
     if only:
         engines = tuple(e for e in engines if e in only.split(","))
     records = []
-    for k, engine in ((k, e) for k in KS for e in engines):
+    only_ks = os.environ.get("PDT_BENCH_KS")  # e.g. "1,3"
+    ks = tuple(int(k) for k in only_ks.split(",")) if only_ks else KS
+    for k, engine in ((k, e) for k in ks for e in engines):
         trained = k == trained_k
         model = session.model if trained else _untrained(session.model, k)
         settings = dataclasses.replace(

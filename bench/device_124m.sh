@@ -62,6 +62,6 @@ case "${1:-}" in
     nvidia-smi --query-gpu=name --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tail -15
-    PDT_BENCH_TRUNK=random python3 bench/decode_speedup.py 2>&1 | tail -16 ;;
+    PDT_BENCH_TRUNK=random PDT_BENCH_KS=${KS:-1,2,3,4,8} python3 bench/decode_speedup.py 2>&1 | tail -16 ;;
   *) echo "usage: bench/device_124m.sh launch|poll|measure|engines" >&2; exit 2 ;;
 esac

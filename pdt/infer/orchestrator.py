@@ -114,9 +114,10 @@ class DecodeSettings:
     counterfactual: Counterfactual = field(default_factory=Counterfactual)
     ignore_eos: bool = False
     """Streams write exactly their budget (benchmarks: the same token count in every mode)."""
-    fast_path: str = "auto"
+    fast_path: str = "eager"
     """The decode-step engine: "eager" (`StreamDecoder`), "cuda_graph" (`GraphStreamDecoder`: one
-    captured graph per step kind, replayed), or "auto" (cuda_graph where it can run, else eager)."""
+    captured graph per step kind, replayed), or "auto" (cuda_graph where it can run, else eager).
+    Eager by default until the graph engine has been checked and measured on a GPU."""
 
     def prefix(self, stream: int) -> str:
         if self.prefixes:

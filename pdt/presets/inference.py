@@ -84,9 +84,11 @@ class DecodeConfig(StrictModel):
     """Token budget per stream (the sequential baseline gets K × this)."""
     stream_prefixes: list[str] | None = None
     """What each stream reads after the prompt before it writes; None: " Part n of K:" as trained."""
-    fast_path: Literal["auto", "eager", "cuda_graph"] = "auto"
-    """Decode-step engine: cuda_graph captures the step once and replays it (CUDA; not with α < 1 or
-    sliding-window trunks); eager runs the HF forward per token; auto: cuda_graph where it can run."""
+    fast_path: Literal["auto", "eager", "cuda_graph"] = "eager"
+    """Decode-step engine: eager runs the HF forward per token; cuda_graph captures the step once and
+    replays it (CUDA; not with α < 1 or sliding-window trunks); auto: cuda_graph where it can run,
+    else eager. Eager by default: the graph engine is tested on the CPU (its static step) but has
+    not yet been run on a GPU."""
 
 
 class InferencePreset(PresetBase):

@@ -83,6 +83,7 @@ class _Buffers:
     window: dict[str, torch.Tensor] = field(default_factory=dict)  # notes window buffers, by field
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
     loaded: SidecarContext | None = None  # the context whose window the buffers hold
+    loaded_key: tuple = ()  # the graph key of that context (window shapes, g, switches)
     generation: int = 0  # bumped by every prefill: a superseded state may not step
 
 
@@ -121,12 +122,12 @@ class GraphStreamDecoder(StreamDecoder):
             output_hidden_states=True,
             **{cache_arg(self.model.trunk): DynamicCache()},
         )
-        p = len(prompt_ids)
-        prompt_kv = [(layer.keys, layer.values) for layer in output_cache(out).layers]  # [1, H, P, dh] each
+        p, prompt_cache = len(prompt_ids), output_cache(out)
+        prompt_kv = [(layer.keys, layer.values) for layer in prompt_cache.layers]  # [1, H, P, dh] each
         buf = self._buffers.get(rows)
         need = p + max(steps, 1)
         if buf is None or buf.capacity < need:
-            buf = self._allocate(rows, _round_up(need), prompt_kv, output_cache(out), buf)
+            buf = self._allocate(rows, _round_up(need), prompt_kv, prompt_cache, buf)
         for (k, v), bk, bv in zip(prompt_kv, buf.keys, buf.values, strict=True):
             bk[:, :, :p].copy_(k.expand(rows, -1, -1, -1))
             bv[:, :, :p].copy_(v.expand(rows, -1, -1, -1))
@@ -259,21 +260,19 @@ class GraphStreamDecoder(StreamDecoder):
             "rounds": context.rounds,
             "visible": context.visible,
         }
-        shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in fields.items())
-        if buf.loaded is not context:
+        if buf.loaded is not context:  # a new round (the orchestrator makes one context per round)
             for name, t in fields.items():
-                held = buf.window.get(name)
-                if held is None or held.shape != t.shape or held.dtype != t.dtype:
-                    # a new window shape: new buffers, and the graphs that read the old ones go
-                    buf.graphs = {k: v for k, v in buf.graphs.items() if k[0] == "plain"}
-                    held = buf.window[name] = torch.empty_like(t, device=self.device)
-                held.copy_(t)
+                _hold(buf, name, t)
             self._prepare_round(buf, context)
             for run in buf.graphs.values():  # CPU: weights folded for the last round are stale now
                 if run.ctx is not None:
                     run.ctx._folded.clear()
-            buf.loaded = context
-        return ("sidecars", float(context.g), context.snc, context.adapters, shapes)
+            shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in fields.items())
+            buf.loaded, buf.loaded_key = (
+                context,
+                ("sidecars", float(context.g), context.snc, context.adapters, shapes),
+            )
+        return buf.loaded_key
 
     def _prepare_round(self, buf: _Buffers, context: SidecarContext) -> None:
         """What a round's window fixes for all its steps, computed here once rather than in every
@@ -284,15 +283,10 @@ class GraphStreamDecoder(StreamDecoder):
         w = buf.window
         kv = project_notes_all(layers, w["notes"], w["producer"], w["rounds"])
         w_out = gated_out_weights(layers, float(context.g), layers[0].w_q.weight.dtype)
-        values = {f"k{i}": k for i, (k, _) in enumerate(kv)}
-        values |= {f"v{i}": v for i, (_, v) in enumerate(kv)}
-        values |= {f"w{i}": t for i, t in enumerate(w_out)}
-        for name, t in values.items():
-            held = w.get(name)
-            if held is None or held.shape != t.shape or held.dtype != t.dtype:
-                buf.graphs = {k: g for k, g in buf.graphs.items() if k[0] == "plain"}
-                held = w[name] = torch.empty_like(t)
-            held.copy_(t)
+        for i, ((k, v), o) in enumerate(zip(kv, w_out, strict=True)):
+            _hold(buf, f"k{i}", k)
+            _hold(buf, f"v{i}", v)
+            _hold(buf, f"w{i}", o)
 
     def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
         ctx = None
@@ -351,6 +345,16 @@ class GraphStreamDecoder(StreamDecoder):
             raise GraphCaptureError(f"the decode step could not be captured as a CUDA graph: {exc}") from exc
         self.captures += 1
         return _Graph(graph=graph, run=run, logits=logits, hidden=hidden, ctx=ctx)
+
+
+def _hold(buf: _Buffers, name: str, value: torch.Tensor) -> None:
+    """Copy `value` into the window buffer `name`; a new shape or dtype gets a new buffer, and the
+    sidecar graphs that read the old one go (the plain graphs read no window)."""
+    held = buf.window.get(name)
+    if held is None or held.shape != value.shape or held.dtype != value.dtype:
+        buf.graphs = {k: g for k, g in buf.graphs.items() if k[0] == "plain"}
+        held = buf.window[name] = torch.empty_like(value)
+    held.copy_(value)
 
 
 def _round_up(n: int) -> int:

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import pdt.model.graph_decode as graph_decode
-from pdt.infer.orchestrator import DecodeSettings, ParallelDecoder, make_decoder
+from pdt.infer.orchestrator import ParallelDecoder, make_decoder
 from pdt.model.decode import StreamDecoder
 from pdt.model.graph_decode import GraphStreamDecoder
 from pdt.model.pdt_model import PDTModel
-from pdt.presets.schema import BusConfig
-from tests.infer.test_orchestrator import PROMPT, CharTok
+from tests.infer.test_orchestrator import PROMPT, CharTok, settings
 from tests.model.test_pdt_model import CFG, K, open_gates, tiny_trunk
 
 
@@ -27,26 +26,9 @@ def _model(model_type: str, device: str = "cpu") -> PDTModel:
     return m.to(device).eval()
 
 
-def _settings(**over) -> DecodeSettings:  # noqa: ANN003
-    base = dict(
-        num_streams=K,
-        tau=4,
-        bus=BusConfig(lag=1, window=4),
-        gamma=0.0,
-        max_retries=2,
-        temperature=0.0,
-        no_repeat_ngram=0,
-        max_new_tokens=12,
-        ignore_eos=True,
-        fast_path="eager",
-    )
-    base.update(over)
-    return DecodeSettings(**base)
-
-
 def _pair(model: PDTModel, graphs: bool, **over) -> tuple[ParallelDecoder, ParallelDecoder]:  # noqa: ANN003
-    eager = ParallelDecoder(model, CharTok(), _settings(**over))
-    static = ParallelDecoder(model, CharTok(), _settings(**over))
+    eager = ParallelDecoder(model, CharTok(), settings(**over))
+    static = ParallelDecoder(model, CharTok(), settings(**over))
     static.decoder = GraphStreamDecoder(model, graphs=graphs)
     static.engine = static.decoder.engine
     return eager, static
@@ -134,13 +116,13 @@ def test_a_superseded_state_may_not_step() -> None:
 
 def test_engine_choice_and_its_errors() -> None:
     model = _model("llama")
-    decoder, note = make_decoder(model, _settings(fast_path="auto"))
+    decoder, note = make_decoder(model, settings(fast_path="auto"))
     assert isinstance(decoder, StreamDecoder) and not isinstance(decoder, GraphStreamDecoder)
     assert note.startswith("eager (") and "CUDA" in note  # auto on the CPU: eager, and it says why
     with pytest.raises(ValueError, match="cannot run here: CUDA graphs need a CUDA device"):
-        make_decoder(model, _settings(fast_path="cuda_graph"))
+        make_decoder(model, settings(fast_path="cuda_graph"))
     with pytest.raises(ValueError, match="decode.fast_path 'turbo'"):
-        make_decoder(model, _settings(fast_path="turbo"))
+        make_decoder(model, settings(fast_path="turbo"))
 
 
 @pytest.mark.parametrize("fast_path", ["auto", "cuda_graph"])
@@ -178,5 +160,5 @@ def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(model_typ
     assert 0 < captures <= 8  # one graph per step kind and window shape, not one per token
     steps = static.decode(PROMPT, "pdt").steps
     assert static.decoder.captures == captures < steps  # a second answer replays: nothing captured
-    auto = ParallelDecoder(model, CharTok(), dataclasses.replace(_settings(**over), fast_path="auto"))
+    auto = ParallelDecoder(model, CharTok(), dataclasses.replace(settings(**over), fast_path="auto"))
     assert auto.engine == "cuda_graph"

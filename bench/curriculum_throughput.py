@@ -10,7 +10,9 @@
 - plain step: the same rows through the trunk without sidecars, the same masked LM CE (logits on
   section tokens only, as the stage step computes them), backward
   through the same top layers (the input of the lowest instrumented layer requires grad), so the
-  difference is what the curriculum adds.
+  difference is what the curriculum adds. Its CE is `F.cross_entropy` on fp32 logits, what a plain
+  fine-tuning step runs; `step_ratio_vs_plain_fused_ce` also gives the ratio against the plain
+  step with the stage step's own CE kernel (`pdt.kernels.picked_logprobs`, target only).
 Rows are real: the dataset's first examples with their teacher-note embeddings. The trunk has the
 pretrain preset's shape (random weights: speed does not depend on training).
 CPU: pretrain_tiny + dataset_tiny, 8 examples (24 rows), fp32. GPU: pretrain_124m + dataset_wiki,
@@ -34,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from pdt import kernels  # noqa: E402
 from pdt.data.build.layout import build_root  # noqa: E402
 from pdt.data.build.pipeline import run_dataset  # noqa: E402
 from pdt.data.tokenizer import build_tokenizer  # noqa: E402
@@ -101,16 +104,20 @@ def _fns(model: PDTModel, stage: Any, batch: Any, device: torch.device, dtype: t
     def grad_from_here(_mod: Any, args: tuple, kwargs: dict) -> None:
         kwargs.get("hidden_states", args[0] if args else None).requires_grad_(True)
 
-    def plain() -> None:
+    def plain(fused_ce: bool = False) -> None:
         handle = first.register_forward_pre_hook(grad_from_here, with_kwargs=True)
         try:
             with autocast:
                 out = model.forward_base(batch.input_ids, batch.attention_mask, logits_at=labelled)
-            L.lm_ce(out.logits, batch.labels)[0].backward()
+            if fused_ce:  # the stage step's own CE kernel, C = 1 (the target only)
+                picked = kernels.picked_logprobs(out.logits, batch.labels[labelled][:, None])
+                (-picked.mean()).backward()
+            else:
+                L.lm_ce(out.logits, batch.labels)[0].backward()
         finally:
             handle.remove()
 
-    return stage3, plain
+    return stage3, plain, lambda: plain(fused_ce=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -118,20 +125,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _timed_pair(a: Any, b: Any, device: torch.device, warmup: int, reps: int) -> tuple[float, float]:
-    """Median seconds per call of each, measured alternately so drift hits both alike."""
+def _timed(fns: tuple[Any, ...], device: torch.device, warmup: int, reps: int) -> list[float]:
+    """Median seconds per call of each, measured in turn so drift hits all alike."""
     for _ in range(warmup):
-        a()
-        b()
-    times: list[list[float]] = [[], []]
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(reps):
-        for side, fn in enumerate((a, b)):
+        for side, fn in enumerate(fns):
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
             times[side].append(time.perf_counter() - start)
-    return statistics.median(times[0]), statistics.median(times[1])
+    return [statistics.median(t) for t in times]
 
 
 def _peak(fn: Any, device: torch.device) -> int:
@@ -153,8 +160,8 @@ def measure(device: torch.device) -> dict[str, Any]:
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else None
     model, stage, batch, cfg = _setup(device)
-    stage3, plain = _fns(model, stage, batch, device, dtype)
-    t_stage, t_plain = _timed_pair(stage3, plain, device, 3, 20 if gpu else 8)
+    stage3, plain, plain_fused = _fns(model, stage, batch, device, dtype)
+    t_stage, t_plain, t_fused = _timed((stage3, plain, plain_fused), device, 3, 20 if gpu else 8)
     mem_plain = _peak(plain, device)
     mem_stage = _peak(stage3, device)
     return {
@@ -167,6 +174,10 @@ def measure(device: torch.device) -> dict[str, Any]:
         "step_ratio": t_stage / t_plain,
         "stage_step_s": t_stage,
         "plain_step_s": t_plain,
+        "plain_ce": "F.cross_entropy on fp32 logits (lm_ce)",
+        "step_ratio_vs_plain_fused_ce": t_stage / t_fused,
+        "plain_fused_ce_step_s": t_fused,
+        "kernels": os.environ.get("PDT_KERNELS", "auto"),
         "peak_mem_bytes": mem_stage,
         "plain_peak_mem_bytes": mem_plain,
         "peak_mem_kind": "cuda max_memory_allocated"
@@ -196,12 +207,13 @@ def main() -> None:
     path.write_text(json.dumps({"records": records}, indent=2) + "\n")
     print(
         f"{'device':<24} {'trunk':<14} {'rows':>5} {'tok/step':>9} {'stage3 tok/s':>13} {'plain tok/s':>12} "
-        f"{'ratio':>6} {'peak MiB':>9}"
+        f"{'ratio':>6} {'vs fused':>8} {'peak MiB':>9}"
     )
     for r in records:
         print(
             f"{r['device'][:24]:<24} {r['trunk']:<14} {r['rows']:>5} {r['tokens_per_step']:>9} "
             f"{r['tokens_per_s']:>13,.0f} {r['plain_tokens_per_s']:>12,.0f} {r['step_ratio']:>6.3f} "
+            f"{r.get('step_ratio_vs_plain_fused_ce', float('nan')):>8.3f} "
             f"{r['peak_mem_bytes'] / 2**20:>9,.0f}"
         )
 

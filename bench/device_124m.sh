@@ -23,7 +23,7 @@ case "${1:-}" in
     if [ $# -gt 0 ]; then presets=("$@"); else presets=("${PRESETS_DEFAULT[@]}"); fi
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tail -5
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
     if [ -f $W/pipeline.log ] && [ ! -f $W/pipeline.done ]; then echo "a pipeline is already running"; exit 0; fi
     rm -rf $W/src && mkdir -p $W/src && cp -r main.py pdt presets pyproject.toml $W/src/
     rm -f $W/pipeline.done
@@ -61,7 +61,7 @@ case "${1:-}" in
   engines)  # no pipeline: the GPU tests and both decode engines on a random-weight 124M trunk
     nvidia-smi --query-gpu=name --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tail -15
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
     PDT_BENCH_TRUNK=random PDT_BENCH_KS=${KS:-1,2,3,4,8} python3 bench/decode_speedup.py 2>&1 | tail -16 ;;
   *) echo "usage: bench/device_124m.sh launch|poll|measure|engines" >&2; exit 2 ;;
 esac

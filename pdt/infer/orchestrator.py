@@ -114,10 +114,9 @@ class DecodeSettings:
     counterfactual: Counterfactual = field(default_factory=Counterfactual)
     ignore_eos: bool = False
     """Streams write exactly their budget (benchmarks: the same token count in every mode)."""
-    fast_path: str = "eager"
+    fast_path: str = "auto"
     """The decode-step engine: "eager" (`StreamDecoder`), "cuda_graph" (`GraphStreamDecoder`: one
-    captured graph per step kind, replayed), or "auto" (cuda_graph where it can run, else eager).
-    Eager by default until the graph engine has been checked and measured on a GPU."""
+    captured graph per step kind, replayed), or "auto" (cuda_graph where it can run, else eager)."""
 
     def prefix(self, stream: int) -> str:
         if self.prefixes:
@@ -421,17 +420,21 @@ class ParallelDecoder:
         def forward(tokens: list[int], active: list[bool], ctx: SidecarContext) -> None:
             nonlocal next_logits
             t = time.perf_counter()
-            tok = torch.tensor(tokens, device=self.device)
-            live = torch.tensor(active, device=self.device)
+            # host tensors: the decoders read the token ids on the host without waiting for the GPU
+            tok, live = torch.tensor(tokens), torch.tensor(active)
             logits, hidden = self.decoder.step(state, tok, live, ctx)
             if base is not None:
                 base_logits, _ = self.decoder.step(base[0], tok, live, None)
                 logits = blend_logits(logits, base_logits, s.alpha)
-            keep = live[:, None]
-            next_logits = torch.where(keep, logits, next_logits)
-            last_hidden.copy_(torch.where(keep, hidden.to(last_hidden.dtype), last_hidden))
+            if all(active):
+                next_logits = logits
+                last_hidden.copy_(hidden)
+            else:
+                keep = live.to(self.device)[:, None]
+                next_logits = torch.where(keep, logits, next_logits)
+                last_hidden.copy_(torch.where(keep, hidden.to(last_hidden.dtype), last_hidden))
             result.steps += 1
-            result.step_seconds.append(time.perf_counter() - t)
+            result.step_seconds.append(self._step_done(t))
 
         # prefixes: round 0, snapshot 0 only (as in training, the prefix reads round 0's window)
         window0 = self._window(bus, recorded, ids, 0, use_bus)
@@ -646,6 +649,14 @@ class ParallelDecoder:
             if ended[r]:
                 self._finish(rec, r, ended[r], done)
 
+    def _step_done(self, start: float) -> float:
+        """Seconds since `start` once the step's outputs exist: on CUDA the step's kernels are
+        waited for (the sampler would wait for them next anyway), so a step's time is its real
+        cost in every mode and engine, not the time to queue it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
     def _finish(self, rec: StreamRecord, r: int, reason: str, done: list[bool]) -> None:
         rec.done_reason = reason
         done[r] = True
@@ -745,7 +756,7 @@ class ParallelDecoder:
         result = DecodeResult("sequential", prompt, prompt_ids, [rec], 0.0, 0, [], 0, engine=self.engine)
         gen = torch.Generator().manual_seed(s.seed * 1009 + 997)
         ban_eos = total is not None or s.ignore_eos
-        live = torch.ones(1, dtype=torch.bool, device=self.device)
+        live = torch.ones(1, dtype=torch.bool)
         detok = _Detok(self.tokenizer, prompt_ids)
         while len(attempt.tokens) < budget:
             uniform = [float(torch.rand((), generator=gen))] if s.temperature > 0 else [0.0]
@@ -767,9 +778,9 @@ class ParallelDecoder:
             if len(attempt.tokens) >= budget:
                 break
             t = time.perf_counter()
-            logits, _ = self.decoder.step(state, torch.tensor([token], device=self.device), live, None)
+            logits, _ = self.decoder.step(state, torch.tensor([token]), live, None)
             result.steps += 1
-            result.step_seconds.append(time.perf_counter() - t)
+            result.step_seconds.append(self._step_done(t))
         rec.done_reason = rec.done_reason or "budget"
         attempt.decision = "commit"
         attempt.text = self.tokenizer.decode(attempt.tokens) if attempt.tokens else ""

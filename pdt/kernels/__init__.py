@@ -1,9 +1,11 @@
 """Kernels of the PDT sidecars, behind stable dispatch functions.
 
 What it is: the entry points the sidecars call — `grouped_adapter` (token-level per-stream
-bottleneck MLP), `row_adapter` (the same when each row is one stream) and `snc_attend` (attention
-over the visible notes window, exact zero for an empty window) — and the choice of implementation:
-the fused Triton kernels (`snc_attend_triton`, `row_adapter_triton`: kernel + launcher + autograd
+bottleneck MLP), `row_adapter` (the same when each row is one stream), `snc_attend` (attention
+over the visible notes window, exact zero for an empty window) and `picked_logprobs` (log-softmax
+over the vocabulary read at a few ids per row: the curriculum's LM CE and top-k KD) — and the
+choice of implementation: the fused Triton kernels (`snc_attend_triton`, `row_adapter_triton`,
+`picked_logprobs_triton`: kernel + launcher + autograd
 Function each, Liger-Kernel style) when the tensors are on CUDA, triton imports and the kernel
 supports the input; otherwise the plain PyTorch references of `pdt.kernels.reference`, the ground
 truth both are tested against. `grouped_adapter` always runs the reference.
@@ -33,6 +35,7 @@ __all__ = [
     "KernelUnavailableError",
     "grouped_adapter",
     "kernel_mode",
+    "picked_logprobs",
     "reference",
     "row_adapter",
     "snc_attend",
@@ -154,3 +157,14 @@ def snc_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     if kernels is not None:
         return kernels.snc_attend_triton(q, k, v, mask)
     return reference.snc_attend(q, k, v, mask)
+
+
+def picked_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits [N, V], ids [N, C] int64 → [N, C] fp32: log_softmax(logits) at ids, differentiable.
+
+    See `pdt.kernels.reference.picked_logprobs`; the Triton path reads the logits once forward and
+    once backward in their own dtype (no fp32 [N, V] copy)."""
+    kernels = _triton_op("picked_logprobs", "picked_logprobs_triton", (logits, ids), (logits, ids))
+    if kernels is not None:
+        return kernels.picked_logprobs_triton(logits, ids)
+    return reference.picked_logprobs(logits, ids)

@@ -148,3 +148,12 @@ def row_adapter(
     if scale is None:
         return h + out if residual else out
     return torch.addcmul(h, out, scale) if residual else out * scale
+
+
+def picked_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logits [N, V], ids [N, C] int64 → [N, C] fp32: `log_softmax(logits.float())` read at `ids`.
+
+    One log-sum-exp and one gather: no [N, V] log-softmax is kept (its backward is the gather's
+    scatter plus the log-sum-exp's softmax)."""
+    x = logits.float()
+    return x.gather(1, ids) - torch.logsumexp(x, dim=-1, keepdim=True)

@@ -90,10 +90,13 @@ class StreamDecoder:
     def step(
         self, state: DecodeState, tokens: torch.Tensor, active: torch.Tensor, context: SidecarContext | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed one token per row. tokens [R] long; active [R] bool (inactive rows: placeholder slot).
+        """Feed one token per row. tokens [R] long; active [R] bool (inactive rows: placeholder slot);
+        host tensors spare a device sync (the ids are kept on the host too).
 
         Returns (logits [R, V], last hidden [R, D]) at the new position of each row.
         """
+        host_tokens, host_active = tokens.tolist(), active.tolist()  # (a sync only for device tensors)
+        active = active.to(self.device)
         position = state.lengths.clone()  # [R] the logical index of the new token
         mask = torch.cat([state.valid, active[:, None]], dim=1)  # [R, P+1]
         logical = torch.cat([state.logical, position[:, None]], dim=1)  # [R, P+1]
@@ -117,9 +120,7 @@ class StreamDecoder:
         new_logical = torch.where(active, position, torch.full_like(position, -1))
         state.logical = torch.cat([state.logical, new_logical[:, None]], dim=1)  # [R, P+1]
         state.lengths = state.lengths + active.long()
-        for r, (token, live) in enumerate(
-            zip(tokens.tolist(), active.tolist(), strict=True)
-        ):  # one sync each
+        for r, (token, live) in enumerate(zip(host_tokens, host_active, strict=True)):
             if live:
                 state.tokens[r].append(int(token))
         return out.logits[:, -1], out.hidden_states[-1][:, -1]

@@ -218,6 +218,7 @@ class GraphStreamDecoder(StreamDecoder):
         if state.used >= state.buffers.capacity:
             self._grow(state)
         buf, slot = state.buffers, state.used
+        host_tokens, host_active = tokens.tolist(), active.tolist()  # before the replay: no wait on it
         active = active.to(self.device)
         position = state.lengths  # [R] the logical index of each row's new token
         buf.valid[:, slot] = active
@@ -239,7 +240,7 @@ class GraphStreamDecoder(StreamDecoder):
         assert logits is not None and hidden is not None
         state.lengths = state.lengths + active.long()
         state.used += 1
-        for r, (token, live) in enumerate(zip(tokens.tolist(), active.tolist(), strict=True)):
+        for r, (token, live) in enumerate(zip(host_tokens, host_active, strict=True)):
             if live:
                 state.tokens[r].append(int(token))
         # copies: the graph's output buffers are overwritten by the next replay

@@ -84,11 +84,10 @@ class DecodeConfig(StrictModel):
     """Token budget per stream (the sequential baseline gets K × this)."""
     stream_prefixes: list[str] | None = None
     """What each stream reads after the prompt before it writes; None: " Part n of K:" as trained."""
-    fast_path: Literal["auto", "eager", "cuda_graph"] = "eager"
+    fast_path: Literal["auto", "eager", "cuda_graph"] = "auto"
     """Decode-step engine: eager runs the HF forward per token; cuda_graph captures the step once and
-    replays it (CUDA; not with α < 1 or sliding-window trunks); auto: cuda_graph where it can run,
-    else eager. Eager by default: the graph engine is tested on the CPU (its static step) but has
-    not yet been run on a GPU."""
+    replays it (CUDA; not with α < 1 or sliding-window trunks); auto (default): cuda_graph where it
+    can run, else eager (the CPU always runs eager)."""
 
 
 class InferencePreset(PresetBase):

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from pdt import kernels
 from pdt.bus import teacher_windows
 from pdt.model.pdt_model import PDTModel
 from pdt.model.sidecars.heads import coverage_summary
@@ -181,14 +182,12 @@ def step_losses(
 def _ce_and_top(
     logits: torch.Tensor, batch: CurriculumBatch
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LM CE and the student's log-probabilities at the cached teacher's top-k ids, from one
-    log-sum-exp and one gather over logits [N, V]: no [N, V] log-softmax is kept, which saves
-    several full passes over the largest tensor of the step (and its backward).
+    """LM CE and the student's log-probabilities at the cached teacher's top-k ids, read from one
+    log-softmax over logits [N, V] at 1 + k ids per row (`pdt.kernels.picked_logprobs`: on CUDA a
+    Triton kernel reads the logits once forward and once backward, with no fp32 [N, V] copy).
     Returns (mean CE, per-row CE sum [R], tokens per row [R], q_top [N, k])."""
-    x = logits.float()  # [N, V]
-    lse = torch.logsumexp(x, dim=-1, keepdim=True)  # [N, 1]
     ids = torch.cat([batch.label_targets[:, None], batch.kd_ids], dim=1)  # [N, 1 + k]
-    picked = x.gather(1, ids) - lse  # [N, 1 + k] log-probabilities
+    picked = kernels.picked_logprobs(logits, ids)  # [N, 1 + k] fp32 log-probabilities
     nll = -picked[:, 0]  # [N]
     counts = batch.label_counts
     sums = torch.zeros(counts.shape[0], device=nll.device).index_add_(0, batch.label_rows, nll.detach())

@@ -230,3 +230,41 @@ def test_sidecars_through_the_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.testing.assert_close(results[0][0], results[1][0], **FP32)
     names = [n for n, _ in (*snc.named_parameters(), *adapters.named_parameters())]
     assert_grads(names, results[0][1:], results[1][1:])
+
+
+def picked_inputs(n: int, v: int, c: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits as a column slice of a wider tensor (a row stride ≠ V), ids with repeats in a row
+    (the LM target also a teacher top-k id), and one row of huge logits (the max must be tracked)."""
+    gen = torch.Generator().manual_seed(seed)
+    wide = torch.randn(n, v + 7, generator=gen) * 3
+    wide[1] += 80.0
+    wide[2, v // 2] = 60.0  # one dominant logit mid-vocabulary
+    logits = wide[:, :v].requires_grad_()
+    ids = torch.randint(0, v, (n, c), generator=gen)
+    ids[0, 1] = ids[0, 0]
+    ids[2, 0] = ids[2, 2] = v // 2
+    ids[3, -1] = v - 1  # the last vocabulary entry (in the padded tail of the last chunk)
+    return logits, ids
+
+
+@pytest.mark.parametrize(("n", "v", "c"), [(5, 37, 3), (4, 4500, 5)], ids=["one-chunk", "three-chunks"])
+def test_picked_logprobs_forward_and_gradient(n: int, v: int, c: int) -> None:
+    from pdt.kernels.picked_logprobs_triton import picked_logprobs_triton
+
+    logits, ids = picked_inputs(n, v, c)
+    weights = torch.randn(n, c, generator=torch.Generator().manual_seed(1))
+    ours = picked_logprobs_triton(logits, ids)
+    expect = reference.picked_logprobs(logits, ids)
+    torch.testing.assert_close(ours, expect, **FP32)
+    (d_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    (d_expect,) = torch.autograd.grad((expect * weights).sum(), logits)
+    assert_grads(["logits"], (d_ours,), (d_expect,))
+
+
+def test_picked_logprobs_refuses_what_it_cannot_run() -> None:
+    from pdt.kernels.picked_logprobs_triton import picked_logprobs_triton
+
+    with pytest.raises(ValueError, match="int64"):
+        picked_logprobs_triton(torch.randn(2, 5), torch.zeros(2, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[N, V\]"):
+        picked_logprobs_triton(torch.randn(2, 5), torch.zeros(3, 1, dtype=torch.long))

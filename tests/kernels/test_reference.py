@@ -171,3 +171,24 @@ def test_row_adapter_matches_grouped_adapter_forward_and_backward() -> None:
     assert torch.allclose(out_rows, out_tok, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_rows, grads_tok, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-5), (a - b).abs().max()
+
+
+def test_picked_logprobs_is_log_softmax_at_the_ids() -> None:
+    """Forward and gradient against the full log-softmax gathered, repeated ids included; bf16
+    logits are read in fp32 (the result is fp32) and get a bf16 gradient."""
+    from pdt.kernels import picked_logprobs
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(6, 29, generator=gen) * 4).to(dtype).requires_grad_()
+        ids = torch.randint(0, 29, (6, 4), generator=gen)
+        ids[0, 3] = ids[0, 0]
+        weights = torch.randn(6, 4, generator=gen)
+        ours = picked_logprobs(logits, ids)
+        assert ours.dtype == torch.float32
+        full = F.log_softmax(logits.float(), dim=-1).gather(1, ids)
+        torch.testing.assert_close(ours, full, **TOL[torch.float32])
+        (d_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+        (d_full,) = torch.autograd.grad((full * weights).sum(), logits)
+        assert d_ours.dtype == dtype
+        torch.testing.assert_close(d_ours, d_full, **TOL[dtype])

@@ -49,6 +49,21 @@ def _ms(fn: Any, reps: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def _kernel_table(fn: Any, reps: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        _sync()
+    averages = prof.key_averages()
+    total = sum(e.self_device_time_total for e in averages)
+    count = sum(e.count for e in averages)
+    table = averages.table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
+    return f"{count / reps:.0f} kernels, {total / reps / 1000:.3f} ms of kernel time per replay\n{table}"
+
+
 def decode_profile() -> dict[str, Any]:
     import decode_speedup as ds
 
@@ -89,7 +104,11 @@ def decode_profile() -> dict[str, Any]:
         for mode, buf in buffers.items():
             for key, run in buf.graphs.items():
                 if run.graph is not None:
-                    rec[f"replay_ms[{mode} rows={buf.rows} {key[0]}]"] = _ms(run.graph.replay, 50)
+                    label = f"{mode} rows={buf.rows} {key[0]}"
+                    rec[f"replay_ms[{label}]"] = _ms(run.graph.replay, 50)
+                    if os.environ.get("PDT_PROFILE_KERNELS") == "1":  # the kernels inside the replay
+                        rec[f"kernels[{label}]"] = _kernel_table(run.graph.replay, 20)
+                        print(f"\n=== replay {label}, 20 replays\n{rec[f'kernels[{label}]']}", flush=True)
         logits = torch.randn(
             k, model.trunk.config.vocab_size, device=device, dtype=next(model.trunk.parameters()).dtype
         )

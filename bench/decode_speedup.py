@@ -13,7 +13,9 @@ Figures per K (means over the prompts):
   heads, rollbacks and sampling included);
 - redundancy_pdt / redundancy_independent: shared word 3-grams and entities between the sections
   (`pdt.infer.quality.redundancy`; K ≥ 2);
-- nll_ratio: NLL of PDT's merged answer under the plain trunk / NLL of sequential's answer.
+- nll_ratio: NLL of PDT's merged answer under the plain trunk / NLL of sequential's answer; the
+  merged answer is scored as generated: the sections' token ids with the separator's between them
+  (`pdt.infer.quality.merged_answer_ids`), as sequential's answer is its own token ids.
 K = 3 uses the trained stage-3 sidecars (real γ, real rollbacks); the other K have no trained
 sidecars (they are trained for K = 3), so they use freshly initialised sidecars sized for K with
 their gates opened and γ = 0 (no rollbacks): their speed is real, their quality figures are not
@@ -43,8 +45,8 @@ import torch  # noqa: E402
 
 from pdt.bus import Counterfactual  # noqa: E402
 from pdt.infer.job import Session  # noqa: E402
-from pdt.infer.orchestrator import DecodeResult, ParallelDecoder  # noqa: E402
-from pdt.infer.quality import answer_nll, redundancy  # noqa: E402
+from pdt.infer.orchestrator import SECTION_SEPARATOR, DecodeResult, ParallelDecoder  # noqa: E402
+from pdt.infer.quality import answer_nll, merged_answer_ids, redundancy  # noqa: E402
 from pdt.jobs import JobContext  # noqa: E402
 from pdt.model.pdt_model import PDTModel  # noqa: E402
 from pdt.presets.loader import load_preset_file, validate_preset  # noqa: E402
@@ -136,7 +138,9 @@ def _one(decoder: ParallelDecoder, prompt: str, trunk: torch.nn.Module, quality:
     }
     if quality:
         tok = decoder.tokenizer
-        nll_pdt = answer_nll(trunk, pdt.prompt_ids, tok.encode(pdt.merged))
+        sep = tok.encode(SECTION_SEPARATOR)
+        merged = merged_answer_ids([s.token_ids for s in pdt.streams], sep)
+        nll_pdt = answer_nll(trunk, pdt.prompt_ids, merged)
         nll_seq = answer_nll(trunk, seq.prompt_ids, seq.streams[0].token_ids)
         out.update(
             redundancy_pdt=redundancy(pdt.sections),

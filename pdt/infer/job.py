@@ -27,8 +27,14 @@ from pdt.bus import Counterfactual, CounterfactualError
 from pdt.data.tokenizer import load_tokenizer
 from pdt.infer import inbox
 from pdt.infer.manifest import build_manifest, write_manifest
-from pdt.infer.orchestrator import DecodeResult, DecodeSettings, ParallelDecoder, plain_trunk
-from pdt.infer.quality import answer_nll, redundancy
+from pdt.infer.orchestrator import (
+    SECTION_SEPARATOR,
+    DecodeResult,
+    DecodeSettings,
+    ParallelDecoder,
+    plain_trunk,
+)
+from pdt.infer.quality import answer_nll, merged_answer_ids, redundancy
 from pdt.jobs import JobContext
 from pdt.model.pdt_model import SIDECAR_META, PDTModel, trunk_identity
 from pdt.model.trunk import load_trunk
@@ -404,7 +410,7 @@ def _training_defaults(folder: Path, stage: CurriculumPreset | None) -> dict[str
 
 
 def _merged_ids(tokenizer: Any, result: DecodeResult) -> list[int]:
-    return tokenizer.encode(result.merged) if result.merged else []
+    return merged_answer_ids([s.token_ids for s in result.streams], tokenizer.encode(SECTION_SEPARATOR))
 
 
 def _reset_peak(device: torch.device) -> None:

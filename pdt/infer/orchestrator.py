@@ -64,6 +64,7 @@ from pdt.telemetry.events import (
 
 MODES = ("pdt", "sequential", "independent")
 FAST_PATHS = ("auto", "eager", "cuda_graph")
+SECTION_SEPARATOR = "\n\n"  # between the sections of a merged answer
 
 
 def make_decoder(model: PDTModel, settings: DecodeSettings) -> tuple[StreamDecoder, str]:
@@ -226,7 +227,8 @@ class DecodeResult:
 
     @property
     def merged(self) -> str:
-        return "\n\n".join(s.text.strip() for s in self.streams if s.text.strip())
+        """The answer to show: the sections' texts, stripped, SECTION_SEPARATOR between them."""
+        return SECTION_SEPARATOR.join(s.text.strip() for s in self.streams if s.text.strip())
 
     @property
     def new_tokens(self) -> int:

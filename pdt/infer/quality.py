@@ -4,8 +4,8 @@ What it is: `redundancy(sections)` — how much K sections repeat each other: th
 pairs, of the Jaccard overlap of their word 3-grams and of their named entities (capitalised
 words and runs of them), averaged; 0 = nothing shared. `answer_nll(model, prompt_ids, ids)` — the
 mean negative log-likelihood per token of an answer given the prompt, under the plain trunk
-(sidecars off), the yardstick for "PDT writes as well as the trunk alone". What it is not: a
-judge of factual quality.
+(sidecars off), the yardstick for "PDT writes as well as the trunk alone"; `merged_answer_ids`
+— the token ids it scores for a K-section answer. What it is not: a judge of factual quality.
 """
 
 from __future__ import annotations
@@ -41,6 +41,22 @@ def redundancy(sections: list[str]) -> float:
     for a, b in pairs:
         total += 0.5 * (_jaccard(_trigrams(a), _trigrams(b)) + _jaccard(_entities(a), _entities(b)))
     return total / len(pairs)
+
+
+def merged_answer_ids(sections: list[list[int]], separator: list[int]) -> list[int]:
+    """The merged answer as token ids: each non-empty section's ids as generated, in stream order,
+    the separator's ids between them (the separator is scored too).
+
+    Not `encode(merged text)`: the display text strips each section and re-encoding it changes the
+    tokens at every seam (the leading space a section was generated with becomes part of another
+    token), which the trunk then scores as text no stream wrote — on the tiny pipeline that cost
+    0.2–0.3 nats a token of the merged answer, a seam artefact, not the streams' writing."""
+    out: list[int] = []
+    for ids in (s for s in sections if s):
+        if out:
+            out.extend(separator)
+        out.extend(ids)
+    return out
 
 
 @torch.no_grad()

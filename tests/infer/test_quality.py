@@ -1,0 +1,46 @@
+"""Quality figures: redundancy between sections, NLL under the plain trunk, the merged answer's ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pdt.data.tokenizer import build_tokenizer
+from pdt.infer.orchestrator import SECTION_SEPARATOR
+from pdt.infer.quality import answer_nll, merged_answer_ids, redundancy
+from pdt.presets.schema import TokenizerConfig
+from tests.model.test_pdt_model import tiny_trunk
+
+
+def test_redundancy_orders_overlap() -> None:
+    same = "The Moon orbits the Earth every month and Luna Park is lit."
+    assert redundancy([same, same]) == pytest.approx(1.0)
+    assert redundancy(["red green blue yellow", "one two three four"]) == 0.0
+    partial = redundancy([same, "The Moon orbits the Sun as well, said Carl Sagan."])
+    assert 0.0 < partial < 1.0
+    assert redundancy([same, ""]) == 0.0  # an empty section pairs with nothing
+
+
+def test_answer_nll_is_the_mean_ce_of_the_answer_tokens() -> None:
+    torch.manual_seed(0)
+    trunk = tiny_trunk("llama").eval()
+    prompt, answer = [5, 9, 2], [7, 7, 1, 30]
+    with torch.no_grad():
+        logits = trunk(input_ids=torch.tensor([prompt + answer])).logits[0]
+    expect = F.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(answer)).item()
+    assert answer_nll(trunk, prompt, answer) == pytest.approx(expect, rel=1e-5)
+    assert answer_nll(trunk, prompt, []) != answer_nll(trunk, prompt, [])  # nan: nothing to score
+
+
+def test_merged_answer_ids_keep_the_sections_as_generated() -> None:
+    assert merged_answer_ids([[1, 2], [], [3]], [9, 9]) == [1, 2, 9, 9, 3]
+    assert merged_answer_ids([[4, 5]], [9]) == [4, 5]
+    assert merged_answer_ids([[], []], [9]) == []
+    tok = build_tokenizer(TokenizerConfig(vocab_size=4096))
+    sections = [tok.encode(" The Moon is bright."), tok.encode(" (1858) It was"), tok.encode(" far away.")]
+    ids = merged_answer_ids(sections, tok.encode(SECTION_SEPARATOR))
+    assert tok.decode(ids) == SECTION_SEPARATOR.join(tok.decode(s) for s in sections)
+    # re-encoding the stripped display text would not give the generated tokens back
+    stripped = SECTION_SEPARATOR.join(tok.decode(s).strip() for s in sections)
+    assert tok.encode(stripped) != ids

@@ -1,7 +1,8 @@
 """Decode speedup: PDT with K streams against the `sequential` baseline, same run, same total tokens.
 
-For each K in {1, 2, 3, 4, 8} and a few prompts ("Tell me about <title>." for validation titles of
-the dataset the stage was trained on), in the one runtime of `pdt.infer.orchestrator`:
+For each K in {1, 2, 3, 4, 8} and a few prompts (the first validation prompts — "Tell me about
+<title>." of held-out articles — of the dataset the stage was trained on), in the one runtime of
+`pdt.infer.orchestrator`:
 - PDT: K streams × N new tokens each (EOS banned, so every mode writes the same total), rounds of
   τ tokens, notes / coverage / readiness at every block end, commit or rollback at γ;
 - `sequential`: the plain trunk writes K × N tokens alone (one row);
@@ -56,7 +57,25 @@ SETUPS = {
     "cuda": {"demo": "demo_124m", "tokens": 128, "prompts": 4},
 }
 KS = (1, 2, 3, 4, 8)
-TITLES = ("the Moon", "Photosynthesis", "the Roman Empire", "Volcano", "Music")
+TITLES = ("the Moon", "Photosynthesis", "the Roman Empire", "Volcano", "Music")  # random-trunk mode
+
+
+def _prompts(session: Any, count: int, random_trunk: bool) -> tuple[list[str], str]:
+    """The first `count` validation prompts of the dataset the stage was trained on (held-out
+    articles); fixed titles for a random trunk (no dataset behind it) or when that dataset is gone."""
+    fixed = [f"Tell me about {t}." for t in TITLES[:count]]
+    if random_trunk:
+        return fixed, "fixed titles"
+    from pdt.infer.job import _trunk_config
+    from pdt.train.curriculum_data import open_dataset
+
+    _, stage = _trunk_config(session.preset)
+    try:
+        rows = open_dataset(stage.dataset).splits["validation"][:count]
+    except (FileNotFoundError, KeyError, ValueError) as exc:
+        print(f"dataset {stage.dataset!r} not readable ({exc}): fixed titles instead", flush=True)
+        return fixed, "fixed titles"
+    return [session.tokenizer.decode(r["prompt_ids"]) for r in rows], f"{stage.dataset} validation"
 
 
 def _session(device: torch.device, demo: str) -> Session:
@@ -160,7 +179,7 @@ def main() -> None:
     random_trunk = os.environ.get("PDT_BENCH_TRUNK") == "random"
     session = _random_session(device) if random_trunk else _session(device, setup["demo"])
     trained_k = None if random_trunk else session.model.cfg.num_streams
-    prompts = [f"Tell me about {t}." for t in TITLES[: setup["prompts"]]]
+    prompts, prompt_source = _prompts(session, setup["prompts"], random_trunk)
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0)
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("eager",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
@@ -198,6 +217,7 @@ def main() -> None:
                 "gamma": settings.gamma,
                 "tokens_per_stream": setup["tokens"],
                 "prompts": len(prompts),
+                "prompt_source": prompt_source,
                 "step_ratio": mean["step_ratio"],
                 "e2e_ratio": mean["e2e_ratio"],
                 "independent_step_ratio": mean["independent_step_ratio"],

@@ -6,6 +6,7 @@
 #   call 1: bash bench/device_124m.sh launch [presets...]   # wheels, gpu tests, pipeline launched
 #   call 2: bash bench/device_124m.sh poll 560             # poll (prints the log's tail)
 #   call 3: bash bench/device_124m.sh measure                # curriculum + decode benchmarks -> $OUT
+#   or calls 2+3 as one: bash bench/device_124m.sh finish 300  # poll up to 300 s, then measure
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
 set -uo pipefail
 W=/tmp/pdt
@@ -23,7 +24,7 @@ case "${1:-}" in
     if [ $# -gt 0 ]; then presets=("$@"); else presets=("${PRESETS_DEFAULT[@]}"); fi
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/model 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
     if [ -f $W/pipeline.log ] && [ ! -f $W/pipeline.done ]; then echo "a pipeline is already running"; exit 0; fi
     rm -rf $W/src && mkdir -p $W/src && cp -r main.py pdt presets pyproject.toml $W/src/
     rm -f $W/pipeline.done
@@ -57,11 +58,16 @@ case "${1:-}" in
       [ -n "$src" ] && cp "$src" "$OUT/stage3_$f"
     done
     python3 bench/decode_speedup.py 2>&1 | tail -30
-    [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8 ;;
+    [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8
+    [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1
+    true ;;
+  finish)  # poll, then measure once the pipeline is done
+    bash "$0" poll "${2:-300}" | tail -3
+    [ "$(cat $W/pipeline.done 2>/dev/null)" = ok ] && bash "$0" measure ;;
   engines)  # no pipeline: the GPU tests and both decode engines on a random-weight 124M trunk
     nvidia-smi --query-gpu=name --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
     PDT_BENCH_TRUNK=random PDT_BENCH_KS=${KS:-1,2,3,4,8} python3 bench/decode_speedup.py 2>&1 | tail -16 ;;
-  *) echo "usage: bench/device_124m.sh launch|poll|measure|engines" >&2; exit 2 ;;
+  *) echo "usage: bench/device_124m.sh launch|poll|finish|measure|engines" >&2; exit 2 ;;
 esac

@@ -31,7 +31,7 @@ from pdt.tui.app import PDTApp
 from pdt.tui.decode_state import DecodeView
 from pdt.tui.event_source import ListEventSource
 from pdt.tui.screens.run import RunScreen
-from pdt.tui.widgets.decode_panes import BusTimeline, ReadinessPane, stream_text
+from pdt.tui.widgets.decode_panes import BusTimeline, ReadinessPane, SpeedPane, stream_text
 from pdt.tui.widgets.memory_pane import MemoryPane
 
 from .conftest import screen_text, wait_until
@@ -258,6 +258,19 @@ def test_a_pipeline_moving_on_after_its_demo_leaves_the_inference_view() -> None
     assert view.active and view.answering and view.prompt == "second demo"
     view.apply([Answer(answer=0, text="y"), Progress(step=3, total=3, stage="pipeline")])  # the end
     assert view.active and not view.answering
+
+
+def test_the_speed_pane_shows_the_speedup_and_the_step_engine() -> None:
+    view = DecodeView(answer=0)
+    assert "step" not in SpeedPane.describe(view).plain  # no timing yet: no engine to name
+    view.apply(
+        [
+            Timing(mode="pdt", tokens=96, seconds=0.5, tokens_per_s=192.0, speedup=2.4, engine="cuda_graph"),
+            Timing(mode="sequential", tokens=96, seconds=1.2, tokens_per_s=80.0, engine="cuda_graph"),
+        ]
+    )
+    text = SpeedPane.describe(view).plain
+    assert "×2.40 vs sequential" in text and "cuda_graph" in text and "80.0 tok/s" in text
 
 
 def test_the_memory_pane_shows_the_kv_cache() -> None:

@@ -199,7 +199,8 @@ class GatePane(Static):
 
 
 class SpeedPane(Static):
-    """PDT's speedup against sequential, live tokens/s, each mode's timing, KV cache bytes."""
+    """PDT's speedup against sequential, live tokens/s, each mode's timing, the decode-step engine,
+    KV cache bytes."""
 
     DEFAULT_CSS = "SpeedPane { height: auto; padding: 0 1; }"
 
@@ -220,6 +221,9 @@ class SpeedPane(Static):
             if t is not None:
                 out.append(f"{mode[:11]:<11}", style="bold")
                 out.append(f"{t.tokens_per_s:>6.1f} tok/s {t.seconds:>6.2f}s\n")
+        engine = next((t.engine for t in v.timings.values()), None)
+        if engine is not None:  # every mode of an answer runs on one engine
+            out.append(f"{'step':<11}{engine}\n", style="dim")
         if v.memory is not None and v.memory.kv_cache_bytes:
             out.append(f"KV cache {fmt_bytes(v.memory.kv_cache_bytes)}", style="dim")
         return out.rstrip() or out

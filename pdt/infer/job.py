@@ -36,7 +36,7 @@ from pdt.infer.orchestrator import (
 )
 from pdt.infer.quality import answer_nll, merged_answer_ids, redundancy
 from pdt.jobs import JobContext
-from pdt.model.pdt_model import SIDECAR_META, PDTModel, trunk_identity
+from pdt.model.pdt_model import PLAN_NAMES, SIDECAR_META, PDTModel, trunk_identity
 from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import CurriculumPreset, CurriculumTrunk
 from pdt.presets.inference import InferencePreset
@@ -73,6 +73,8 @@ class Session:
         self.model.load_sidecars(self.folder)  # strict: another trunk / salt / vocab is refused
         self.model.to(device=self.device, dtype=dtype).eval()
         self.calibration = _read_json(self.folder / "calibration.json")
+        names = _read_json(self.folder / PLAN_NAMES) or {}
+        self.plan_names = {int(i): str(t) for i, t in names.items() if str(i).isdigit()}
         self.training = _training_defaults(self.folder, stage)
         self.lora = self._load_lora(stage)
         self.settings = self._settings(cfg)
@@ -169,7 +171,9 @@ class Session:
         """One decoder for the session: a CUDA-graph engine keeps its buffers and captured graphs
         from answer to answer (the baselines share them; they run after the PDT answer)."""
         if self._parallel is None:
-            self._parallel = ParallelDecoder(self.model, self.tokenizer, self.settings)
+            self._parallel = ParallelDecoder(
+                self.model, self.tokenizer, self.settings, plan_names=self.plan_names
+            )
         return self._parallel
 
     def answer(self, prompt: str) -> dict[str, Any]:

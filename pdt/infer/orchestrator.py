@@ -279,7 +279,10 @@ class ParallelDecoder:
         tokenizer: Any,
         settings: DecodeSettings,
         emit: Callable[[Event], None] | None = None,
+        plan_names: dict[int, str] | None = None,
     ) -> None:
+        """`plan_names`: plan id → the item text it stands for (the training set's, exported with
+        the sidecars), so the planner's plan reads as words; ids without one show as "plan id N"."""
         if settings.num_streams != model.cfg.num_streams:
             raise ValueError(
                 f"the sidecars were trained for K = {model.cfg.num_streams} streams, "
@@ -294,6 +297,7 @@ class ParallelDecoder:
         self.tokenizer = tokenizer
         self.s = settings
         self.emit = emit or (lambda _e: None)
+        self.plan_names = dict(plan_names or {})
         self.decoder, self.engine_note = make_decoder(model, settings)
         self.engine = self.decoder.engine
         self.device = self.decoder.device
@@ -367,7 +371,8 @@ class ParallelDecoder:
             predicted = planner.logits_pooled(pooled).argmax(dim=-1)[0].tolist()  # [S]
             slots = list(dict.fromkeys(predicted))  # unique, in slot order
             ids = [list(slots) for _ in range(k)]
-            labels, source = [[f"plan id {i}" for i in slots] for _ in range(k)], "planner"
+            names = [self.plan_names.get(i, f"plan id {i}") for i in slots]
+            labels, source = [list(names) for _ in range(k)], "planner"
         if slots:
             snap = planner.snapshot0(torch.tensor([slots], device=self.device))[0]  # [d_n]
         else:

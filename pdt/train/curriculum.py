@@ -14,6 +14,7 @@ import contextlib
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import pdt
 from pdt.data import check_identity
 from pdt.data.tokenizer import TokenizerError, load_tokenizer
 from pdt.jobs import JobContext
-from pdt.model.pdt_model import PDTModel, SidecarLoadError
+from pdt.model.pdt_model import PLAN_NAMES, PDTModel, SidecarLoadError
 from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.presets.loader import preset_hash
@@ -591,6 +592,17 @@ def _save(st: Stage, finished: bool) -> None:
     D.barrier(st.dist)
 
 
+def plan_names(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Plan id → the item text it stands for in these records (the commonest, when texts collide
+    in the hash), for the demo to show the planner's plan as words."""
+    counts: dict[int, Counter[str]] = {}
+    for record in records:
+        for ids, texts in zip(record["plan_item_ids"], record["plan_item_texts"], strict=True):
+            for i, text in zip(ids, texts, strict=True):
+                counts.setdefault(int(i), Counter())[str(text)] += 1
+    return {str(i): c.most_common(1)[0][0] for i, c in sorted(counts.items())}
+
+
 def _export(st: Stage) -> None:
     """checkpoints/<preset>/export: sidecars (+ LoRA) with their meta, the calibration, the report."""
     folder = st.ctx.checkpoints_dir / "export"
@@ -610,5 +622,7 @@ def _export(st: Stage) -> None:
         if st.preset.lora is not None:  # what the demo needs to rebuild the adapted trunk
             training["lora"] = st.preset.lora.model_dump(mode="json")
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
+        names = plan_names(st.ds.splits["train"])
+        (folder / PLAN_NAMES).write_text(json.dumps(names, indent=0, sort_keys=True) + "\n", encoding="utf-8")
         st.ctx.log(f"exported the stage-{st.preset.stage} sidecars: {folder}")
     write_report(st, [st.ctx.run_dir / "report.json"] + ([folder / "report.json"] if folder.exists() else []))

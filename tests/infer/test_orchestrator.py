@@ -163,3 +163,17 @@ def test_live_text_pieces_never_split_a_character() -> None:
     pieces = [detok.push(i) for i in ids]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+
+
+def test_the_planners_plan_reads_as_the_item_texts_it_stands_for(model: PDTModel) -> None:
+    plain = ParallelDecoder(model, CharTok(), settings(max_new_tokens=4)).decode(PROMPT, "pdt")
+    assert plain.plan is not None and plain.plan.source == "planner"
+    slots = plain.plan.slot_ids
+    assert plain.plan.items[0] == [f"plan id {i}" for i in slots]
+    names = {slots[0]: "Apollo 11"}  # one id named, the others not
+    named = ParallelDecoder(model, CharTok(), settings(max_new_tokens=4), plan_names=names).decode(
+        PROMPT, "pdt"
+    )
+    assert named.plan.items[0][0] == "Apollo 11"
+    assert named.plan.items[0][1:] == [f"plan id {i}" for i in slots[1:]]
+    assert named.streams[0].token_ids == plain.streams[0].token_ids  # names label, they change nothing

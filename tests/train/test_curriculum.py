@@ -367,3 +367,14 @@ def test_torchrun_two_processes_train_one_stage(world: dict[str, Path], tmp_path
     state = json.loads((tmp_path / "checkpoints" / "ddp3" / "current" / "state.json").read_text())
     assert state["finished"] and state["world_size"] == 2 and len(state["data"]) == 2 and state["step"] == 3
     assert (tmp_path / "checkpoints" / "ddp3" / "export" / "calibration.json").is_file()
+
+
+def test_plan_names_take_the_commonest_text_of_each_id() -> None:
+    from pdt.train.curriculum import plan_names
+
+    records = [
+        {"plan_item_ids": [[5, 7], [9]], "plan_item_texts": [["Moon", "Apollo"], ["Luna"]]},
+        {"plan_item_ids": [[5], [7, 7]], "plan_item_texts": [["Moon"], ["Apollo", "Saturn V"]]},
+        {"plan_item_ids": [[5]], "plan_item_texts": [["Mond"]]},  # a hash collision: 5 is mostly Moon
+    ]
+    assert plan_names(records) == {"5": "Moon", "7": "Apollo", "9": "Luna"}

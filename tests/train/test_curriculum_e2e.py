@@ -92,6 +92,11 @@ def test_quickstart_from_dataset_to_live_streams_then_the_sidecars_load(tmp_path
     export = checkpoints / "stage3" / "export"
     calibration = json.loads((export / "calibration.json").read_text())
     assert 0.0 <= calibration["readiness"]["gamma"] <= 1.0
+    names = json.loads((export / "plan_items.json").read_text())
+    assert manifest.plan["source"] == "planner" and manifest.plan["slot_ids"]
+    for pid, label in zip(manifest.plan["item_ids"][0], manifest.plan["items"][0], strict=True):
+        assert label == names.get(str(pid), f"plan id {pid}")  # the planner's ids shown as their texts
+    assert len(names) > 100 and all(isinstance(t, str) and t for t in names.values())
     state = json.loads((checkpoints / "stage3" / "current" / "state.json").read_text())
     assert state["finished"] and state["started_from"]["preset"] == "stage2"
     model = PDTModel(load_trunk(checkpoints / "pretrain_tiny" / "export"), stage3.sidecars)

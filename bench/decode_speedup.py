@@ -16,7 +16,7 @@ Figures per K (means over the prompts):
   (`pdt.infer.quality.redundancy`; K ≥ 2);
 - nll_ratio: NLL of PDT's merged answer under the plain trunk / NLL of sequential's answer; the
   merged answer is scored as generated: the sections' token ids with the separator's between them
-  (`pdt.infer.quality.merged_answer_ids`), as sequential's answer is its own token ids.
+  (`DecodeResult.merged_ids`), as sequential's answer is its own token ids.
 K = 3 uses the trained stage-3 sidecars (real γ, real rollbacks); the other K have no trained
 sidecars (they are trained for K = 3), so they use freshly initialised sidecars sized for K with
 their gates opened and γ = 0 (no rollbacks): their speed is real, their quality figures are not
@@ -46,8 +46,8 @@ import torch  # noqa: E402
 
 from pdt.bus import Counterfactual  # noqa: E402
 from pdt.infer.job import Session  # noqa: E402
-from pdt.infer.orchestrator import SECTION_SEPARATOR, DecodeResult, ParallelDecoder  # noqa: E402
-from pdt.infer.quality import answer_nll, merged_answer_ids, redundancy  # noqa: E402
+from pdt.infer.orchestrator import DecodeResult, ParallelDecoder  # noqa: E402
+from pdt.infer.quality import answer_nll, redundancy  # noqa: E402
 from pdt.jobs import JobContext  # noqa: E402
 from pdt.model.pdt_model import PDTModel  # noqa: E402
 from pdt.presets.loader import load_preset_file, validate_preset  # noqa: E402
@@ -97,12 +97,12 @@ def _random_session(device: torch.device) -> Any:
     from pdt.model.trunk import build_trunk
     from pdt.presets.schema import BusConfig
 
-    suffix = "_124m" if device.type == "cuda" else ""
-    pre = load_preset_file(ROOT / "presets" / f"pretrain{'_124m' if suffix else '_tiny'}.json")
-    stage = load_preset_file(ROOT / "presets" / f"stage0{suffix}.json")
+    gpu = device.type == "cuda"
+    pre = load_preset_file(ROOT / "presets" / ("pretrain_124m.json" if gpu else "pretrain_tiny.json"))
+    stage = load_preset_file(ROOT / "presets" / ("stage0_124m.json" if gpu else "stage0.json"))
     tok = build_tokenizer(pre.tokenizer)
     trunk = build_trunk(pre.trunk, tok.vocab_size, pre.train.seq_len, tok.eot_id, seed=0)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if gpu else torch.float32
     trunk = trunk.to(device=device, dtype=dtype).eval()
     model = PDTModel(trunk, stage.sidecars).to(device=device, dtype=dtype).eval()
     settings = DecodeSettings(
@@ -156,10 +156,7 @@ def _one(decoder: ParallelDecoder, prompt: str, trunk: torch.nn.Module, quality:
         "kv_cache_bytes": pdt.kv_cache_bytes,
     }
     if quality:
-        tok = decoder.tokenizer
-        sep = tok.encode(SECTION_SEPARATOR)
-        merged = merged_answer_ids([s.token_ids for s in pdt.streams], sep)
-        nll_pdt = answer_nll(trunk, pdt.prompt_ids, merged)
+        nll_pdt = answer_nll(trunk, pdt.prompt_ids, pdt.merged_ids(decoder.tokenizer))
         nll_seq = answer_nll(trunk, seq.prompt_ids, seq.streams[0].token_ids)
         out.update(
             redundancy_pdt=redundancy(pdt.sections),

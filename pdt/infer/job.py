@@ -27,14 +27,8 @@ from pdt.bus import Counterfactual, CounterfactualError
 from pdt.data.tokenizer import load_tokenizer
 from pdt.infer import inbox
 from pdt.infer.manifest import build_manifest, write_manifest
-from pdt.infer.orchestrator import (
-    SECTION_SEPARATOR,
-    DecodeResult,
-    DecodeSettings,
-    ParallelDecoder,
-    plain_trunk,
-)
-from pdt.infer.quality import answer_nll, merged_answer_ids, redundancy
+from pdt.infer.orchestrator import DecodeResult, DecodeSettings, ParallelDecoder, plain_trunk
+from pdt.infer.quality import answer_nll, redundancy
 from pdt.jobs import JobContext
 from pdt.model.pdt_model import PLAN_NAMES, SIDECAR_META, PDTModel, trunk_identity
 from pdt.model.trunk import load_trunk
@@ -283,12 +277,12 @@ class Session:
         trunk = self.model.trunk
         out = {
             "redundancy_pdt": redundancy(result.sections),
-            "nll_pdt": answer_nll(trunk, result.prompt_ids, _merged_ids(self.tokenizer, result)),
+            "nll_pdt": answer_nll(trunk, result.prompt_ids, result.merged_ids(self.tokenizer)),
         }
         for mode, res in baselines.items():
             if mode == "independent":
                 out["redundancy_independent"] = redundancy(res.sections)
-            out[f"nll_{mode}"] = answer_nll(trunk, res.prompt_ids, _merged_ids(self.tokenizer, res))
+            out[f"nll_{mode}"] = answer_nll(trunk, res.prompt_ids, res.merged_ids(self.tokenizer))
         return {k: (None if math.isnan(v) else float(v)) for k, v in out.items()}
 
 
@@ -411,10 +405,6 @@ def _training_defaults(folder: Path, stage: CurriculumPreset | None) -> dict[str
     if stride is not None:
         out["stride"] = stride
     return out
-
-
-def _merged_ids(tokenizer: Any, result: DecodeResult) -> list[int]:
-    return merged_answer_ids([s.token_ids for s in result.streams], tokenizer.encode(SECTION_SEPARATOR))
 
 
 def _reset_peak(device: torch.device) -> None:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from pdt.bus import Counterfactual, NotesBus, WindowBatch
 from pdt.data.plan_ids import plan_item_id
+from pdt.infer.quality import merged_answer_ids
 from pdt.infer.sampling import sample_rows
 from pdt.model.decode import DecodeState, StreamDecoder
 from pdt.model.graph_decode import GraphCaptureError, GraphStreamDecoder
@@ -229,6 +230,11 @@ class DecodeResult:
     def merged(self) -> str:
         """The answer to show: the sections' texts, stripped, SECTION_SEPARATOR between them."""
         return SECTION_SEPARATOR.join(s.text.strip() for s in self.streams if s.text.strip())
+
+    def merged_ids(self, tokenizer: Any) -> list[int]:
+        """The merged answer as the token ids generated (what its NLL scores), SECTION_SEPARATOR's
+        ids between the sections: `pdt.infer.quality.merged_answer_ids`."""
+        return merged_answer_ids([s.token_ids for s in self.streams], tokenizer.encode(SECTION_SEPARATOR))
 
     @property
     def new_tokens(self) -> int:

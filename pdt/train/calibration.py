@@ -80,24 +80,27 @@ def youden_threshold(scores: object, labels: object, min_tpr: float = 0.0) -> fl
     return float(min(1.0, roc.thresholds[best])) if np.isfinite(roc.thresholds[best]) else 1.0
 
 
+def _confusion(scores: object, labels: object, threshold: float) -> tuple[float, float, float, float]:
+    """(tp, fp, fn, tn) when `score >= threshold` predicts positive."""
+    s, y = _arrays(scores, labels)
+    pred, pos = s >= threshold, y == 1
+    return (
+        float((pred & pos).sum()),
+        float((pred & ~pos).sum()),
+        float((~pred & pos).sum()),
+        float((~pred & ~pos).sum()),
+    )
+
+
 def rates_at(scores: object, labels: object, threshold: float) -> dict[str, float]:
     """TPR and FPR when `score >= threshold` predicts positive (0 where a class is absent)."""
-    s, y = _arrays(scores, labels)
-    pred = s >= threshold
-    pos, neg = float(y.sum()), float((1 - y).sum())
-    return {
-        "tpr": float((pred & (y == 1)).sum()) / pos if pos else 0.0,
-        "fpr": float((pred & (y == 0)).sum()) / neg if neg else 0.0,
-    }
+    tp, fp, fn, tn = _confusion(scores, labels, threshold)
+    return {"tpr": tp / (tp + fn) if tp + fn else 0.0, "fpr": fp / (fp + tn) if fp + tn else 0.0}
 
 
 def precision_recall_f1(scores: object, labels: object, threshold: float) -> dict[str, float]:
     """Precision, recall and F1 when `score >= threshold` predicts positive (0 where undefined)."""
-    s, y = _arrays(scores, labels)
-    pred = s >= threshold
-    tp = float((pred & (y == 1)).sum())
-    fp = float((pred & (y == 0)).sum())
-    fn = float((~pred & (y == 1)).sum())
+    tp, fp, fn, _ = _confusion(scores, labels, threshold)
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0

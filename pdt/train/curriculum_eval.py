@@ -101,7 +101,7 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
     cov_s, cov_y = sc.get("coverage_scores"), sc.get("coverage_labels")
     out: dict[str, Any] = {"split": "validation"}
     if ready_s is not None:
-        min_tpr = float(getattr(st.preset, "readiness_min_tpr", 0.0))
+        min_tpr = st.preset.readiness_min_tpr
         gamma = C.youden_threshold(ready_s, ready_y, min_tpr)
         out["readiness"] = {
             "gamma": gamma,

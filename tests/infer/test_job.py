@@ -4,6 +4,7 @@ manifest (validated against its schema, replayable), the baselines, errors and t
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -121,6 +122,25 @@ def test_missing_stage_says_which_preset_to_run(world: dict[str, Path], tmp_path
     assert run_job(p, run_dir, console=False) == 1
     error = [e for e in read_events(run_dir / "events.jsonl") if e.kind == "error"][0]
     assert "run the preset 'stage3_missing'" in error.message
+
+
+def test_plan_names_label_the_planners_plan_and_a_damaged_file_is_a_message(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    folder = tmp_path / "sidecars"
+    shutil.copytree(world["sidecars"], folder)
+    (folder / "plan_items.json").write_text("{not json", encoding="utf-8")
+    p = preset(world, sidecars={"path": str(folder)}, plan_items=None)
+    assert run_job(p, tmp_path / "bad", console=False) == 1
+    error = [e for e in read_events(tmp_path / "bad" / "events.jsonl") if e.kind == "error"][0]
+    assert "plan_items.json" in error.message and "run the stage again" in error.message
+    names = {str(i): f"item {i}" for i in range(SIDECARS.plan_vocab)}  # every plan id named
+    (folder / "plan_items.json").write_text(json.dumps(names), encoding="utf-8")
+    assert run_job(p, tmp_path / "ok", console=False) == 0
+    manifest = load_manifest(tmp_path / "ok" / "manifest-0.json")
+    assert manifest.plan["source"] == "planner"
+    assert manifest.plan["slot_ids"]
+    assert manifest.plan["items"][0] == [f"item {i}" for i in manifest.plan["slot_ids"]]
 
 
 def test_a_mismatched_counterfactual_is_a_message(world: dict[str, Path], tmp_path: Path) -> None:

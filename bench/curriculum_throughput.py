@@ -85,6 +85,11 @@ def _setup(device: torch.device) -> tuple[PDTModel, Any, Any, dict[str, Any]]:
     return model, stage, batch, cfg
 
 
+def grad_from_here(_mod: Any, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: the layer's input requires grad, so backward runs from that layer up."""
+    kwargs.get("hidden_states", args[0] if args else None).requires_grad_(True)
+
+
 def _fns(model: PDTModel, stage: Any, batch: Any, device: torch.device, dtype: torch.dtype | None):
     plan = StepPlan.from_preset(stage)
     params = model.set_trainable(list(stage.trained_groups))
@@ -100,9 +105,6 @@ def _fns(model: PDTModel, stage: Any, batch: Any, device: torch.device, dtype: t
         res.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-    def grad_from_here(_mod: Any, args: tuple, kwargs: dict) -> None:
-        kwargs.get("hidden_states", args[0] if args else None).requires_grad_(True)
 
     def plain(fused_ce: bool = False) -> None:
         handle = first.register_forward_pre_hook(grad_from_here, with_kwargs=True)

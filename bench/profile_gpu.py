@@ -167,9 +167,6 @@ def curriculum_profile() -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def grad_from_here(_mod: Any, args: tuple, kwargs: dict) -> None:
-        kwargs.get("hidden_states", args[0] if args else None).requires_grad_(True)
-
     def p_fwd() -> None:
         with autocast():
             out = model.forward_base(batch.input_ids, batch.attention_mask, logits_at=labelled)
@@ -184,7 +181,7 @@ def curriculum_profile() -> dict[str, Any]:
         parts["stage_fwd"].append(_ms(s_fwd, 1))
         parts["stage_bwd"].append(_ms(s_bwd, 1))
         parts["stage_opt"].append(_ms(s_opt, 1))
-        handle = first.register_forward_pre_hook(grad_from_here, with_kwargs=True)
+        handle = first.register_forward_pre_hook(ct.grad_from_here, with_kwargs=True)
         parts["plain_fwd"].append(_ms(p_fwd, 1))
         parts["plain_bwd"].append(_ms(s_bwd, 1))
         handle.remove()

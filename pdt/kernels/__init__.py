@@ -3,9 +3,10 @@
 What it is: the entry points the sidecars call — `grouped_adapter` (token-level per-stream
 bottleneck MLP), `row_adapter` (the same when each row is one stream), `snc_attend` (attention
 over the visible notes window, exact zero for an empty window) and `picked_logprobs` (log-softmax
-over the vocabulary read at a few ids per row: the curriculum's LM CE and top-k KD) — and the
-choice of implementation: the fused Triton kernels (`snc_attend_triton`, `row_adapter_triton`,
-`picked_logprobs_triton`: kernel + launcher + autograd
+over the vocabulary read at a few ids per row: the curriculum's LM CE and top-k KD), `snc_folded`
+(a decode step's whole SNC layer with the round's window folded into its weights: one launch) —
+and the choice of implementation: the fused Triton kernels (`snc_attend_triton`,
+`row_adapter_triton`, `picked_logprobs_triton`, `snc_folded_triton`: kernel + launcher + autograd
 Function each, Liger-Kernel style) when the tensors are on CUDA, triton imports and the kernel
 supports the input; otherwise the plain PyTorch references of `pdt.kernels.reference`, the ground
 truth both are tested against. `grouped_adapter` always runs the reference.
@@ -39,6 +40,7 @@ __all__ = [
     "reference",
     "row_adapter",
     "snc_attend",
+    "snc_folded",
 ]
 
 MODES = ("auto", "reference", "triton")
@@ -168,3 +170,23 @@ def picked_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     if kernels is not None:
         return kernels.picked_logprobs_triton(logits, ids)
     return reference.picked_logprobs(logits, ids)
+
+
+def snc_folded(
+    base: torch.Tensor,
+    hidden: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """base, hidden [R, T, D], a `FoldedWindow`'s keys [R, D, H·N], values [R, H·N, D], bias [R, 1, H·N]
+    → base + the SNC delta, [R, T, D]. See `pdt.kernels.reference.snc_folded`; the Triton path is one
+    launch a layer (inference only)."""
+    args = (base, hidden, keys, values, bias, heads, eps)
+    reference.check_folded_shapes(base, hidden, keys, values, bias, heads)
+    kernels = _triton_op("snc_folded", "snc_folded_triton", (base, hidden, keys, values, bias), args)
+    if kernels is not None:
+        return kernels.snc_folded_triton(*args)
+    return reference.snc_folded(*args)

@@ -157,3 +157,55 @@ def picked_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     scatter plus the log-sum-exp's softmax)."""
     x = logits.float()
     return x.gather(1, ids) - torch.logsumexp(x, dim=-1, keepdim=True)
+
+
+def snc_folded(
+    base: torch.Tensor,
+    hidden: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """A decode step's SNC with the round's window and weights folded in: `base + Σ_h softmax_h · values`.
+
+    base, hidden [R, T, D]; keys [R, D, H·N] (per head, scale · norm ⊙ (k_h W_q,h), transposed);
+    values [R, H·N, D] (per head, v_h (λ·g·W_o,h)ᵀ, 0 for an empty window); bias [R, 1, H·N] (0 where
+    visible, −inf elsewhere, all 0 for an empty window) — `NotesCrossAttention.fold_window`'s layout.
+    Scores of row r, position t: `(hidden · keys) · rsqrt(mean(hidden²) + eps) + bias`, a softmax per
+    head over its N notes. Returns [R, T, D] in base's dtype; exactly base where values are 0.
+    """
+    check_folded_shapes(base, hidden, keys, values, bias, heads)
+    rows, t, _ = hidden.shape
+    x = hidden if hidden.dtype == keys.dtype else hidden.to(keys.dtype)
+    inv_rms = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [R, T, 1]
+    scores = torch.addcmul(bias, torch.bmm(x, keys), inv_rms)  # [R, T, H·N]
+    probs = torch.softmax(scores.view(rows, t, heads, -1), dim=-1)  # each head over its notes
+    return torch.baddbmm(base, probs.view(rows, t, -1).to(values.dtype), values).to(base.dtype)  # [R, T, D]
+
+
+def check_folded_shapes(
+    base: torch.Tensor,
+    hidden: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    bias: torch.Tensor,
+    heads: int,
+) -> None:
+    """`snc_folded`'s shapes: base = hidden [R, T, D], keys [R, D, H·N], values [R, H·N, D],
+    bias [R, 1, H·N]."""
+    if hidden.dim() != 3 or base.shape != hidden.shape:
+        raise ValueError(
+            "snc_folded: base and hidden must be one [R, T, D]; "
+            f"got {tuple(base.shape)}, {tuple(hidden.shape)}"
+        )
+    rows, _, d = hidden.shape
+    hn = keys.shape[-1] if keys.dim() == 3 else -1
+    expected = {"keys": (rows, d, hn), "values": (rows, hn, d), "bias": (rows, 1, hn)}
+    actual = {"keys": keys.shape, "values": values.shape, "bias": bias.shape}
+    for name, shape in expected.items():
+        if tuple(actual[name]) != shape:
+            raise ValueError(f"snc_folded: {name} must be {shape}, got {tuple(actual[name])}")
+    if heads < 1 or hn % heads:
+        raise ValueError(f"snc_folded: {hn} folded notes do not split into {heads} heads")

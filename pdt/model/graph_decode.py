@@ -29,7 +29,7 @@ from pdt.model.attention import cache_arg, decode_attention, output_cache
 from pdt.model.decode import DecodeState, StreamDecoder
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
-from pdt.model.sidecars.snc import gated_out_weights, project_notes_all
+from pdt.model.sidecars.snc import FoldedWindow, gated_out_weights, project_notes_all
 
 ENGINE = "cuda_graph"
 _ROUND = 256  # capacities are multiples of this: answers of similar length share buffers and graphs
@@ -265,9 +265,13 @@ class GraphStreamDecoder(StreamDecoder):
             for name, t in fields.items():
                 _hold(buf, name, t)
             self._prepare_round(buf, context)
-            for run in buf.graphs.values():  # CPU: weights folded for the last round are stale now
+            instrumentation = self.model.instrumentation
+            for run in buf.graphs.values():  # CPU: the adapters' folds of the last round are stale now
                 if run.ctx is not None:
+                    snc = instrumentation.folded_of(run.ctx)  # the SNC folds live in buffers: kept
                     run.ctx._folded.clear()
+                    if snc is not None:
+                        run.ctx._folded[id(instrumentation)] = snc
             shapes = tuple((name, tuple(t.shape), t.dtype) for name, t in fields.items())
             buf.loaded, buf.loaded_key = (
                 context,
@@ -277,17 +281,19 @@ class GraphStreamDecoder(StreamDecoder):
 
     def _prepare_round(self, buf: _Buffers, context: SidecarContext) -> None:
         """What a round's window fixes for all its steps, computed here once rather than in every
-        replay: each SNC layer's note keys/values and its gated output weights, into buffers."""
+        replay: each SNC layer's window folded into its weights (`fold_window`: keys, values, bias),
+        into buffers the step reads — a token's SNC layer is then one `snc_folded` launch."""
         if not context.snc or float(context.g) == 0.0:
             return  # no SNC in this forward (independent: g = 0)
         layers = list(self.model.snc)
         w = buf.window
         kv = project_notes_all(layers, w["notes"], w["producer"], w["rounds"])
         w_out = gated_out_weights(layers, float(context.g), layers[0].w_q.weight.dtype)
-        for i, ((k, v), o) in enumerate(zip(kv, w_out, strict=True)):
-            _hold(buf, f"k{i}", k)
-            _hold(buf, f"v{i}", v)
-            _hold(buf, f"w{i}", o)
+        for i, (m, pair, o) in enumerate(zip(layers, kv, w_out, strict=True)):
+            folded = m.fold_window(pair, w["visible"], o)
+            _hold(buf, f"fk{i}", folded.keys)
+            _hold(buf, f"fv{i}", folded.values)
+            _hold(buf, f"fb{i}", folded.bias)
 
     def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
         ctx = None
@@ -303,10 +309,13 @@ class GraphStreamDecoder(StreamDecoder):
                 snc=context.snc,
                 adapters=context.adapters,
             )
-            if "k0" in w:  # the round's keys/values and output weights: buffers `_prepare_round` fills
-                count = len(self.model.snc)
-                ctx.kv_cache = {id(m): (w[f"k{i}"], w[f"v{i}"]) for i, m in enumerate(self.model.snc)}
-                ctx.w_out = [w[f"w{i}"] for i in range(count)]
+            if "fk0" in w:  # the round's folded windows: buffers `_prepare_round` fills
+                ctx.kv_cache = {}  # a decode round (no per-forward projection happens: folds below)
+                folded = [
+                    FoldedWindow(keys=w[f"fk{i}"], values=w[f"fv{i}"], bias=w[f"fb{i}"])
+                    for i in range(len(self.model.snc))
+                ]
+                self.model.instrumentation.use_folded(ctx, folded)
         trunk, instrumentation = self.model.trunk, self.model.instrumentation
         kwargs = dict(
             input_ids=buf.ids,

@@ -111,15 +111,17 @@ class SidecarContext:
     _folded: dict[int, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def folds(self, hidden: torch.Tensor) -> bool:
-        """Whether the sidecars may fold their weights into this context once and reuse them: a decode
-        round (a `kv_cache`, no grad, no positions) on the CPU, where the host paces a token (~1.5 µs
-        an op, ~50 ops a layer unfolded). On CUDA the Triton kernels run as before."""
-        return (
-            self.kv_cache is not None
-            and self.positions is None
-            and not hidden.is_cuda
-            and not torch.is_grad_enabled()
-        )
+        """Whether the adapters may fold their rows' weights into this context once and reuse them: a
+        decode round (a `kv_cache`, no grad, no positions) on the CPU, where the host paces a token
+        (~1.5 µs an op). On CUDA the adapter's Triton kernel runs as before."""
+        return self.folds_snc(hidden) and not hidden.is_cuda
+
+    def folds_snc(self, hidden: torch.Tensor) -> bool:
+        """Whether the SNC layers fold the round's window into their weights once and reuse it for the
+        round's tokens (`NotesCrossAttention.fold_window`): a decode round (a `kv_cache`, no grad, no
+        positions) on any device. On the CPU it saves host ops (~10 a layer instead of ~50); on CUDA
+        a token's SNC layer is then one fused launch (`pdt.kernels.snc_folded`) instead of four."""
+        return self.kv_cache is not None and self.positions is None and not torch.is_grad_enabled()
 
     def snc_mask(self) -> torch.Tensor:
         """`visible` [R, T, N] or [R, N], and False off `positions` (there the SNC delta is exactly 0)."""
@@ -184,11 +186,22 @@ class Instrumentation:
         finally:
             self.context, self._snc_state = previous
 
+    def use_folded(self, ctx: SidecarContext, folded: list[FoldedWindow]) -> None:
+        """Give `ctx` its SNC layers' folded windows, computed elsewhere (the CUDA-graph engine folds a
+        round into fixed buffers before its replays): the forwards under `ctx` use them as they are."""
+        if len(folded) != len(self.snc):
+            raise ValueError(f"use_folded: {len(folded)} folded windows for {len(self.snc)} SNC layers")
+        ctx._folded[id(self)] = _SNCState(ctx.snc_mask(), [], [], list(folded))
+
+    def folded_of(self, ctx: SidecarContext) -> Any:
+        """What `use_folded` gave `ctx` (None if nothing)."""
+        return ctx._folded.get(id(self))
+
     def _window_state(self, ctx: SidecarContext, hidden: torch.Tensor, dtype: torch.dtype) -> _SNCState:
         """What every SNC layer of this forward shares: the mask [R, T, N], and per layer (k, v) — from
         the decode round's `kv_cache` when it has them (no grad), else projected for every layer at
         once — and the gated W_oᵀ in `dtype`."""
-        folds = ctx.folds(hidden) and ctx.visible.dim() == 2 and hidden.dtype == dtype
+        folds = ctx.folds_snc(hidden) and ctx.visible.dim() == 2 and hidden.dtype == dtype
         state = ctx._folded.get(id(self)) if folds else None
         if state is not None and state.folded[0].keys.dtype == dtype:
             return state  # a decode round on the CPU: folded by the round's first token
@@ -227,7 +240,7 @@ class Instrumentation:
                     dtype = torch.get_autocast_dtype(hidden.device.type)
                 state = self._snc_state = self._window_state(ctx, hidden, dtype)
             if state.folded is not None and attn_out.dtype == hidden.dtype:
-                attn_out = module.add_folded(attn_out, hidden, state.folded[slot])  # CPU decode
+                attn_out = module.add_folded(attn_out, hidden, state.folded[slot])  # a decode round
             else:
                 window = (ctx.notes, ctx.producer, ctx.rounds, state.mask, ctx.g)
                 # attn_out + λ·g·C W_o in attn_out's dtype, the add fused into the output GEMM

@@ -268,3 +268,54 @@ def test_picked_logprobs_refuses_what_it_cannot_run() -> None:
         picked_logprobs_triton(torch.randn(2, 5), torch.zeros(2, 1, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"\[N, V\]"):
         picked_logprobs_triton(torch.randn(2, 5), torch.zeros(3, 1, dtype=torch.long))
+
+
+def _folded_case(rows: int, t: int, d: int, heads: int, n: int, seed: int = 0) -> tuple:
+    """A real SNC layer (W_o and the gate given weights) folded over a window with an empty row and a
+    partly visible one: (module, base, hidden, folded, the unfolded add_delta's output)."""
+    from pdt.model.sidecars.snc import NotesCrossAttention
+
+    gen = torch.Generator().manual_seed(seed)
+    m = NotesCrossAttention(d, 16, 8 * heads, heads, num_streams=3, max_rounds=4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    notes = torch.randn(rows, n, 16, generator=gen)
+    producer = torch.randint(0, 4, (rows, n), generator=gen)
+    rounds = torch.randint(0, 4, (rows, n), generator=gen)
+    visible = torch.rand(rows, n, generator=gen) < 0.5
+    visible[0] = False  # a row that sees nothing
+    visible[1, :] = True
+    base, hidden = torch.randn(rows, t, d, generator=gen), torch.randn(rows, t, d, generator=gen) * 4
+    with torch.no_grad():
+        kv = m.project_notes(notes, producer, rounds)
+        w_out = m.gated_out_weight(0.7, torch.float32)
+        folded = m.fold_window(kv, visible, w_out)
+        unfolded = m.add_delta(base, hidden, notes, producer, rounds, visible, 0.7)
+    return m, base, hidden, folded, unfolded
+
+
+@pytest.mark.parametrize(("rows", "t", "d", "heads", "n"), [(3, 1, 70, 2, 5), (2, 3, 300, 4, 25)])
+def test_snc_folded_matches_the_reference_and_the_unfolded_layer(
+    rows: int, t: int, d: int, heads: int, n: int
+) -> None:
+    from pdt.kernels.snc_folded_triton import snc_folded_triton
+
+    m, base, hidden, f, unfolded = _folded_case(rows, t, d, heads, n)
+    with torch.no_grad():
+        ours = snc_folded_triton(base, hidden, f.keys, f.values, f.bias, heads, m.norm.eps)
+        expect = reference.snc_folded(base, hidden, f.keys, f.values, f.bias, heads, m.norm.eps)
+    torch.testing.assert_close(ours, expect, **FP32)
+    torch.testing.assert_close(ours, unfolded, atol=1e-4, rtol=1e-4)  # the products associate differently
+    assert torch.equal(ours[0], base[0])  # an empty window: exactly base
+    assert not torch.allclose(ours[1], base[1], atol=1e-3)  # a visible window moves the state
+
+
+def test_snc_folded_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pdt.kernels as kernels
+
+    m, base, hidden, f, _ = _folded_case(2, 1, 40, 2, 3)
+    with pytest.raises(kernels.KernelUnavailableError, match="gradient"):
+        kernels.snc_folded(base, hidden.requires_grad_(), f.keys, f.values, f.bias, 2, 1e-6)
+    with pytest.raises(ValueError, match="values must be"):
+        kernels.snc_folded(base, hidden.detach(), f.keys, f.values[:, :-1], f.bias, 2, 1e-6)

@@ -290,3 +290,28 @@ def test_picked_logprobs_bf16_on_gpu() -> None:
     assert ours[1].dtype == torch.bfloat16
     for name, a, b, t in zip(("values", "d logits"), ours, ref_bf16, truth, strict=True):
         assert_rel_close(name, a, b, t)
+
+
+@gpu
+@needs_cuda
+def test_snc_folded_bf16_on_gpu() -> None:
+    """The 124M preset's decode shape (3 rows, D 768, 4 heads × 25 notes) in bf16: within the bf16
+    tolerance of the fp32 reference and no worse than the bf16 reference; an empty window is exact."""
+    from pdt.kernels.snc_folded_triton import snc_folded_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows, d, heads, n = 3, 768, 4, 25
+    base = torch.randn(rows, 1, d, device="cuda", generator=gen)
+    hidden = torch.randn(rows, 1, d, device="cuda", generator=gen) * 8
+    keys = torch.randn(rows, d, heads * n, device="cuda", generator=gen) * 0.02
+    values = torch.randn(rows, heads * n, d, device="cuda", generator=gen)
+    bias = torch.zeros(rows, 1, heads * n, device="cuda")
+    bias[1, 0, torch.rand(heads * n, device="cuda", generator=gen) < 0.5] = float("-inf")
+    values[0] = 0  # row 0: an empty window (fold_window's layout: values 0, bias 0)
+    args = [x.bfloat16() for x in (base, hidden, keys, values, bias)]
+    truth = reference.snc_folded(*[x.float() for x in args], heads, 1e-6)
+    ref = reference.snc_folded(*args, heads, 1e-6)
+    ours = snc_folded_triton(*args, heads, 1e-6)
+    assert ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
+    assert_rel_close("out", ours, ref, truth)
+    assert torch.equal(ours[0], args[0][0])

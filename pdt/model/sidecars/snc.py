@@ -12,9 +12,10 @@ Cost: the gate scales `W_o` and the residual add rides on the output GEMM (`add_
 sidecar adds no elementwise pass over [R, T, D] beyond its pre-norm; the keys/values and gated
 output weights of all layers are computed in one batched pass a forward (`project_notes_all`,
 `gated_out_weights`), because the host, not the GPU, paces a small training step. A decode round
-on the CPU goes further (`fold_window`): the window is fixed for its τ tokens and nothing trains,
-so W_q, the norm weight, the score scale and λ·g·W_o are folded into the window's keys and values
-once a round, and a token costs ~10 host ops a layer instead of ~50 (bench/sidecar_overhead.py).
+goes further (`fold_window`): the window is fixed for its τ tokens and nothing trains, so W_q, the
+norm weight, the score scale and λ·g·W_o are folded into the window's keys and values once a
+round; on the CPU a token then costs ~10 host ops a layer instead of ~50
+(bench/sidecar_overhead.py), on CUDA one fused launch (`pdt.kernels.snc_folded`) instead of four.
 On the CPU with autograd, `add_delta` folds the same weights per forward (`_add_delta_folded`).
 
 Identity at init (SPEC §2b.2): `W_o` starts at exactly zero and has no bias, so the delta is
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdt.kernels import kernel_mode, snc_attend
+from pdt.kernels import kernel_mode, snc_attend, snc_folded
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,8 @@ class FoldedWindow:
     With x̂ = x · rsqrt(mean(x²) + ε), head h's score over note n is
     `x̂ · (norm ⊙ W_q,hᵀ k_h,n) / sqrt(dh)` and its output is `Σ_n p_h,n · v_h,n W_o,h`: the
     bracketed products depend on the window and the weights only, so they are computed once a round.
-    What it is not: a training path (the weights are frozen into it) nor a GPU one (there the Triton
-    kernels are launched per layer, unchanged).
+    What it is not: a training path (the weights are frozen into it). On CUDA `snc_folded` runs it as
+    one Triton launch a token; the CUDA-graph engine folds a round into fixed buffers.
     """
 
     keys: torch.Tensor  # [R, D, H·N]: per head, scale · norm ⊙ (k_h W_q,h), transposed for the bmm
@@ -273,12 +274,7 @@ class NotesCrossAttention(nn.Module):
         The same values as `add_delta` within fp32 rounding (the products are associated differently);
         exactly `base` for a row whose window is empty, or while W_o is zero (identity at init).
         """
-        rows, t, _ = hidden.shape
-        x = hidden if hidden.dtype == folded.keys.dtype else hidden.to(folded.keys.dtype)
-        inv_rms = x.pow(2).mean(-1, keepdim=True).add_(self.norm.eps).rsqrt_()  # [R, T, 1]
-        scores = torch.addcmul(folded.bias, torch.bmm(x, folded.keys), inv_rms)  # [R, T, H·N]
-        probs = torch.softmax(scores.view(rows, t, self.heads, -1), dim=-1)  # each head over its notes
-        return torch.baddbmm(base, probs.view(rows, t, -1), folded.values)  # [R, T, D]
+        return snc_folded(base, hidden, folded.keys, folded.values, folded.bias, self.heads, self.norm.eps)
 
     def forward(
         self,

@@ -7,6 +7,7 @@
 #   call 2: bash bench/device_124m.sh poll 560             # poll (prints the log's tail)
 #   call 3: bash bench/device_124m.sh measure                # curriculum + decode benchmarks -> $OUT
 #   or calls 2+3 as one: bash bench/device_124m.sh finish 300  # poll up to 300 s, then measure
+#   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
 set -uo pipefail
 W=/tmp/pdt
@@ -60,6 +61,7 @@ case "${1:-}" in
     python3 bench/decode_speedup.py 2>&1 | tail -30
     [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8
     [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1
+    [ "${COMPARE:-0}" = 1 ] && bash "$0" compare
     true ;;
   finish)  # poll, then measure once the pipeline is done
     bash "$0" poll "${2:-300}" | tail -3
@@ -69,5 +71,12 @@ case "${1:-}" in
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
     python3 -m pytest -q -m gpu -p no:cacheprovider tests/model/test_graph_decode.py 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
     PDT_BENCH_TRUNK=random PDT_BENCH_KS=${KS:-1,2,3,4,8} python3 bench/decode_speedup.py 2>&1 | tail -16 ;;
-  *) echo "usage: bench/device_124m.sh launch|poll|finish|measure|engines" >&2; exit 2 ;;
+  compare)  # random-weight 124M, K = 3, cuda_graph: this tree and an older one (.device/old, carried)
+    # beside it in the same call: git archive <commit> main.py pdt bench presets pyproject.toml | tar -x -C .device/old
+    for i in 1 2; do
+      PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph python3 bench/decode_speedup.py 2>&1 | grep -E "^K=3"
+      (cd .device/old && OUT=$OUT/old PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph \
+        python3 bench/decode_speedup.py 2>&1 | grep -E "^K=3" | sed 's/^/old: /')
+    done ;;
+  *) echo "usage: bench/device_124m.sh launch|poll|finish|measure|engines|compare" >&2; exit 2 ;;
 esac

@@ -319,3 +319,23 @@ def test_snc_folded_refuses_what_it_cannot_run(monkeypatch: pytest.MonkeyPatch) 
         kernels.snc_folded(base, hidden.requires_grad_(), f.keys, f.values, f.bias, 2, 1e-6)
     with pytest.raises(ValueError, match="values must be"):
         kernels.snc_folded(base, hidden.detach(), f.keys, f.values[:, :-1], f.bias, 2, 1e-6)
+
+
+@pytest.mark.parametrize(("t", "d"), [(1, 70), (3, 300)], ids=["one-token", "three-tokens"])
+def test_row_adapter_decode_kernels_with_every_epilogue(t: int, d: int) -> None:
+    """A forward of ≤ DECODE_T positions without grad takes the two decode kernels (D split into
+    chunks, a partial last chunk, r padded): the same values as the reference with the gate, the
+    positions mask (a row it never acts on) and the residual, a bad-free stream ids mix."""
+    from pdt.kernels import row_adapter_triton as kern
+
+    assert t <= kern.DECODE_T
+    h, *weights = adapter_inputs(4, t, d, 20, 3, seed=7)
+    ids = torch.tensor([2, 0, 2, 1])
+    gate = torch.tensor([0.3, -1.2, 2.0])
+    positions = torch.ones(4, t, dtype=torch.bool)
+    positions[1] = False
+    with torch.no_grad():
+        for kw in ({}, {"gate": gate, "positions": positions, "residual": True}):
+            out = row_adapter_triton(h, ids, *weights, **kw)
+            torch.testing.assert_close(out, reference.row_adapter(h, ids, *weights, **kw), **FP32)
+        assert torch.equal(out[1], h[1])  # masked row + residual: exactly h

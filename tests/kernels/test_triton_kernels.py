@@ -315,3 +315,23 @@ def test_snc_folded_bf16_on_gpu() -> None:
     assert ours.dtype == torch.bfloat16 and torch.isfinite(ours).all()
     assert_rel_close("out", ours, ref, truth)
     assert torch.equal(ours[0], args[0][0])
+
+
+@gpu
+@needs_cuda
+def test_row_adapter_decode_kernels_bf16_on_gpu() -> None:
+    """A decode step (3 rows × 1 token, bf16, no grad: the two decode kernels) with the sidecar's
+    epilogue against the fp32 reference, no worse than the bf16 reference."""
+    from pdt.kernels.row_adapter_triton import row_adapter_triton
+
+    h, ids, weights, _ = _adapter_case(3, 1, 768, 64, 3)
+    hb = h.bfloat16()
+    wb = [w.detach().bfloat16() for w in weights]
+    gate = torch.tensor([0.3, -1.2, 2.0], device="cuda")
+    kw = {"gate": gate, "residual": True}
+    with torch.no_grad():
+        truth = reference.row_adapter(hb.float(), ids, *[w.float() for w in wb], **kw)
+        ref = reference.row_adapter(hb, ids, *wb, **kw)
+        ours = row_adapter_triton(hb, ids, *wb, **kw)
+    assert ours.dtype == torch.bfloat16
+    assert_rel_close("out", ours, ref, truth)

@@ -20,9 +20,9 @@ import torch
 from pdt.train import calibration as C
 from pdt.train import runtime as R
 
-#: Readiness example sources (`curriculum_step._readiness`): dataset corruptions, a sibling's block
-#: in a stream's place (ownership), own rollouts.
-READINESS_KINDS = {0: "dataset", 1: "ownership", 2: "rollouts"}
+#: Readiness example sources (`curriculum_step._readiness`): dataset corruptions, speculation notes
+#: (own vs a sibling's), own rollouts.
+READINESS_KINDS = {0: "dataset", 1: "speculation", 2: "rollouts"}
 
 # Fixed seed for evaluation batches: no randomness is used with evaluate=True, but keep it explicit.
 _EVAL_SEED = 0

@@ -3,7 +3,9 @@
 1. Decode (`PDT_BENCH_TRUNK=random`-style trunk: the pretrain_124m shape, random weights, untrained
    sidecars, γ = 0): for K = 1 and 3 on the `cuda_graph` engine, the mean wall time of a decode step
    per mode (PDT, independent, sequential; the orchestrator's own step timer), of one bare replay of
-   each captured graph (GPU time of the step alone), and of the sampler on the step's logits.
+   each captured graph (GPU time of the step alone), and of the sampler on the step's logits;
+   `PDT_PROFILE_KERNELS=1` lists the kernels inside each graph, `PDT_PROFILE_HOST=1` the host-side
+   calls (runtime API, ATen ops) per decode step of PDT and sequential.
 2. Curriculum (the curriculum_throughput setup: pretrain_124m shape, dataset_wiki rows, stage3_124m):
    the stage-3 step and the plain step split into forward, backward and optimizer (synchronised
    wall times), then the top CUDA kernels of each by self time (torch.profiler).
@@ -64,6 +66,23 @@ def _kernel_table(fn: Any, reps: int) -> str:
     return f"{count / reps:.0f} kernels, {total / reps / 1000:.3f} ms of kernel time per replay\n{table}"
 
 
+def _host_table(decode: Any) -> str:
+    """One decode under torch.profiler (CPU + CUDA activity): the host-side calls (CUDA runtime API:
+    launches, copies, syncs, graph launches) and ATen ops per decode step, by count — what a step
+    does on the host around its graph replay."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        res = decode()
+    steps = max(1, res.steps)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.count)
+    lines = [f"{res.steps} steps; calls per step (count, host µs per step):"]
+    for e in rows[:40]:
+        lines.append(f"  {e.key[:70]:<70} {e.count / steps:8.2f} {e.self_cpu_time_total / steps:9.1f}")
+    return "\n".join(lines)
+
+
 def decode_profile() -> dict[str, Any]:
     import decode_speedup as ds
 
@@ -109,6 +128,13 @@ def decode_profile() -> dict[str, Any]:
                     if os.environ.get("PDT_PROFILE_KERNELS") == "1":  # the kernels inside the replay
                         rec[f"kernels[{label}]"] = _kernel_table(run.graph.replay, 20)
                         print(f"\n=== replay {label}, 20 replays\n{rec[f'kernels[{label}]']}", flush=True)
+        if os.environ.get("PDT_PROFILE_HOST") == "1":  # host-side calls per decode step, by mode
+            for name, kwargs in (
+                ("pdt", {"emit_tokens": False}),
+                ("sequential", {"total_tokens": pdt.new_tokens}),
+            ):
+                rec[f"host[{name}]"] = _host_table(functools.partial(decoder.decode, prompt, name, **kwargs))
+                print(f"\n=== host calls per step, {name} K={k}\n{rec[f'host[{name}]']}", flush=True)
         logits = torch.randn(
             k, model.trunk.config.vocab_size, device=device, dtype=next(model.trunk.parameters()).dtype
         )

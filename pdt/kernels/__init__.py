@@ -185,6 +185,8 @@ def snc_folded(
     → base + the SNC delta, [R, T, D]. See `pdt.kernels.reference.snc_folded`; the Triton path is one
     launch a layer (inference only)."""
     args = (base, hidden, keys, values, bias, heads, eps)
+    if not base.is_cuda and kernel_mode() != "triton":  # a CPU decode token: no dispatch work
+        return reference.snc_folded(*args, check=False)  # the fold made these shapes
     reference.check_folded_shapes(base, hidden, keys, values, bias, heads)
     kernels = _triton_op("snc_folded", "snc_folded_triton", (base, hidden, keys, values, bias), args)
     if kernels is not None:

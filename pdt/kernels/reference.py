@@ -167,6 +167,7 @@ def snc_folded(
     bias: torch.Tensor,
     heads: int,
     eps: float,
+    check: bool = True,
 ) -> torch.Tensor:
     """A decode step's SNC with the round's window and weights folded in: `base + Σ_h softmax_h · values`.
 
@@ -175,14 +176,20 @@ def snc_folded(
     visible, −inf elsewhere, all 0 for an empty window) — `NotesCrossAttention.fold_window`'s layout.
     Scores of row r, position t: `(hidden · keys) · rsqrt(mean(hidden²) + eps) + bias`, a softmax per
     head over its N notes. Returns [R, T, D] in base's dtype; exactly base where values are 0.
+    `check=False` skips the shape checks (a CPU decode token, where a few µs of host work count).
     """
-    check_folded_shapes(base, hidden, keys, values, bias, heads)
+    if check:
+        check_folded_shapes(base, hidden, keys, values, bias, heads)
     rows, t, _ = hidden.shape
     x = hidden if hidden.dtype == keys.dtype else hidden.to(keys.dtype)
     inv_rms = x.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_()  # [R, T, 1]
     scores = torch.addcmul(bias, torch.bmm(x, keys), inv_rms)  # [R, T, H·N]
-    probs = torch.softmax(scores.view(rows, t, heads, -1), dim=-1)  # each head over its notes
-    return torch.baddbmm(base, probs.view(rows, t, -1).to(values.dtype), values).to(base.dtype)  # [R, T, D]
+    probs = torch.softmax(scores.view(rows, t, heads, -1), dim=-1).view(rows, t, -1)  # per head
+    if probs.dtype != values.dtype:
+        probs = probs.to(values.dtype)
+    if base.dtype == values.dtype:
+        return torch.baddbmm(base, probs, values)  # [R, T, D]
+    return (base.float() + torch.bmm(probs, values).float()).to(base.dtype)
 
 
 def check_folded_shapes(

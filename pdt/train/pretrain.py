@@ -119,7 +119,7 @@ def _setup(ctx: JobContext, preset: PretrainPreset) -> Trainer:
         ckpt,
         train_iter,
         eval_batches,
-        R.autocast_dtype(preset.train.precision, dist.device),
+        R.autocast_dtype(preset.train.precision, dist.device, cpu_bf16=True),
         max(1, math.ceil(cfg.token_budget / tokens_per_step)),
         tokens_per_step,
     )
@@ -251,7 +251,8 @@ def _announce(t: Trainer, loaded: LoadedCheckpoint | None) -> None:
         f"{t.preset.name}: {counts['total'] / 1e6:.2f}M parameters "
         f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), tokenizer {t.tokenizer.name} "
         f"(V={t.tokenizer.vocab_size}), {t.total_steps} steps of {t.tokens_per_step:,} tokens on "
-        f"{t.dist.world_size} x {t.dist.device.type}, {where}"
+        f"{t.dist.world_size} x {t.dist.device.type}, "
+        f"{'bf16 autocast' if t.autocast_dtype == torch.bfloat16 else 'fp32'}, {where}"
     )
 
 

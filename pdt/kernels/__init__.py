@@ -4,7 +4,7 @@ What it is: the entry points the sidecars call — `grouped_adapter` (token-leve
 bottleneck MLP), `row_adapter` (the same when each row is one stream), `snc_attend` (attention
 over the visible notes window, exact zero for an empty window) and `picked_logprobs` (log-softmax
 over the vocabulary read at a few ids per row: the curriculum's LM CE and top-k KD), `snc_folded`
-(a decode step's whole SNC layer with the round's window folded into its weights: one launch) —
+(a decode step's whole SNC layer with the round's window folded into its weights: two launches) —
 and the choice of implementation: the fused Triton kernels (`snc_attend_triton`,
 `row_adapter_triton`, `picked_logprobs_triton`, `snc_folded_triton`: kernel + launcher + autograd
 Function each, Liger-Kernel style) when the tensors are on CUDA, triton imports and the kernel
@@ -182,8 +182,8 @@ def snc_folded(
     eps: float,
 ) -> torch.Tensor:
     """base, hidden [R, T, D], a `FoldedWindow`'s keys [R, D, H·N], values [R, H·N, D], bias [R, 1, H·N]
-    → base + the SNC delta, [R, T, D]. See `pdt.kernels.reference.snc_folded`; the Triton path is one
-    launch a layer (inference only)."""
+    → base + the SNC delta, [R, T, D]. See `pdt.kernels.reference.snc_folded`; the Triton path is two
+    launches a layer (inference only)."""
     args = (base, hidden, keys, values, bias, heads, eps)
     if not base.is_cuda and kernel_mode() != "triton":  # a CPU decode token: no dispatch work
         return reference.snc_folded(*args, check=False)  # the fold made these shapes

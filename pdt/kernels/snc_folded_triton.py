@@ -142,7 +142,7 @@ def snc_folded_triton(
     heads: int,
     eps: float,
 ) -> torch.Tensor:
-    """As `reference.snc_folded` (shapes checked there): [R, T, D] in base's dtype, one launch."""
+    """As `reference.snc_folded` (shapes checked by the dispatch): [R, T, D] in base's dtype, two launches."""
     rows, t, d = hidden.shape
     hn = keys.shape[-1]
     base2, x2 = base.reshape(rows * t, d), hidden.reshape(rows * t, d)

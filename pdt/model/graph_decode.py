@@ -282,7 +282,7 @@ class GraphStreamDecoder(StreamDecoder):
     def _prepare_round(self, buf: _Buffers, context: SidecarContext) -> None:
         """What a round's window fixes for all its steps, computed here once rather than in every
         replay: each SNC layer's window folded into its weights (`fold_window`: keys, values, bias),
-        into buffers the step reads — a token's SNC layer is then one `snc_folded` launch."""
+        into buffers the step reads — a token's SNC layer is then `snc_folded`'s two launches."""
         if not context.snc or float(context.g) == 0.0:
             return  # no SNC in this forward (independent: g = 0)
         layers = list(self.model.snc)

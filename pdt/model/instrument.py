@@ -101,13 +101,11 @@ class SidecarContext:
     # Decode only (no grad): per-layer note keys/values, filled on first use. A round's window is the
     # same for all its τ tokens, so one context per round projects the notes once, not τ times.
     kv_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    # Decode only (no grad): per instrumented layer, (λ · g · W_o)ᵀ already in the compute dtype (the
-    # CUDA-graph engine computes them with the round's keys/values, outside the captured step).
-    w_out: list[torch.Tensor] | None = None
     # The SNC mask (`visible` with the positions folded in), built on first use: the same for every
     # instrumented layer, so one forward builds it once rather than once a layer.
     _snc_mask: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
-    # Decode on the CPU only: per sidecar module, its weights folded for this round (`folds`).
+    # Decode only: per sidecar module, its weights folded for this round (`folds`, `folds_snc`,
+    # `Instrumentation.use_folded`).
     _folded: dict[int, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def folds(self, hidden: torch.Tensor) -> bool:
@@ -120,7 +118,7 @@ class SidecarContext:
         """Whether the SNC layers fold the round's window into their weights once and reuse it for the
         round's tokens (`NotesCrossAttention.fold_window`): a decode round (a `kv_cache`, no grad, no
         positions) on any device. On the CPU it saves host ops (~10 a layer instead of ~50); on CUDA
-        a token's SNC layer is then one fused launch (`pdt.kernels.snc_folded`) instead of four."""
+        a token's SNC layer is then two Triton launches (`pdt.kernels.snc_folded`) instead of four."""
         return self.kv_cache is not None and self.positions is None and not torch.is_grad_enabled()
 
     def snc_mask(self) -> torch.Tensor:
@@ -204,7 +202,7 @@ class Instrumentation:
         folds = ctx.folds_snc(hidden) and ctx.visible.dim() == 2 and hidden.dtype == dtype
         state = ctx._folded.get(id(self)) if folds else None
         if state is not None and state.folded[0].keys.dtype == dtype:
-            return state  # a decode round on the CPU: folded by the round's first token
+            return state  # a decode round: folded by its first token, or by the graph engine
         cache = ctx.kv_cache if ctx.kv_cache is not None and not torch.is_grad_enabled() else None
         kv = [cache.get(id(m)) for m in self.snc] if cache is not None else [None]
         if any(pair is None for pair in kv):
@@ -212,10 +210,7 @@ class Instrumentation:
             if cache is not None:
                 cache.update({id(m): pair for m, pair in zip(self.snc, kv, strict=True)})
         mask = ctx.snc_mask()
-        if ctx.w_out is not None and ctx.w_out[0].dtype == dtype and not torch.is_grad_enabled():
-            w_out = ctx.w_out
-        else:
-            w_out = gated_out_weights(self.snc, ctx.g, dtype)
+        w_out = gated_out_weights(self.snc, ctx.g, dtype)
         if folds:
             folded = [m.fold_window(pair, mask, w) for m, pair, w in zip(self.snc, kv, w_out, strict=True)]
             state = ctx._folded[id(self)] = _SNCState(mask, kv, w_out, folded)

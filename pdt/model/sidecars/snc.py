@@ -15,7 +15,7 @@ output weights of all layers are computed in one batched pass a forward (`projec
 goes further (`fold_window`): the window is fixed for its τ tokens and nothing trains, so W_q, the
 norm weight, the score scale and λ·g·W_o are folded into the window's keys and values once a
 round; on the CPU a token then costs ~10 host ops a layer instead of ~50
-(bench/sidecar_overhead.py), on CUDA one fused launch (`pdt.kernels.snc_folded`) instead of four.
+(bench/sidecar_overhead.py), on CUDA two Triton launches (`pdt.kernels.snc_folded`) instead of four.
 On the CPU with autograd, `add_delta` folds the same weights per forward (`_add_delta_folded`).
 
 Identity at init (SPEC §2b.2): `W_o` starts at exactly zero and has no bias, so the delta is
@@ -46,7 +46,7 @@ class FoldedWindow:
     `x̂ · (norm ⊙ W_q,hᵀ k_h,n) / sqrt(dh)` and its output is `Σ_n p_h,n · v_h,n W_o,h`: the
     bracketed products depend on the window and the weights only, so they are computed once a round.
     What it is not: a training path (the weights are frozen into it). On CUDA `snc_folded` runs it as
-    one Triton launch a token; the CUDA-graph engine folds a round into fixed buffers.
+    two Triton launches a token; the CUDA-graph engine folds a round into fixed buffers.
     """
 
     keys: torch.Tensor  # [R, D, H·N]: per head, scale · norm ⊙ (k_h W_q,h), transposed for the bmm

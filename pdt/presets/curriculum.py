@@ -131,6 +131,10 @@ class RolloutConfig(StrictModel):
     """Streams rolled out each time."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the rollout blocks."""
+    eval_rows: int = Field(16, ge=0)
+    """Blocks rolled out per validation batch at each evaluation and for the calibration (0: none;
+    only when `every` > 0): the report's `readiness_auc_rollouts` — the head scored on the model's own
+    blocks, the kind of block the decoder commits or rolls back."""
 
 
 class CurriculumPreset(PresetBase):

@@ -48,9 +48,15 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
     try:
         for start in starts:
             batch = batch_fn(st, "validation", list(range(start, min(start + size, len(records)))))
+            rollout = _eval_rollouts(st, records[start : start + size], start)
             with R.autocast(st.autocast_dtype, st.dist.device):
                 res = step_fn(
-                    st.model, batch, st.plan, torch.Generator().manual_seed(_EVAL_SEED), evaluate=True
+                    st.model,
+                    batch,
+                    st.plan,
+                    torch.Generator().manual_seed(_EVAL_SEED),
+                    evaluate=True,
+                    rollout_fn=rollout,
                 )
             acc["n"] += 1
             for name, value in res.parts.items():
@@ -66,6 +72,25 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
         st.model.train(was_training)
     acc["scores"] = {name: torch.cat(v).numpy() for name, v in scores.items()}
     return acc
+
+
+def _eval_rollouts(st: Any, records: list[dict[str, Any]], start: int) -> Callable | None:
+    """Readiness examples from the model's own blocks on a validation batch (the training rollouts'
+    sampler and labels, `rollouts.eval_rows` blocks, a fixed seed per batch), when the stage trains
+    readiness with rollouts; None otherwise."""
+    cfg = st.preset.rollouts
+    if not (cfg.every and cfg.eval_rows and st.plan.wants("readiness")):
+        return None
+    from pdt.train.rollouts import rollout_examples
+
+    gen = torch.Generator().manual_seed(_EVAL_SEED + 1 + start)
+
+    def fn(model: Any, batch: Any, window: Any) -> Any:
+        return rollout_examples(
+            model, batch, window, records, st.tokenizer, cfg.eval_rows, cfg.temperature, gen
+        )
+
+    return fn
 
 
 def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]:
@@ -91,6 +116,9 @@ def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]
             labels = sc["readiness_labels"][keep]
             if 0 < labels.sum() < len(labels):
                 out[f"readiness_auc_{name}"] = C.roc_auc(sc["readiness_scores"][keep], labels)
+            if kind == 2 and len(labels):  # how often the model's own blocks break ownership / repeat
+                out["rollout_blocks"] = float(len(labels))
+                out["rollout_violation_rate"] = float(1.0 - labels.mean())
     return out
 
 

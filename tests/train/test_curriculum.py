@@ -319,9 +319,15 @@ def test_stage3_rollouts_sample_blocks_and_label_them(world: dict[str, Path]) ->
     assert set(ex.reasons) <= {"ok", "ownership", "duplication"}
     assert ex.labels.tolist() == [1.0 if r == "ok" else 0.0 for r in ex.reasons]
     assert all(t for t in ex.texts)  # a random trunk samples something for every block
-    status, events = run(stage_preset(3, world["trunk"], init_from=None, rollouts={"every": 1, "rows": 3}))
+    rollouts = {"every": 1, "rows": 3, "eval_rows": 4}
+    status, events = run(stage_preset(3, world["trunk"], init_from=None, rollouts=rollouts))
     assert status == "finished"
     assert any(isinstance(e, Metric) and e.name == "train/rollout_violations" for e in events)
+    # The evaluation scores the head on the model's own blocks of validation examples too.
+    blocks = [e.value for e in events if isinstance(e, Metric) and e.name == "eval/rollout_blocks"]
+    rates = [e.value for e in events if isinstance(e, Metric) and e.name == "eval/rollout_violation_rate"]
+    assert blocks and all(0 < b <= 4 for b in blocks)  # ≤ eval_rows of the one eval batch
+    assert rates and all(0.0 <= r <= 1.0 for r in rates)
 
 
 def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> None:

@@ -200,8 +200,8 @@ class OptimConfig(StrictModel):
     grad_clip: float = Field(1.0, ge=0)
     """Clip the global gradient norm (0 disables)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 autocast on a GPU that supports it; on a CPU fp32, except a pretrain on a CPU
-    with native bf16 matmuls (AVX512-BF16 / AMX; `PDT_CPU_BF16=0` turns that off)."""
+    """auto: bf16 autocast on a GPU that supports it and on a CPU with native bf16 matmuls
+    (AVX512-BF16 / AMX; `PDT_CPU_BF16=0` turns that off), fp32 elsewhere."""
     seed: int = 1337
     """Seeds initialisation, data order and sampling."""
 

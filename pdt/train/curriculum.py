@@ -362,12 +362,13 @@ def _announce(st: Stage, loaded: LoadedCheckpoint | None) -> None:
         where = f"starting from {st.started_from['preset']!r} step {st.started_from['step']}"
     else:
         where = "starting from freshly initialised sidecars"
+    precision = "bf16 autocast" if st.autocast_dtype == torch.bfloat16 else "fp32"
     st.ctx.log(
         f"{st.preset.name}: stage {st.preset.stage}, training {', '.join(sorted(st.plan.groups))} "
         f"({trainable / 1e6:.2f}M parameters; all sidecars {report['percent_of_trunk']:.2f}% of the "
         f"{report['trunk'] / 1e6:.1f}M trunk), {st.total_steps} steps on {st.dist.world_size} x "
-        f"{st.dist.device.type}, dataset {st.ds.name!r} ({len(st.ds.splits['train'])} train examples), "
-        f"{where}"
+        f"{st.dist.device.type} ({precision}), dataset {st.ds.name!r} "
+        f"({len(st.ds.splits['train'])} train examples), {where}"
     )
 
 

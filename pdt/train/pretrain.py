@@ -119,7 +119,7 @@ def _setup(ctx: JobContext, preset: PretrainPreset) -> Trainer:
         ckpt,
         train_iter,
         eval_batches,
-        R.autocast_dtype(preset.train.precision, dist.device, cpu_bf16=True),
+        R.autocast_dtype(preset.train.precision, dist.device),
         max(1, math.ceil(cfg.token_budget / tokens_per_step)),
         tokens_per_step,
     )

@@ -20,26 +20,26 @@ from pdt.train import distributed as D
 from pdt.train.checkpoint import CheckpointManager, LoadedCheckpoint
 
 
-def autocast_dtype(precision: str, device: torch.device, cpu_bf16: bool = False) -> torch.dtype | None:
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """`precision` auto | bf16 | fp32 → the autocast dtype (None: plain fp32). auto: bf16 on a GPU
-    that supports it; on a CPU, bf16 only when the caller allows it (`cpu_bf16`: the pretrain loop)
-    and the CPU multiplies bf16 natively (`cpu_has_native_bf16`), else fp32."""
+    that supports it, and on a CPU that multiplies bf16 natively (`cpu_has_native_bf16`); fp32
+    elsewhere."""
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
-    if device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
 
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU's oneDNN multiplies bf16 in hardware (AVX512-BF16 or AMX: recent Xeon and
-    EPYC). There bf16 autocast makes a CPU training step of the tiny trunk ~1.5× faster (the CI
-    machine, a 2-core EPYC: 5.2k against 3.6k tokens/s for pretrain_tiny); elsewhere bf16 is emulated
-    and slower than fp32, so auto stays fp32. `PDT_CPU_BF16=0` turns it off."""
+    EPYC). There bf16 autocast makes CPU training steps of the tiny presets faster (the CI machine, a
+    2-core EPYC: pretrain_tiny 5.3k against 3.6k tokens/s, a stage-3 step ~1.3×); elsewhere bf16 is
+    emulated and slower than fp32, so auto stays fp32. `PDT_CPU_BF16=0` turns it off."""
     if os.environ.get("PDT_CPU_BF16", "").strip() == "0":
         return False
     check = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)

@@ -1,0 +1,104 @@
+"""Where the merged answer's NLL gap comes from: per-token NLL under the plain trunk, by part.
+
+For the first validation prompts of the stage's dataset (as bench/decode_speedup.py), K = 3 trained
+sidecars, EOS banned, sequential writing as many tokens as PDT committed, both scored by the plain
+trunk after the prompt (mean nats per token):
+- `sequential`: the sequential answer;
+- `merged`: PDT's merged answer as generated (`DecodeResult.merged_ids`), split into `seam` (the
+  first SEAM tokens of every section after the first: written without the sections before them,
+  scored after them) and `rest`;
+- per section k: `section_k_in_merged` (its tokens inside the merged answer) and, for k ≥ 2,
+  `section_k_alone` (the section scored right after the prompt, as it was written).
+The gap `merged − sequential` splits into what the sidecars shift in a section written from the
+prompt (`section_1` against `sequential`), the seams, and later sections' own content.
+CPU: the tiny pipeline (PDT_CHECKPOINTS_DIR / PDT_DATA_DIR as for the presets); GPU: the 124M one.
+Writes $OUT/nll_breakdown.json (else bench/results/nll_breakdown.json) and prints the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import decode_speedup as ds  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pdt.infer.orchestrator import SECTION_SEPARATOR, ParallelDecoder  # noqa: E402
+
+SEAM = 8  # tokens at the start of a later section counted as its seam
+PROMPTS = 10
+
+
+@torch.no_grad()
+def token_nll(trunk: torch.nn.Module, prompt_ids: list[int], ids: list[int]) -> torch.Tensor:
+    """NLL of each of `ids` after `prompt_ids` under `trunk`, [len(ids)] fp32 on the CPU."""
+    device = next(trunk.parameters()).device
+    x = torch.tensor([prompt_ids + ids], device=device)
+    logits = trunk(input_ids=x).logits[0, len(prompt_ids) - 1 : -1].float()
+    return F.cross_entropy(logits, torch.tensor(ids, device=device), reduction="none").cpu()
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setup = ds.SETUPS[device.type]
+    session = ds._session(device, setup["demo"])
+    prompts, source = ds._prompts(session, PROMPTS, False)
+    settings = dataclasses.replace(
+        session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0, prefixes=()
+    )
+    decoder = ParallelDecoder(session.model, session.tokenizer, settings)
+    trunk, separator = session.model.trunk, session.tokenizer.encode(SECTION_SEPARATOR)
+    parts: dict[str, list[float]] = {}
+
+    def add(name: str, values: torch.Tensor) -> None:
+        parts.setdefault(name, []).extend(values.tolist())
+
+    for prompt in prompts:
+        pdt = decoder.decode(prompt, "pdt", emit_tokens=False)
+        seq = decoder.decode(prompt, "sequential", total_tokens=pdt.new_tokens)
+        add("sequential", token_nll(trunk, pdt.prompt_ids, seq.streams[0].token_ids))
+        merged = token_nll(trunk, pdt.prompt_ids, pdt.merged_ids(session.tokenizer))
+        add("merged", merged)
+        pos = 0
+        for k, stream in enumerate(pdt.streams, start=1):
+            ids = stream.token_ids
+            pos += len(separator) if k > 1 else 0
+            inside = merged[pos : pos + len(ids)]
+            add(f"section_{k}_in_merged", inside)
+            if k > 1:
+                add("seam", inside[:SEAM])
+                add("rest", inside[SEAM:])
+                add(f"section_{k}_alone", token_nll(trunk, pdt.prompt_ids, ids))
+            else:
+                add("rest", inside)
+            pos += len(ids)
+    figures = {name: {"nll": statistics.mean(v), "tokens": len(v)} for name, v in parts.items()}
+    record = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()})",
+        "trunk": session.trunk_info["folder"],
+        "prompts": len(prompts),
+        "prompt_source": source,
+        "tokens_per_stream": setup["tokens"],
+        "seam_tokens": SEAM,
+        "parts": figures,
+    }
+    for name, f in figures.items():
+        print(f"{name:<22} {f['nll']:.3f} nats/token over {f['tokens']} tokens")
+    out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "nll_breakdown.json").write_text(json.dumps({"records": [record]}, indent=2) + "\n")
+    print(f"wrote {out_dir / 'nll_breakdown.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -3,14 +3,16 @@
 For the first validation prompts of the stage's dataset (as bench/decode_speedup.py), K = 3 trained
 sidecars, EOS banned, sequential writing as many tokens as PDT committed, both scored by the plain
 trunk after the prompt (mean nats per token):
-- `sequential`: the sequential answer;
+- `sequential`: the sequential answer; `sequential_first_section`: its first tokens, as many as
+  PDT's first section has (the like-for-like yardstick of `section_1_in_merged`);
 - `merged`: PDT's merged answer as generated (`DecodeResult.merged_ids`), split into `seam` (the
   first SEAM tokens of every section after the first: written without the sections before them,
   scored after them) and `rest`;
 - per section k: `section_k_in_merged` (its tokens inside the merged answer) and, for k ≥ 2,
   `section_k_alone` (the section scored right after the prompt, as it was written).
 The gap `merged − sequential` splits into what the sidecars shift in a section written from the
-prompt (`section_1` against `sequential`), the seams, and later sections' own content.
+prompt (`section_1_in_merged` against `sequential_first_section`), the seams, and later sections'
+own content.
 CPU: the tiny pipeline (PDT_CHECKPOINTS_DIR / PDT_DATA_DIR as for the presets); GPU: the 124M one.
 Writes $OUT/nll_breakdown.json (else bench/results/nll_breakdown.json) and prints the figures.
 """
@@ -66,7 +68,9 @@ def main() -> None:
     for prompt in prompts:
         pdt = decoder.decode(prompt, "pdt", emit_tokens=False)
         seq = decoder.decode(prompt, "sequential", total_tokens=pdt.new_tokens)
-        add("sequential", token_nll(trunk, pdt.prompt_ids, seq.streams[0].token_ids))
+        seq_nll = token_nll(trunk, pdt.prompt_ids, seq.streams[0].token_ids)
+        add("sequential", seq_nll)
+        add("sequential_first_section", seq_nll[: len(pdt.streams[0].token_ids)])
         merged = token_nll(trunk, pdt.prompt_ids, pdt.merged_ids(session.tokenizer))
         add("merged", merged)
         pos = 0

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdt.kernels.strides import unit_last
+
 __all__ = ["PickedLogProbsFunction", "picked_logprobs_triton", "unsupported"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,13 +89,9 @@ def unsupported(logits: torch.Tensor, ids: torch.Tensor) -> str | None:
     return None
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def row_lse(logits: torch.Tensor) -> torch.Tensor:
     """[N, V] → [N] fp32 log-sum-exp of each row."""
-    x = _unit_last(logits)
+    x = unit_last(logits)
     n, v = x.shape
     lse = torch.empty(n, dtype=torch.float32, device=x.device)
     if n:
@@ -103,7 +101,7 @@ def row_lse(logits: torch.Tensor) -> torch.Tensor:
 
 def _scaled_softmax(logits: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """scale[n] · softmax(logits)[n, :] in the logits' dtype, [N, V]."""
-    x = _unit_last(logits)
+    x = unit_last(logits)
     n, v = x.shape
     out = torch.empty((n, v), dtype=logits.dtype, device=x.device)
     if n:

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdt.kernels.strides import unit_last
+
 __all__ = [
     "Epilogue",
     "RowAdapterFunction",
@@ -397,10 +399,6 @@ def _precision(dtype: torch.dtype) -> str:
     return FP32_DOT if dtype == torch.float32 else "tf32"
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def _epilogue_args(epilogue: Epilogue, like: torch.Tensor) -> tuple:
     """(gate, uint8 view of the positions, their row and token strides); `like` stands in for what is
     absent (never read: HAS_GATE / HAS_POS are off)."""
@@ -427,7 +425,7 @@ def row_adapter_forward(
     w_down, b_down, w_up, b_up = weights
     rows, t, d = h.shape
     rank = w_down.shape[2]
-    h = _unit_last(h)
+    h = unit_last(h)
     out = torch.empty(rows, t, d, device=h.device, dtype=h.dtype)
     z = torch.empty(rows, t, rank, device=h.device, dtype=torch.float32) if store_z else None
     if out.numel() == 0:
@@ -490,7 +488,7 @@ def row_adapter_backward(
     h, ids, w_down, b_down, w_up, b_up, z = saved
     rows, t, d = h.shape
     num_streams, _, rank = w_down.shape
-    g = _unit_last(grad_out.to(h.dtype))
+    g = unit_last(grad_out.to(h.dtype))
     block_t, block_r, block_d = _blocks(t, rank)
     a = torch.empty(rows, t, rank, device=h.device, dtype=h.dtype)  # gelu(z), [R, T, r]
     dz = torch.empty_like(a)

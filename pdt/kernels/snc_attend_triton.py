@@ -36,6 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdt.kernels.strides import unit_last
+
 __all__ = [
     "SNCAttendFunction",
     "snc_attend_backward",
@@ -172,11 +174,6 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.T
     return None
 
 
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    """The kernels assume a contiguous head dimension; copy in the rare case it is strided."""
-    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
-
-
 def _blocks(n: int, dh: int, dtype: torch.dtype, block_n: int | None) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_D): dh padded to a power of two ≥ 16 (tl.dot's minimum); notes blocks of ≤ 128
     with BLOCK_N·BLOCK_D ≤ 8192 (fp32: 4096) so the backward's fp32 dk/dv tiles fit on chip. On the
@@ -205,7 +202,7 @@ def snc_attend_forward(
     """Launch the forward: (out [R, H, T, dh] in q's dtype, lse [R, H, T] fp32 or None)."""
     rows, heads, t, dh = q.shape
     n = k.shape[2]
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     out = torch.empty(rows, t, heads, dh, device=q.device, dtype=q.dtype)
     out = out.transpose(1, 2)  # [R, T, H, dh] → [R, H, T, dh] view: the sidecar's reshape after is free
     lse = torch.empty(rows, heads, t, device=q.device, dtype=torch.float32) if store_lse else None
@@ -256,7 +253,7 @@ def snc_attend_backward(
     block_t = max(16, min(32, triton.next_power_of_2(t)))
     t_blocks, n_blocks = triton.cdiv(t, block_t), triton.cdiv(n, block_n)
     n_chunks = _chunks(t_blocks, rows * heads * n_blocks, q.device, chunks)
-    do = _unit_last(grad_out.to(q.dtype))
+    do = unit_last(grad_out.to(q.dtype))
     f32 = {"device": q.device, "dtype": torch.float32}
     # One notes block writes dq directly in q's layout; several write fp32 partials [nb, R, H, T, dh].
     dq = torch.empty_like(q) if n_blocks == 1 else torch.empty(n_blocks, rows, heads, t, dh, **f32)

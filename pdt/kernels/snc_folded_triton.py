@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdt.kernels.strides import unit_last
+
 __all__ = ["snc_folded_triton", "unsupported"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -145,11 +147,7 @@ def snc_folded_triton(
     """As `reference.snc_folded` (shapes checked by the dispatch): [R, T, D] in base's dtype, two launches."""
     rows, t, d = hidden.shape
     hn = keys.shape[-1]
-    base2, x2 = base.reshape(rows * t, d), hidden.reshape(rows * t, d)
-    if base2.stride(-1) != 1:
-        base2 = base2.contiguous()
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    base2, x2 = unit_last(base.reshape(rows * t, d)), unit_last(hidden.reshape(rows * t, d))
     keys, values, bias = keys.contiguous(), values.contiguous(), bias.contiguous()
     out = torch.empty(rows * t, d, dtype=base.dtype, device=base.device)
     probs = torch.empty(rows * t, hn, dtype=torch.float32, device=base.device)

@@ -29,22 +29,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pdt.kernels import reference  # noqa: E402
+from pdt.model.graph_decode import capture_graph  # noqa: E402
 
 CALLS, REPLAYS = 50, 20
 
 
 def graph_us(fn: Callable[[], Any]) -> float:
     """Microseconds per call of `fn` inside a CUDA graph of CALLS calls (median of 5 timings)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS):
-            fn()
+    graph, _ = capture_graph(lambda: [fn() for _ in range(CALLS)], warmup=1)
     times = []
     for _ in range(5):
         torch.cuda.synchronize()

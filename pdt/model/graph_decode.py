@@ -20,6 +20,7 @@ other than sdpa/eager, or a second state at once (α < 1) use `StreamDecoder` (`
 from __future__ import annotations
 
 import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,24 +338,32 @@ class GraphStreamDecoder(StreamDecoder):
 
         if not self.graphs:
             return _Graph(graph=None, run=run, ctx=ctx)
-        # Warm-up on a side stream (allocator, Triton autotune and JIT), then capture. Both write this
-        # step's K/V at `slot` with this step's inputs: the replay right after writes the same.
+        # Both the warm-up and the capture write this step's K/V at `slot` with this step's inputs:
+        # the replay right after writes the same.
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # a private memory pool: graphs replay in any order
-                logits, hidden = run()
+            graph, (logits, hidden) = capture_graph(run)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the trunk does that a capture cannot hold
             raise GraphCaptureError(f"the decode step could not be captured as a CUDA graph: {exc}") from exc
         self.captures += 1
         return _Graph(graph=graph, run=run, logits=logits, hidden=hidden, ctx=ctx)
+
+
+def capture_graph(fn: Callable[[], Any], warmup: int = 2) -> tuple[Any, Any]:
+    """(a CUDA graph of `fn`, the outputs of the captured call). `fn` runs `warmup` times on a side
+    stream first (allocator, Triton autotune and JIT), as capture requires; the graph has a private
+    memory pool, so graphs replay in any order."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs
 
 
 def _hold(buf: _Buffers, name: str, value: torch.Tensor) -> None:

@@ -427,14 +427,10 @@ def _rollout_fn(st: Stage, indices: list[int], gen: torch.Generator) -> Any:
     cfg = st.preset.rollouts
     if not cfg.every or st.step % cfg.every:
         return None
-    from pdt.train.rollouts import rollout_examples
+    from pdt.train.rollouts import rollout_fn
 
     records = [st.ds.splits["train"][i] for i in indices]
-
-    def fn(model: PDTModel, batch: CD.CurriculumBatch, window: Any) -> Any:
-        return rollout_examples(model, batch, window, records, st.tokenizer, cfg.rows, cfg.temperature, gen)
-
-    return fn
+    return rollout_fn(records, st.tokenizer, cfg.rows, cfg.temperature, gen)
 
 
 def _average_grads(st: Stage) -> None:

@@ -81,16 +81,10 @@ def _eval_rollouts(st: Any, records: list[dict[str, Any]], start: int) -> Callab
     cfg = st.preset.rollouts
     if not (cfg.every and cfg.eval_rows and st.plan.wants("readiness")):
         return None
-    from pdt.train.rollouts import rollout_examples
+    from pdt.train.rollouts import rollout_fn
 
     gen = torch.Generator().manual_seed(_EVAL_SEED + 1 + start)
-
-    def fn(model: Any, batch: Any, window: Any) -> Any:
-        return rollout_examples(
-            model, batch, window, records, st.tokenizer, cfg.eval_rows, cfg.temperature, gen
-        )
-
-    return fn
+    return rollout_fn(records, st.tokenizer, cfg.eval_rows, cfg.temperature, gen)
 
 
 def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]:

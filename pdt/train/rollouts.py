@@ -14,6 +14,7 @@ recomputation, enough for a few rows every few steps.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,17 @@ def rollout_examples(
     texts = [tokenizer.decode(ids[i, int(start[i]) : int(end[i]) + 1].tolist()) for i in range(len(row))]
     reasons = [_reason(texts[i], int(row[i]), batch, records, tokenizer) for i in range(len(row))]
     return _features(model, batch, sub, row, end, state, texts, reasons)
+
+
+def rollout_fn(
+    records: list[dict[str, Any]], tokenizer: Any, rows: int, temperature: float, gen: torch.Generator
+) -> Callable[[PDTModel, Any, TeacherWindow], RolloutExamples | None]:
+    """`step_losses`' `rollout_fn` for a batch of `records`: `rollout_examples` of `rows` blocks."""
+
+    def fn(model: PDTModel, batch: Any, window: TeacherWindow) -> RolloutExamples | None:
+        return rollout_examples(model, batch, window, records, tokenizer, rows, temperature, gen)
+
+    return fn
 
 
 def _block_starts(batch: Any, row: torch.Tensor, end: torch.Tensor) -> torch.Tensor:

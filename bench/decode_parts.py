@@ -2,11 +2,14 @@
 
 What it measures, at the 124M preset's decode shape (3 rows × 1 token, D 768, bf16):
 - the LM head for 3 rows against 1 row, written several ways (`F.linear` as the trunk calls it,
-  the transposed product, rows padded to 8 / 16): which cuBLAS kernel a [3, 768] × [768, 50257]
-  product gets decides ~30 µs of a ~2 ms step (bench/profile_gpu.py, 2026-12-06);
+  the transposed product, rows padded to 8 / 16, `pdt.kernels.skinny_linear`): which kernel a
+  [3, 768] × [768, 50257] product gets decides ~30 µs of a ~2 ms step (bench/profile_gpu.py,
+  2026-12-06);
+- `skinny_linear` at 3 rows over its launch settings (module knobs);
 - `snc_folded` (the SNC layer of a decode round) and the row adapter's decode kernels over their
   launch settings (module knobs), each against the reference of the same call for correctness.
 Per variant: 50 calls captured in one graph, replayed 20 times; microseconds per call (median of 5).
+PDT_PARTS=lm_head,skinny,snc,adapter picks parts (default all).
 Writes $OUT/decode_parts.json (else bench/results/decode_parts.json); a table last. Needs CUDA.
 """
 
@@ -49,6 +52,8 @@ def graph_us(fn: Callable[[], Any]) -> float:
 
 
 def lm_head_variants() -> list[dict[str, Any]]:
+    from pdt.kernels.skinny_linear_triton import skinny_linear_triton
+
     gen = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(50257, 768, device="cuda", generator=gen).bfloat16() * 0.02
     h3 = torch.randn(3, 768, device="cuda", generator=gen).bfloat16()
@@ -65,6 +70,8 @@ def lm_head_variants() -> list[dict[str, Any]]:
             pads[16].index_copy_(0, torch.arange(3, device="cuda"), h3), w
         )[:3],
         "3 x F.linear rows=1": lambda: torch.cat([F.linear(h3[i : i + 1], w) for i in range(3)]),
+        "skinny_linear rows=1": lambda: skinny_linear_triton(h3[:1], w),
+        "skinny_linear rows=3": lambda: skinny_linear_triton(h3, w),
     }
     out = []
     for name, fn in variants.items():
@@ -112,6 +119,29 @@ def snc_variants() -> list[dict[str, Any]]:
     return out
 
 
+def skinny_variants() -> list[dict[str, Any]]:
+    """`skinny_linear` at 3 rows over its launch settings (the 124M head, bf16)."""
+    from pdt.kernels import skinny_linear_triton as mod
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(50257, 768, device="cuda", generator=gen).bfloat16() * 0.02
+    h3 = torch.randn(3, 768, device="cuda", generator=gen).bfloat16()
+    truth = F.linear(h3.float(), w.float())
+    out = []
+    for block_v in (32, 64, 128):
+        for block_d in (64, 128, 256):
+            for warps, stages in ((4, 3), (4, 4), (8, 4)):
+                setting = {"BLOCK_V": block_v, "BLOCK_D": block_d, "NUM_WARPS": warps, "NUM_STAGES": stages}
+
+                def run() -> torch.Tensor:
+                    return mod.skinny_linear_triton(h3, w)
+
+                err = float((_with(mod, setting, run).float() - truth).abs().max())
+                us = _with(mod, setting, lambda: graph_us(run))
+                out.append({"part": "skinny_linear", "variant": str(setting), "us": us, "max_abs_err": err})
+    return out
+
+
 def adapter_variants() -> list[dict[str, Any]]:
     from pdt.kernels import row_adapter_triton as mod
 
@@ -150,7 +180,14 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("decode_parts.py needs a CUDA GPU")
     records = []
-    for part in (lm_head_variants, snc_variants, adapter_variants):
+    parts = {
+        "lm_head": lm_head_variants,
+        "skinny": skinny_variants,
+        "snc": snc_variants,
+        "adapter": adapter_variants,
+    }
+    only = os.environ.get("PDT_PARTS")  # e.g. "lm_head,skinny"
+    for part in (parts[name] for name in (only.split(",") if only else parts)):
         for rec in part():
             rec["device"] = torch.cuda.get_device_name()
             records.append(rec)

@@ -73,7 +73,7 @@ case "${1:-}" in
     PDT_BENCH_TRUNK=random PDT_BENCH_KS=${KS:-1,2,3,4,8} python3 bench/decode_speedup.py 2>&1 | tail -16 ;;
   compare)  # random-weight 124M, K = 3, cuda_graph: this tree and an older one (.device/old, carried)
     # beside it in the same call: git archive <commit> main.py pdt bench presets pyproject.toml | tar -x -C .device/old
-    for i in 1 2; do
+    for i in $(seq "${ROUNDS:-2}"); do
       PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph python3 bench/decode_speedup.py 2>&1 | grep -E "^K=3"
       (cd .device/old && OUT=$OUT/old PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph \
         python3 bench/decode_speedup.py 2>&1 | grep -E "^K=3" | sed 's/^/old: /')

@@ -9,10 +9,14 @@ trunk after the prompt (mean nats per token):
   first SEAM tokens of every section after the first: written without the sections before them,
   scored after them) and `rest`;
 - per section k: `section_k_in_merged` (its tokens inside the merged answer) and, for k ≥ 2,
-  `section_k_alone` (the section scored right after the prompt, as it was written).
+  `section_k_alone` (the section scored right after the prompt, as it was written);
+- `independent_merged`: the `independent` baseline's merged answer (sidecars on, bus off);
+- `trunk_sections_merged`: K sections written by the plain trunk alone (α = 0: every token sampled
+  from the trunk's logits with sidecars off), each from the prompt and its stream prefix, merged the
+  same way — what the parallel layout itself costs, with no sidecar in the text.
 The gap `merged − sequential` splits into what the sidecars shift in a section written from the
 prompt (`section_1_in_merged` against `sequential_first_section`), the seams, and later sections'
-own content.
+own content; `trunk_sections_merged − sequential` is the part no sidecar training can remove.
 CPU: the tiny pipeline (PDT_CHECKPOINTS_DIR / PDT_DATA_DIR as for the presets); GPU: the 124M one.
 Writes $OUT/nll_breakdown.json (else bench/results/nll_breakdown.json) and prints the figures.
 """
@@ -59,6 +63,7 @@ def main() -> None:
         session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0, prefixes=()
     )
     decoder = ParallelDecoder(session.model, session.tokenizer, settings)
+    trunk_only = ParallelDecoder(session.model, session.tokenizer, dataclasses.replace(settings, alpha=0.0))
     trunk, separator = session.model.trunk, session.tokenizer.encode(SECTION_SEPARATOR)
     parts: dict[str, list[float]] = {}
 
@@ -86,6 +91,9 @@ def main() -> None:
             else:
                 add("rest", inside)
             pos += len(ids)
+        for name, dec in (("independent_merged", decoder), ("trunk_sections_merged", trunk_only)):
+            other = dec.decode(prompt, "independent", emit_tokens=False)
+            add(name, token_nll(trunk, other.prompt_ids, other.merged_ids(session.tokenizer)))
     figures = {name: {"nll": statistics.mean(v), "tokens": len(v)} for name, v in parts.items()}
     record = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()})",

@@ -4,12 +4,14 @@ What it is: the entry points the sidecars call — `grouped_adapter` (token-leve
 bottleneck MLP), `row_adapter` (the same when each row is one stream), `snc_attend` (attention
 over the visible notes window, exact zero for an empty window) and `picked_logprobs` (log-softmax
 over the vocabulary read at a few ids per row: the curriculum's LM CE and top-k KD), `snc_folded`
-(a decode step's whole SNC layer with the round's window folded into its weights: two launches) —
+(a decode step's whole SNC layer with the round's window folded into its weights: two launches),
+`skinny_linear` (`F.linear` for a few rows: the decode step's LM head) —
 and the choice of implementation: the fused Triton kernels (`snc_attend_triton`,
-`row_adapter_triton`, `picked_logprobs_triton`, `snc_folded_triton`: kernel + launcher + autograd
-Function each, Liger-Kernel style) when the tensors are on CUDA, triton imports and the kernel
-supports the input; otherwise the plain PyTorch references of `pdt.kernels.reference`, the ground
-truth both are tested against. `grouped_adapter` always runs the reference.
+`row_adapter_triton`, `picked_logprobs_triton`, `snc_folded_triton`, `skinny_linear_triton`:
+kernel + launcher + autograd Function each, Liger-Kernel style) when the tensors are on CUDA,
+triton imports and the kernel supports the input; otherwise the plain PyTorch references of
+`pdt.kernels.reference` (for `skinny_linear`: `F.linear`), the ground truth both are tested
+against. `grouped_adapter` always runs the reference.
 `PDT_KERNELS` forces the choice: `auto` (default), `reference`, or `triton` (an input the Triton
 path cannot take is then an error naming the reason, not a silent fallback; with
 `TRITON_INTERPRET=1` CPU tensors are accepted and run in Triton's interpreter, which is how CI
@@ -39,6 +41,7 @@ __all__ = [
     "picked_logprobs",
     "reference",
     "row_adapter",
+    "skinny_linear",
     "snc_attend",
     "snc_folded",
 ]
@@ -192,3 +195,13 @@ def snc_folded(
     if kernels is not None:
         return kernels.snc_folded_triton(*args)
     return reference.snc_folded(*args, check=False)  # checked above
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x [N, D] with N ≤ 16 rows (inference): on CUDA one Triton
+    launch that reads the weight once (`skinny_linear_triton`), else `F.linear` itself."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    kernels = _triton_op("skinny_linear", "skinny_linear_triton", tensors, (x, weight, bias))
+    if kernels is not None:
+        return kernels.skinny_linear_triton(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)

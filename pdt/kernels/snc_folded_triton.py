@@ -31,9 +31,11 @@ from pdt.kernels.strides import unit_last
 __all__ = ["snc_folded_triton", "unsupported"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Launch shape: bench/decode_parts.py on the H100 (2026-12-06, 124M shape, 3 rows, both launches in a
+# graph) spread 5.9–14.3 µs over 15 settings; 256 / 128 / 64 was the fastest (5.9 µs; 32 / 128: 9.9).
 BLOCK_D = 256  # hidden-state chunk of the score loop (3 iterations at D = 768)
-BLOCK_N = 32  # folded notes a step of the output loop
-BLOCK_O = 128  # output columns a program writes: 6 programs a position at D = 768
+BLOCK_N = 128  # folded notes a step of the output loop
+BLOCK_O = 64  # output columns a program writes: 12 programs a position at D = 768
 MAX_N = 128  # notes a head: the [BLOCK_D, N] key tile stays in registers
 
 

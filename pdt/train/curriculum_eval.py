@@ -123,16 +123,27 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
     cov_s, cov_y = sc.get("coverage_scores"), sc.get("coverage_labels")
     out: dict[str, Any] = {"split": "validation"}
     if ready_s is not None:
-        min_tpr = st.preset.readiness_min_tpr
-        gamma = C.youden_threshold(ready_s, ready_y, min_tpr)
+        min_tpr, cap = st.preset.readiness_min_tpr, st.preset.readiness_max_rollback
+        youden = C.youden_threshold(ready_s, ready_y, min_tpr)
+        own = sc["readiness_kinds"] == 2  # the model's own blocks (rollouts), good or violating
+        good, bad = ready_s[own & (ready_y >= 0.5)], ready_s[own & (ready_y < 0.5)]
+        gamma = C.capped_gamma(youden, good, cap)
         out["readiness"] = {
             "gamma": gamma,
+            "gamma_youden": youden,
             "auc": C.roc_auc(ready_s, ready_y),
             **C.rates_at(ready_s, ready_y, gamma),
             "n": int(len(ready_y)),
             "positives": int(ready_y.sum()),
+            "own_blocks": int(own.sum()),
+            "own_violations": len(bad),
+            # at γ: the share of own good blocks rolled back, and of own violating blocks caught
+            "own_good_rollback_rate": float((good < gamma).mean()) if len(good) else None,
+            "own_violation_recall": float((bad < gamma).mean()) if len(bad) else None,
             "rule": f"max Youden J = TPR - FPR over the ROC points with TPR >= {min_tpr:g}; "
-            "ties -> highest threshold; commit if readiness >= gamma",
+            "ties -> highest threshold; then lowered until at most "
+            f"{cap:g} of the model's own rollout blocks with no violation score below it; "
+            "commit if readiness >= gamma",
         }
     if cov_s is not None:
         threshold = C.best_f1_threshold(cov_s, cov_y)

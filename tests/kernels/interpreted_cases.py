@@ -339,3 +339,32 @@ def test_row_adapter_decode_kernels_with_every_epilogue(t: int, d: int) -> None:
             out = row_adapter_triton(h, ids, *weights, **kw)
             torch.testing.assert_close(out, reference.row_adapter(h, ids, *weights, **kw), **FP32)
         assert torch.equal(out[1], h[1])  # masked row + residual: exactly h
+
+
+@pytest.mark.parametrize(
+    ("n", "bias"), [(1, False), (3, True), (16, True)], ids=["1-row", "3-rows-bias", "16-rows"]
+)
+def test_skinny_linear_matches_linear(n: int, bias: bool) -> None:
+    """`F.linear` for a few rows: a vocabulary not a multiple of BLOCK_V, D not a multiple of
+    BLOCK_D, a strided x (a row slice of a wider tensor), with and without a bias."""
+    from pdt.kernels.skinny_linear_triton import BLOCK_D, BLOCK_V, skinny_linear_triton
+
+    gen = torch.Generator().manual_seed(n)
+    v, d = 2 * BLOCK_V + 22, BLOCK_D + 72
+    x = torch.randn(n, d + 5, generator=gen)[:, :d]  # row stride d + 5
+    w = torch.randn(v, d, generator=gen) * 0.1
+    b = torch.randn(v, generator=gen) if bias else None
+    with torch.no_grad():
+        out = skinny_linear_triton(x, w, b)
+    assert out.shape == (n, v) and out.dtype == x.dtype
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, w, b), **FP32)
+
+
+def test_skinny_linear_refuses_what_it_cannot_run() -> None:
+    import pdt.kernels as kernels
+
+    w = torch.randn(40, 8)
+    with pytest.raises(kernels.KernelUnavailableError, match="1 to 16 rows"):
+        kernels.skinny_linear(torch.randn(17, 8), w)
+    with pytest.raises(kernels.KernelUnavailableError, match="gradient"):
+        kernels.skinny_linear(torch.randn(2, 8, requires_grad=True), w)

@@ -335,3 +335,33 @@ def test_row_adapter_decode_kernels_bf16_on_gpu() -> None:
         ours = row_adapter_triton(hb, ids, *wb, **kw)
     assert ours.dtype == torch.bfloat16
     assert_rel_close("out", ours, ref, truth)
+
+
+def test_skinny_linear_on_cpu_is_linear(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PDT_KERNELS", "auto")
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (
+        torch.randn(3, 24, generator=gen),
+        torch.randn(50, 24, generator=gen),
+        torch.randn(50, generator=gen),
+    )
+    assert torch.equal(kernels.skinny_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_skinny_linear_bf16_on_gpu(rows: int) -> None:
+    """The 124M LM head (vocabulary 50257, D 768) for a decode step's rows in bf16: within the bf16
+    tolerance of the fp32 product and no worse than cuBLAS's bf16 `F.linear`."""
+    from pdt.kernels.skinny_linear_triton import skinny_linear_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, 768, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(50257, 768, device="cuda", generator=gen) * 0.02).bfloat16()
+    with torch.no_grad():
+        truth = torch.nn.functional.linear(x.float(), w.float())
+        ref = torch.nn.functional.linear(x, w)
+        ours = skinny_linear_triton(x, w)
+    assert ours.dtype == torch.bfloat16
+    assert_rel_close("logits", ours, ref, truth)

@@ -65,3 +65,16 @@ def test_f1_threshold_and_prf() -> None:
     )
     # 0.2 catches all three positives with one false positive: F1 = 6/7 > 0.8.
     assert C.best_f1_threshold(scores, labels) == pytest.approx(0.2)
+
+
+def test_gamma_capped_by_the_share_of_own_good_blocks_rolled_back() -> None:
+    own_good = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    # share 0: γ may roll back none of them → at most the lowest score
+    assert C.capped_gamma(0.45, own_good, 0.0) == pytest.approx(0.05)
+    # share 0.2 of 10 blocks: two may fall below γ → at most the third-lowest
+    assert C.capped_gamma(0.45, own_good, 0.2) == pytest.approx(0.2)
+    assert sum(s < C.capped_gamma(0.45, own_good, 0.2) for s in own_good) == 2
+    # a γ already low enough, no own blocks, or no cap: unchanged
+    assert C.capped_gamma(0.15, own_good, 0.2) == pytest.approx(0.15)
+    assert C.capped_gamma(0.45, [], 0.0) == pytest.approx(0.45)
+    assert C.capped_gamma(0.45, own_good, 1.0) == pytest.approx(0.45)

@@ -155,11 +155,15 @@ def test_resume_matches_an_uninterrupted_run(world: dict[str, Path]) -> None:
 
 
 def test_export_calibration_and_report(world: dict[str, Path]) -> None:
-    preset = stage_preset(3, world["trunk"], init_from=None)
+    preset = stage_preset(3, world["trunk"], init_from=None, rollouts={"every": 2, "rows": 2, "eval_rows": 4})
     assert run(preset)[0] == "finished"
     folder = checkpoints_root() / "stage3" / "export"
     cal = json.loads((folder / "calibration.json").read_text())
-    assert 0.0 <= cal["readiness"]["gamma"] <= 1.0 and cal["readiness"]["n"] > 0
+    ready = cal["readiness"]
+    assert 0.0 <= ready["gamma"] <= ready["gamma_youden"] <= 1.0 and ready["n"] > 0
+    # γ is capped on the model's own validation blocks: at most ⌊0.02·n⌋ good ones roll back
+    good = ready["own_blocks"] - ready["own_violations"]
+    assert good > 0 and ready["own_good_rollback_rate"] * good <= int(0.02 * good)
     assert 0.0 <= cal["coverage"]["threshold"] <= 1.0
     report = json.loads((folder / "report.json").read_text())
     assert report["stage"] == 3 and report["calibration"] == cal

@@ -36,9 +36,10 @@ from pdt.model.sidecars.snc import FoldedWindow, gated_out_weights, project_note
 
 ENGINE = "cuda_graph"
 _ROUND = 256  # capacities are multiples of this: answers of similar length share buffers and graphs
-#: Rows whose LM head runs `pdt.kernels.skinny_linear` (one read of the weight) rather than cuBLAS:
-#: H100, 124M head, inside a graph — 3 rows 64.0 µs with cuBLAS; 1 row 32.5 µs with its gemv, kept.
-LM_HEAD_KERNEL_ROWS = range(2, 17)
+#: Rows whose LM head runs `pdt.kernels.skinny_linear` (one read of the weight) rather than cuBLAS —
+#: every decode mode alike, `sequential` included: H100, 124M head, inside a graph, 3 rows 28.4 µs
+#: against cuBLAS's 64.0 µs, 1 row 28.0 µs against its gemv's 32.6 µs (bench/decode_parts.py).
+LM_HEAD_KERNEL_ROWS = range(1, 17)
 
 
 class GraphCaptureError(RuntimeError):

@@ -362,10 +362,12 @@ class GraphStreamDecoder(StreamDecoder):
 def lm_head_kernel(trunk: torch.nn.Module, rows: int) -> Iterator[None]:
     """While active, the trunk's LM head (an `nn.Linear`) computes a step of `rows` tokens with
     `pdt.kernels.skinny_linear` — the same product, bias and dtype as `F.linear` — when the head is
-    on CUDA and `rows` is in LM_HEAD_KERNEL_ROWS; otherwise nothing changes. Only the linear map is
-    replaced: what the model does around it (soft-capping, scaling) stays the model's own."""
+    on CUDA (or `PDT_KERNELS=triton` forces the kernel: the interpreter tests) and `rows` is in
+    LM_HEAD_KERNEL_ROWS; otherwise nothing changes. Only the linear map is replaced: what the model
+    does around it (soft-capping, scaling) stays the model's own."""
     head = trunk.get_output_embeddings()
-    if type(head) is not torch.nn.Linear or not head.weight.is_cuda or rows not in LM_HEAD_KERNEL_ROWS:
+    wanted = head is not None and (head.weight.is_cuda or kernels.kernel_mode() == "triton")
+    if type(head) is not torch.nn.Linear or not wanted or rows not in LM_HEAD_KERNEL_ROWS:
         yield
         return
 

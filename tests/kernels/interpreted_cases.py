@@ -368,3 +368,33 @@ def test_skinny_linear_refuses_what_it_cannot_run() -> None:
         kernels.skinny_linear(torch.randn(17, 8), w)
     with pytest.raises(kernels.KernelUnavailableError, match="gradient"):
         kernels.skinny_linear(torch.randn(2, 8, requires_grad=True), w)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+def test_lm_head_kernel_inside_a_trunk_forward(model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph engine's LM-head swap: a trunk's decode forward of 3 rows computes its logits with
+    `skinny_linear` (called once, [3, D] rows) and gets `F.linear`'s logits; afterwards the head is
+    a plain `nn.Linear` again. 1 token a row (a decode step) and a prompt of 2 tokens a row."""
+    import pdt.kernels.skinny_linear_triton as kern
+    from pdt.model.graph_decode import lm_head_kernel
+    from tests.model.test_pdt_model import tiny_trunk
+
+    trunk = tiny_trunk(model_type)
+    calls = []
+    real = kern.skinny_linear_triton
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(x.shape)
+        return real(x, w, b)
+
+    monkeypatch.setattr(kern, "skinny_linear_triton", counted)
+    head = trunk.get_output_embeddings()
+    for shape in ((3, 1), (3, 2)):
+        ids = torch.randint(1, trunk.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expect = trunk(input_ids=ids).logits
+            with lm_head_kernel(trunk, rows=shape[0] * shape[1]):
+                got = trunk(input_ids=ids).logits
+        torch.testing.assert_close(got, expect, **FP32)
+        assert "forward" not in vars(head)  # the instance override is gone
+    assert calls == [torch.Size([3, trunk.config.hidden_size]), torch.Size([6, trunk.config.hidden_size])]

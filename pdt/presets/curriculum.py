@@ -175,9 +175,11 @@ class CurriculumPreset(PresetBase):
     readiness_min_tpr: float = Field(0.9, ge=0, le=1)
     """γ commits at least this share of the validation's good blocks (then max Youden J): a rollback
     re-decodes a block, so a weak head must not roll back most good ones. 0: plain Youden."""
-    readiness_max_rollback: float = Field(0.02, ge=0, le=1)
+    readiness_max_rollback: float = Field(0.01, ge=0, le=1)
     """Then γ rolls back at most this share of the model's own validation rollouts that have no
-    violation event (where the stage has rollouts): those rollbacks only cost a block. 1: no cap."""
+    violation event (where the stage has rollouts). 1: no cap. Such a rollback only costs: a block
+    again, and the whole answer one more round when it is the last stream to finish — at K = 3 and 4
+    blocks a stream, a share p of blocks rolled back delays ~12·p of the answers by a quarter."""
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     """Checkpoint cadence; `export` writes the final sidecars to checkpoints/<preset>/export."""
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)

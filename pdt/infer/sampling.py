@@ -103,23 +103,28 @@ def generate(
     return out
 
 
-NUCLEUS_HEAD = 256
+NUCLEUS_HEADS = (256, 1024)
 
 
 def _sorted_head(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Probabilities sorted descending with their token ids — only as far as top-p can reach.
 
-    On the CPU a full sort of the vocabulary dominates a decode step's host time (3 × 8192: ~1.5 ms,
-    3 × 50257: ~7 ms, against ~0.07 / 0.19 ms for the top 256 on the 2-core CI machine). When the
-    top `NUCLEUS_HEAD` tokens of every row already hold ≥ top_p of the mass, every later token is
-    cut by top-p anyway, so the head is all the sampler needs and the draw is the same as with the
-    full sort; otherwise (a flat distribution, top_p = 1, CUDA) the full sort.
+    On the CPU a full sort of the vocabulary dominates a decode step's host time (3 × 8192: ~1.4 ms,
+    3 × 50257: ~7 ms, against 0.06 / 0.08 ms for the top 256 / 1024 of 3 × 8192 on the 2-core CI
+    machine). When the top k tokens of every row already hold ≥ top_p of the mass, every later
+    token is cut by top-p anyway, so the head is all the sampler needs and the draw is the same as
+    with the full sort. The heads are tried in NUCLEUS_HEADS order (a trained tiny model's rows at
+    temperature 0.7 often need more than 256 tokens; each larger head still costs a fraction of the
+    sort); failing them all (a flat distribution), top_p = 1, or on CUDA: the full sort.
     """
     v = probs.shape[-1]
-    if probs.device.type == "cpu" and top_p < 1.0 and v > 4 * NUCLEUS_HEAD:
-        head, ids = torch.topk(probs, NUCLEUS_HEAD, dim=-1)  # sorted, descending
-        if bool((head.sum(dim=-1) >= top_p).all()):
-            return head, ids
+    if probs.device.type == "cpu" and top_p < 1.0:
+        for k in NUCLEUS_HEADS:
+            if v <= 4 * k:
+                break
+            head, ids = torch.topk(probs, k, dim=-1)  # sorted, descending
+            if bool((head.sum(dim=-1) >= top_p).all()):
+                return head, ids
     return torch.sort(probs, dim=-1, descending=True)
 
 
@@ -155,7 +160,7 @@ def sample_rows(
     if 0 < top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[:, -1:]  # [n, 1]
         x = x.masked_fill(x < kth, float("-inf"))
-    probs, order = _sorted_head(torch.softmax(x, dim=-1), top_p)  # [n, V] or [n, NUCLEUS_HEAD]
+    probs, order = _sorted_head(torch.softmax(x, dim=-1), top_p)  # [n, V] or [n, a head size]
     if top_p < 1.0:
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
     cum = probs.cumsum(dim=-1)  # [n, V]

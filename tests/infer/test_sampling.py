@@ -41,29 +41,35 @@ def test_greedy_generate_matches_full_recompute() -> None:
 
 
 def test_the_nucleus_head_draws_what_the_full_sort_draws(monkeypatch) -> None:  # noqa: ANN001
-    """sample_rows with the top-256 shortcut == with the full vocabulary sorted, peaked or flat rows."""
+    """sample_rows with the top-k shortcuts == with the full vocabulary sorted: peaked rows (the top
+    256 hold ≥ top_p), middling rows (only the top 1024 do) and flat rows (neither: the full sort)."""
     import pdt.infer.sampling as sampling
 
     gen = torch.Generator().manual_seed(0)
-    peaked = torch.randn(4, 8192, generator=gen) * 4  # the top 256 hold ≥ 0.9: the shortcut
-    flat = torch.randn(2, 8192, generator=gen) * 0.1  # they do not: the full sort
-    calls: list[str] = []
+    peaked = torch.randn(4, 8192, generator=gen) * 4
+    middling = torch.randn(3, 8192, generator=gen) * 2
+    flat = torch.randn(2, 8192, generator=gen) * 0.1
+    calls: list[int] = []
     real_topk = torch.topk
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        calls.append("topk")
-        return real_topk(*args, **kwargs)
+    def spy(x, k, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        calls.append(k)
+        return real_topk(x, k, *args, **kwargs)
 
-    head_mass = [torch.topk(torch.softmax(x / 0.8, -1), 256, -1).values.sum(-1) for x in (peaked, flat)]
-    assert bool((head_mass[0] >= 0.9).all()) and bool((head_mass[1] < 0.9).all())
-    for logits in (peaked, flat):
+    def head_mass(x: torch.Tensor, k: int) -> torch.Tensor:
+        return torch.topk(torch.softmax(x / 0.8, -1), k, -1).values.sum(-1)
+
+    assert bool((head_mass(peaked, 256) >= 0.9).all())
+    assert bool((head_mass(middling, 256) < 0.9).all()) and bool((head_mass(middling, 1024) >= 0.9).all())
+    assert bool((head_mass(flat, 1024) < 0.9).all())
+    for logits in (peaked, middling, flat):
         uniforms = torch.rand(logits.shape[0], generator=gen).tolist()
         args = dict(temperature=0.8, top_p=0.9, top_k=0, no_repeat_ngram=0)
         monkeypatch.setattr(torch, "topk", spy)
         fast = sampling.sample_rows(logits, [[]] * logits.shape[0], uniforms, **args)
         monkeypatch.setattr(torch, "topk", real_topk)
-        monkeypatch.setattr(sampling, "NUCLEUS_HEAD", 10**6)  # never taken: always the full sort
+        monkeypatch.setattr(sampling, "NUCLEUS_HEADS", ())  # no shortcut: always the full sort
         full = sampling.sample_rows(logits, [[]] * logits.shape[0], uniforms, **args)
-        monkeypatch.setattr(sampling, "NUCLEUS_HEAD", 256)
+        monkeypatch.setattr(sampling, "NUCLEUS_HEADS", (256, 1024))
         assert fast == full
-    assert calls == ["topk", "topk"]  # both tried the head; the flat rows fell back
+    assert calls == [256, 256, 1024, 256, 1024]  # peaked: one head; middling: two; flat: both, then the sort

@@ -375,11 +375,15 @@ def lm_head_kernel(trunk: torch.nn.Module, rows: int) -> Iterator[None]:
         flat = kernels.skinny_linear(x.reshape(-1, x.shape[-1]), head.weight, head.bias)
         return flat.view(*x.shape[:-1], flat.shape[-1])
 
-    head.forward = forward  # an instance attribute: shadows nn.Linear.forward until removed
+    previous = vars(head).get("forward")  # an instance forward already there (pdt.model.cpu_linear)
+    head.forward = forward  # an instance attribute: shadows nn.Linear.forward until restored
     try:
         yield
     finally:
-        del head.forward
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def capture_graph(fn: Callable[[], Any], warmup: int = 2) -> tuple[Any, Any]:

@@ -370,16 +370,23 @@ def test_skinny_linear_refuses_what_it_cannot_run() -> None:
         kernels.skinny_linear(torch.randn(2, 8, requires_grad=True), w)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
-def test_lm_head_kernel_inside_a_trunk_forward(model_type: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("model_type", "cpu_linear"), [("gpt2", False), ("llama", True)])
+def test_lm_head_kernel_inside_a_trunk_forward(
+    model_type: str, cpu_linear: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The graph engine's LM-head swap: a trunk's decode forward of 3 rows computes its logits with
-    `skinny_linear` (called once, [3, D] rows) and gets `F.linear`'s logits; afterwards the head is
-    a plain `nn.Linear` again. 1 token a row (a decode step) and a prompt of 2 tokens a row."""
+    `skinny_linear` (called once, [3, D] rows) and gets `F.linear`'s logits; afterwards the head's
+    forward is what it was (the class's, or `pdt.model.cpu_linear`'s instance forward). 1 token a
+    row (a decode step) and a prompt of 2 tokens a row."""
     import pdt.kernels.skinny_linear_triton as kern
+    from pdt.model import cpu_linear as small
     from pdt.model.graph_decode import lm_head_kernel
     from tests.model.test_pdt_model import tiny_trunk
 
     trunk = tiny_trunk(model_type)
+    if cpu_linear:
+        small.install(trunk)
+    before = vars(trunk.get_output_embeddings()).get("forward")
     calls = []
     real = kern.skinny_linear_triton
 
@@ -396,5 +403,5 @@ def test_lm_head_kernel_inside_a_trunk_forward(model_type: str, monkeypatch: pyt
             with lm_head_kernel(trunk, rows=shape[0] * shape[1]):
                 got = trunk(input_ids=ids).logits
         torch.testing.assert_close(got, expect, **FP32)
-        assert "forward" not in vars(head)  # the instance override is gone
+        assert vars(head).get("forward") is before  # the override is gone, an earlier one is back
     assert calls == [torch.Size([3, trunk.config.hidden_size]), torch.Size([6, trunk.config.hidden_size])]

@@ -11,7 +11,7 @@ from pdt.model import cpu_linear
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 3), (2, 4), (8,)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 3), (7,), (2, 4), (8,)])
 def test_same_values_as_linear_for_few_rows(bias: bool, shape: tuple[int, ...]) -> None:
     torch.manual_seed(0)
     layer = nn.Linear(48, 80, bias=bias)

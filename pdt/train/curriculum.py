@@ -498,6 +498,11 @@ def _train(st: Stage) -> str:
     return _finish(st)
 
 
+def _fmt(x: float) -> str:
+    """A metric that may be NaN (one class only) for a log line."""
+    return "n/a" if x != x else f"{x:.3f}"
+
+
 def _finish(st: Stage) -> str:
     _evaluate(st)
     if st.preset.calibrates and st.calibration is None:
@@ -507,7 +512,9 @@ def _finish(st: Stage) -> str:
             st.ctx.log(
                 f"calibrated on {cal['readiness']['n']} validation blocks: readiness γ = "
                 f"{cal['readiness']['gamma']:.3f} (AUC {cal['readiness']['auc']:.3f}), coverage threshold "
-                f"{cal['coverage']['threshold']:.3f} (F1 {cal['coverage']['f1']:.3f})"
+                f"{cal['coverage']['threshold']:.3f} (F1 {cal['coverage']['f1']:.3f}, macro F1 "
+                f"{cal['coverage']['macro_f1']:.3f}, AUC {_fmt(cal['coverage']['auc'])}; every item "
+                f"covered would score F1 {cal['coverage']['f1_all_covered']:.3f})"
             )
     _save(st, finished=True)
     if st.dist.is_main:

@@ -2,7 +2,7 @@
 
 What it is: `evaluate` (every loss on validation batches with no gradient, per-stream LM CE of the
 model and of the frozen trunk on the same sections, coverage precision / recall / F1, readiness
-AUC), `calibrate` (γ by Youden's J and the coverage threshold by F1 over the whole validation
+AUC), `calibrate` (γ by Youden's J and the coverage threshold by macro F1 over the whole validation
 split; rules in `pdt.train.calibration`), and `write_report` (the JSON a run leaves behind).
 What it is not: the training loop (`pdt.train.curriculum`).
 """
@@ -103,6 +103,7 @@ def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]
         threshold = (st.calibration or {}).get("coverage", {}).get("threshold", 0.5)
         prf = C.precision_recall_f1(sc["coverage_scores"], sc["coverage_labels"], threshold)
         out.update({f"coverage_{k}": v for k, v in prf.items()})
+        out["coverage_auc"] = C.roc_auc(sc["coverage_scores"], sc["coverage_labels"])
     if "readiness_scores" in sc:
         out["readiness_auc"] = C.roc_auc(sc["readiness_scores"], sc["readiness_labels"])
         for kind, name in READINESS_KINDS.items():  # each source of examples on its own
@@ -146,13 +147,19 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             "commit if readiness >= gamma",
         }
     if cov_s is not None:
-        threshold = C.best_f1_threshold(cov_s, cov_y)
+        threshold = C.best_macro_f1_threshold(cov_s, cov_y)
+        base_rate = float(cov_y.mean()) if len(cov_y) else 0.0
         out["coverage"] = {
             "threshold": threshold,
             **C.precision_recall_f1(cov_s, cov_y, threshold),
+            "macro_f1": C.macro_f1(cov_s, cov_y, threshold),
+            "auc": C.roc_auc(cov_s, cov_y),
             "n": int(len(cov_y)),
-            "rule": "max F1 over the distinct scores; ties -> highest threshold; "
-            "covered if score >= threshold",
+            "base_rate": base_rate,
+            # the constant "every item covered": the F1 a head must beat to say anything
+            "f1_all_covered": 2 * base_rate / (1 + base_rate) if base_rate else 0.0,
+            "rule": "max macro F1 (mean of the covered and the not-covered class's F1) over the "
+            "distinct scores; ties -> highest threshold; covered if score >= threshold",
         }
     return out
 

@@ -63,8 +63,28 @@ def test_f1_threshold_and_prf() -> None:
     assert C.precision_recall_f1(scores, labels, 0.5) == pytest.approx(
         {"precision": 1.0, "recall": 2 / 3, "f1": 0.8}
     )
-    # 0.2 catches all three positives with one false positive: F1 = 6/7 > 0.8.
-    assert C.best_f1_threshold(scores, labels) == pytest.approx(0.2)
+    # macro F1 (mean of both classes' F1): 0.5 → (0.8 + 0.8) / 2 = 0.8; 0.2 → (6/7 + 2/3) / 2 ≈ 0.762
+    assert C.macro_f1(scores, labels, 0.5) == pytest.approx(0.8)
+    assert C.macro_f1(scores, labels, 0.2) == pytest.approx((6 / 7 + 2 / 3) / 2)
+    # among the distinct scores: 0.8 → 0.8 (as 0.5), 0.3 → (2/3 + 1/2) / 2: the highest score of the max
+    assert C.best_macro_f1_threshold(scores, labels) == pytest.approx(0.8)
+
+
+def test_coverage_threshold_is_not_the_constant_answer_on_mostly_positive_labels() -> None:
+    """Nine covered items in ten: the positive class's F1 alone peaks at a threshold under every
+    score (all covered, F1 = 2·0.9 / 1.9 ≈ 0.947); macro F1 takes the threshold that separates."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(900), np.zeros(100)]
+    scores = np.where(labels == 1, rng.uniform(0.3, 1.0, 1000), rng.uniform(0.0, 0.45, 1000))
+    everything = float(scores.min())
+    assert C.precision_recall_f1(scores, labels, everything)["f1"] == pytest.approx(2 * 0.9 / 1.9)
+    t = C.best_macro_f1_threshold(scores, labels)
+    assert 0.3 < t <= 0.45  # inside the overlap of the two classes, not at the bottom
+    assert C.macro_f1(scores, labels, t) > 0.85 > 0.5 > C.macro_f1(scores, labels, everything)
+    # the vectorised search equals a brute force over the distinct scores (first max = highest)
+    brute = max(np.unique(scores)[::-1], key=lambda x: C.macro_f1(scores, labels, float(x)))
+    assert t == pytest.approx(float(brute))
+    assert C.best_macro_f1_threshold([0.2, 0.7], [1, 1]) == 0.5
 
 
 def test_gamma_capped_by_the_share_of_own_good_blocks_rolled_back() -> None:

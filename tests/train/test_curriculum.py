@@ -165,10 +165,14 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     good = ready["own_blocks"] - ready["own_violations"]
     allowed = int(preset.readiness_max_rollback * good)
     assert good > 0 and round(ready["own_good_rollback_rate"] * good) <= allowed
-    assert 0.0 <= cal["coverage"]["threshold"] <= 1.0
+    cov = cal["coverage"]
+    assert 0.0 <= cov["threshold"] <= 1.0 and 0.0 <= cov["macro_f1"] <= 1.0
+    assert cov["f1_all_covered"] == pytest.approx(2 * cov["base_rate"] / (1 + cov["base_rate"]))
     report = json.loads((folder / "report.json").read_text())
     assert report["stage"] == 3 and report["calibration"] == cal
-    assert {"coverage_f1", "readiness_auc", "lm_ce_stream1", "trunk_ce_stream1"} <= set(report["final_eval"])
+    assert {"coverage_f1", "coverage_auc", "readiness_auc", "lm_ce_stream1", "trunk_ce_stream1"} <= set(
+        report["final_eval"]
+    )
     assert report["parameters"]["sidecars"] > 0 and len(report["gates"]) == preset.sidecars.n_layers
     state = CheckpointManager(checkpoints_root() / "stage3").load().state
     assert state["calibration"] == cal

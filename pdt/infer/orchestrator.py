@@ -63,6 +63,10 @@ from pdt.telemetry.events import (
     StreamToken,
 )
 
+#: Plan-item texts are embedded from at most this many tokens, as the curriculum's `note_tokens`
+#: default embeds them (items are a few tokens: the cap never cuts one in practice).
+NOTE_TOKENS = 128
+
 MODES = ("pdt", "sequential", "independent")
 FAST_PATHS = ("auto", "eager", "cuda_graph")
 SECTION_SEPARATOR = "\n\n"  # between the sections of a merged answer
@@ -304,6 +308,7 @@ class ParallelDecoder:
         self.s = settings
         self.emit = emit or (lambda _e: None)
         self.plan_names = dict(plan_names or {})
+        self._text_vectors: dict[str, torch.Tensor] = {}  # plan-item text → its embedding (once)
         self.decoder, self.engine_note = make_decoder(model, settings)
         self.engine = self.decoder.engine
         self.device = self.decoder.device
@@ -749,7 +754,36 @@ class ParallelDecoder:
             item_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[r, : len(row)] = True
         item_ids, mask = item_ids.to(self.device), mask.to(self.device)
-        return self.model.planner.item_embeddings(item_ids), mask
+        texts = self._item_vectors(plan, ids, width)  # [R, P, d_n], zero where no text is known
+        return self.model.coverage_keys(item_ids, texts), mask
+
+    def _item_vectors(self, plan: PlanInfo, ids: list[int], width: int) -> torch.Tensor:
+        """The frozen-trunk embedding of each stream's plan-item texts, as the curriculum embeds
+        them (`coverage_keys`): the given plan items' own texts, or for the planner's ids the
+        training text each stands for (`plan_names`); zero where there is none."""
+        per = [
+            list(plan.items[k])
+            if plan.source == "plan_items"
+            else [self.plan_names.get(i) for i in plan.item_ids[k]]
+            for k in ids
+        ]
+        wanted = sorted({t for row in per for t in row if t and t not in self._text_vectors})
+        if wanted:
+            pad = self.eos if self.eos is not None else 0
+            encoded = [self.tokenizer.encode(t)[:NOTE_TOKENS] or [pad] for t in wanted]
+            longest = max(len(x) for x in encoded)
+            x = torch.full((len(wanted), longest), pad, dtype=torch.long)
+            m = torch.zeros((len(wanted), longest), dtype=torch.long)
+            for i, row in enumerate(encoded):
+                x[i, : len(row)], m[i, : len(row)] = torch.tensor(row), 1
+            vec = self.model.embed_texts(x.to(self.device), m.to(self.device)).float()  # [n, d_n]
+            self._text_vectors.update(zip(wanted, vec, strict=True))
+        out = torch.zeros(len(ids), width, self.model.cfg.d_notes, device=self.device)
+        for r, row in enumerate(per):
+            for j, t in enumerate(row):
+                if t:
+                    out[r, j] = self._text_vectors[t]
+        return out
 
     def _labels(self, r: int, ids: list[int]) -> list[str]:
         return self._plan_labels[ids[r]]

@@ -30,7 +30,7 @@ from pdt.data.build.layout import build_root, write_atomic
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.train.losses import IGNORE
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the plan items' texts follow the variants
 COVERAGE_TARGET = {0: 0.0, 1: 0.5, 2: 1.0}  # missing, partial, covered
 
 
@@ -104,9 +104,11 @@ def check_compatible(ds: ExportedDataset, preset: CurriculumPreset, tokenizer: A
 
 
 def note_texts(record: dict[str, Any]) -> list[str]:
-    """Texts embedded for one record, in a fixed order: stream-major round notes, then variants."""
+    """Texts embedded for one record, in a fixed order: stream-major round notes, then variants,
+    then the plan items' texts (stream-major: the coverage keys, `item_text`)."""
     texts = [t for snaps in record["snapshot_texts"] for t in snaps[1:]]
-    return texts + list(record["variant_texts"])
+    items = [str(t) for per in record["plan_item_texts"] for t in per]
+    return texts + list(record["variant_texts"]) + items
 
 
 def cache_path(ds: ExportedDataset, split: str, key_parts: dict[str, Any]) -> Path:
@@ -183,6 +185,7 @@ class CurriculumBatch:
     notes_mask: torch.Tensor  # [B, K, Rn] bool
     item_ids: torch.Tensor  # [R, P] the row's plan items
     item_mask: torch.Tensor  # [R, P] bool
+    item_text: torch.Tensor  # [R, P, d_n] the frozen trunk's embedding of each item's text (0: padding)
     block_row: torch.Tensor  # [M] row of each block end
     block_pos: torch.Tensor  # [M] position of the block's last token
     block_note: torch.Tensor  # [M] flat index into notes [B·K·Rn] of the block's teacher note
@@ -276,6 +279,7 @@ def collate(
     items = [[int(x) for x in rec["plan_item_ids"][j]] for rec in records for j in range(k)]
     item_ids = _pad(items, 0)
     item_mask = _pad([[1] * len(x) for x in items], 0).bool()
+    item_text = _item_texts(records, vectors, k, item_ids.shape[1])
     var_block, var_note = _variants(records, vectors, blocks["last_block"])
     labelled = labels != IGNORE  # [R, T]
     label_pos = labelled.nonzero()  # [N, 2] (row, t), row-major
@@ -298,6 +302,7 @@ def collate(
         notes_mask=notes_mask,
         item_ids=item_ids,
         item_mask=item_mask,
+        item_text=item_text,
         block_row=blocks["row"],
         block_pos=blocks["pos"],
         block_note=blocks["note"],
@@ -380,6 +385,20 @@ def _pad_float(rows: list[list[float]], width: int) -> torch.Tensor:
     out = torch.zeros(len(rows), width)
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.tensor(r)
+    return out
+
+
+def _item_texts(
+    records: list[dict[str, Any]], vectors: list[torch.Tensor], k: int, width: int
+) -> torch.Tensor:
+    """[B·K, P, d_n]: each row's plan-item text embeddings (they follow the round notes and the
+    variants in `note_texts` order), zero on padding."""
+    out = torch.zeros(len(records) * k, width, vectors[0].shape[-1])
+    for b, (rec, vec) in enumerate(zip(records, vectors, strict=True)):
+        offset = sum(len(s) - 1 for s in rec["snapshot_texts"]) + len(rec["variant_texts"])
+        for j, per in enumerate(rec["plan_item_texts"][:k]):
+            out[b * k + j, : len(per)] = vec[offset : offset + len(per)]
+            offset += len(per)
     return out
 
 

@@ -275,7 +275,9 @@ def _head_losses(
     if not (want["coverage"] or want["readiness"]):
         return scores
     item_mask = batch.item_mask[batch.block_row]  # [M, P]
-    items = model.planner.item_embeddings(batch.item_ids[batch.block_row])  # [M, P, d_n]
+    items = model.coverage_keys(
+        batch.item_ids[batch.block_row], batch.item_text[batch.block_row]
+    )  # [M, P, d_n]
     cov_logits = model.coverage_head(state, items, item_mask)  # [M, P]
     if want["coverage"]:
         parts["coverage"] = L.coverage_bce(cov_logits, batch.block_cov, item_mask)

@@ -173,7 +173,7 @@ def _features(
     n = len(row)
     visible = sub.visible[torch.arange(n), end]  # [n, N]
     pooled = (sub.notes * visible[..., None]).sum(1) / visible.sum(1, keepdim=True).clamp_min(1)  # [n, d_n]
-    items = model.planner.item_embeddings(batch.item_ids[row])  # [n, P, d_n]
+    items = model.coverage_keys(batch.item_ids[row], batch.item_text[row])  # [n, P, d_n]
     cov = model.coverage_head(state, items, batch.item_mask[row])  # [n, P]
     return RolloutExamples(
         state=state,

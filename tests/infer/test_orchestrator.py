@@ -177,3 +177,42 @@ def test_the_planners_plan_reads_as_the_item_texts_it_stands_for(model: PDTModel
     assert named.plan.items[0][0] == "Apollo 11"
     assert named.plan.items[0][1:] == [f"plan id {i}" for i in slots[1:]]
     assert named.streams[0].token_ids == plain.streams[0].token_ids  # names label, they change nothing
+
+
+def test_coverage_reads_each_plan_items_text_embedding(
+    model: PDTModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coverage head scores the stream's plan items as the frozen trunk's embeddings of their
+    texts (as the curriculum trained it): given items by their own text, the planner's ids by the
+    training text they stand for (`plan_names`), an id with no text by its learned embedding."""
+    seen: list[torch.Tensor] = []
+    real = model.coverage_head.forward
+
+    def spy(state, items, mask):  # noqa: ANN001, ANN202
+        seen.append(items.detach().clone())
+        return real(state, items, mask)
+
+    monkeypatch.setattr(model.coverage_head, "forward", spy)
+    tok = CharTok()
+
+    def text_key(text: str) -> torch.Tensor:
+        ids = torch.tensor([tok.encode(text)])
+        return torch.nn.functional.normalize(model.embed_texts(ids, torch.ones_like(ids))[0], dim=-1)
+
+    items = [["Moon", "Apollo"], ["tides"], ["Luna 2", "craters", "orbit"]]
+    ParallelDecoder(model, tok, settings(max_new_tokens=4)).decode(PROMPT, "pdt", plan_items=items)
+    assert seen
+    for r, row in enumerate(items):
+        for j, text in enumerate(row):
+            torch.testing.assert_close(seen[0][r, j], text_key(text), atol=1e-5, rtol=1e-5)
+
+    seen.clear()
+    plain = ParallelDecoder(model, tok, settings(max_new_tokens=4)).decode(PROMPT, "pdt")
+    slots = plain.plan.slot_ids
+    seen.clear()
+    ParallelDecoder(model, tok, settings(max_new_tokens=4), plan_names={slots[0]: "Apollo 11"}).decode(
+        PROMPT, "pdt"
+    )
+    torch.testing.assert_close(seen[0][0, 0], text_key("Apollo 11"), atol=1e-5, rtol=1e-5)
+    learned = model.planner.item_embeddings(torch.tensor(slots[1:]))
+    torch.testing.assert_close(seen[0][0, 1 : len(slots)], learned)

@@ -240,6 +240,31 @@ def test_collate_rows_labels_rounds_and_blocks(world: dict[str, Path]) -> None:
         assert r1 == r2 or sib == last
 
 
+def test_coverage_keys_are_the_item_texts_embeddings(world: dict[str, Path]) -> None:
+    """Each row's plan items arrive as the frozen trunk's embedding of their text (in `note_texts`
+    order, after the notes and the variants), and the coverage head reads those, unit-normed; a row
+    without a text falls back to the planner's learned embedding of the id."""
+    from pdt.train.curriculum_data import embed_note_texts
+
+    preset, model, batch, records, tok = _model_and_batch(world)
+    k = 3
+    for row in range(batch.item_ids.shape[0]):
+        texts = records[row // k]["plan_item_texts"][row % k]
+        n = len(texts)
+        assert int(batch.item_mask[row].sum()) == n and n > 0
+        expect = embed_note_texts(list(texts), tok, model.embed_texts, 32, torch.device("cpu"))
+        torch.testing.assert_close(batch.item_text[row, :n], expect, atol=1e-5, rtol=1e-5)
+        assert not batch.item_text[row, n:].any()
+    keys = model.coverage_keys(batch.item_ids, batch.item_text)
+    real = batch.item_mask
+    torch.testing.assert_close(keys[real], torch.nn.functional.normalize(batch.item_text[real], dim=-1))
+    unknown = batch.item_text.clone()
+    unknown[0] = 0.0  # row 0: no texts known
+    fallback = model.coverage_keys(batch.item_ids, unknown)
+    torch.testing.assert_close(fallback[0], model.planner.item_embeddings(batch.item_ids[0]))
+    torch.testing.assert_close(fallback[1:], keys[1:])
+
+
 def test_kd_is_zero_at_init_and_grows_once_sidecars_move(world: dict[str, Path]) -> None:
     preset, model, batch, _, _ = _model_and_batch(world, stage=1)
     plan = StepPlan.from_preset(preset)

@@ -25,9 +25,14 @@ FP32 = {"atol": 1e-5, "rtol": 1e-5}
 
 
 def assert_grads(names: str | list[str], ours: tuple, expect: tuple) -> None:
+    """Every gradient close to the reference's: FP32, with the absolute tolerance also allowed to
+    grow with the gradient's largest entry (1e-6 of it). A weight gradient sums over every position
+    in an order the kernel and the CPU's BLAS choose differently: on an AMD EPYC CI machine, dw_down
+    of the [2, 70, 100] adapter case (entries up to ~90) missed 1e-5 by 3e-6 on an entry of 0.012."""
     for name, a, b in zip(names, ours, expect, strict=True):
         assert torch.isfinite(a).all(), f"d{name} is not finite"
-        torch.testing.assert_close(a, b, **FP32, msg=lambda m, n=name: f"d{n}: {m}")
+        atol = max(FP32["atol"], 1e-6 * float(b.abs().max())) if b.numel() else FP32["atol"]
+        torch.testing.assert_close(a, b, atol=atol, rtol=FP32["rtol"], msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def attend_inputs(

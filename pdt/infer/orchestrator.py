@@ -274,6 +274,17 @@ class _Detok:
         self.pending = []
         return piece
 
+    def flush(self) -> str:
+        """The text held back at the end of a stream (tokens that ended mid-character, which no
+        later token will complete): decoded as they are, so the pieces add up to the record's text."""
+        if not self.pending:
+            return ""
+        head = self.tokenizer.decode(self.context) if self.context else ""
+        full = self.tokenizer.decode(self.context + self.pending)
+        piece = full[len(head) :] if full.startswith(head) else self.tokenizer.decode(self.pending)
+        self.context, self.pending = (self.context + self.pending)[-self.CONTEXT :], []
+        return piece
+
     def copy(self) -> _Detok:
         out = _Detok(self.tokenizer, self.context)
         out.pending = list(self.pending)
@@ -604,7 +615,7 @@ class ParallelDecoder:
                 rec.blocks[block[r]].pop()
                 if not rec.blocks[block[r]]:
                     rec.blocks.pop()
-                self._finish(rec, r, ended[r] or "eos", done)
+                self._finish(rec, r, ended[r] or "eos", done, committed_detoks[r].flush())
                 continue
             if use_bus:
                 a.readiness = scores[r]
@@ -665,7 +676,7 @@ class ParallelDecoder:
             block[r] += 1
             attempt[r] = 0
             if ended[r]:
-                self._finish(rec, r, ended[r], done)
+                self._finish(rec, r, ended[r], done, committed_detoks[r].flush())
 
     def _step_done(self, start: float) -> float:
         """Seconds since `start` once the step's outputs exist: on CUDA the step's kernels are
@@ -675,10 +686,11 @@ class ParallelDecoder:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
-    def _finish(self, rec: StreamRecord, r: int, reason: str, done: list[bool]) -> None:
+    def _finish(self, rec: StreamRecord, r: int, reason: str, done: list[bool], tail: str = "") -> None:
+        """`tail`: the live text still held back (a character cut off by the stream's end)."""
         rec.done_reason = reason
         done[r] = True
-        self.emit(StreamDone(stream=rec.stream, reason=reason, tokens=len(rec.token_ids)))
+        self.emit(StreamDone(stream=rec.stream, reason=reason, tokens=len(rec.token_ids), tail=tail))
 
     def _sample(
         self,

@@ -235,12 +235,14 @@ class GateTrace(Event):
 
 @dataclass(frozen=True)
 class StreamDone(Event):
-    """A stream stopped: `reason` is eos | budget."""
+    """A stream stopped: `reason` is eos | budget; `tail` is committed text the live pieces held
+    back (the stream ended mid-character), so the pieces plus the tail are the stream's text."""
 
     kind: ClassVar[str] = "stream_done"
     stream: int
     reason: str
     tokens: int
+    tail: str = ""
 
 
 @dataclass(frozen=True)

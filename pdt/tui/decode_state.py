@@ -159,6 +159,7 @@ class DecodeView:
         if isinstance(e, StreamDone):
             s = self._stream(e.stream)
             s.done = e.reason
+            s.committed += e.tail
             return {"streams"}
         if isinstance(e, Timing):
             self.timings[e.mode] = e

@@ -232,8 +232,15 @@ async def test_the_ui_replays_a_manifest(world: dict[str, Path], tmp_path: Path)
     app = PDTApp()
     async with app.run_test(size=(160, 48)) as pilot:
         app.open_source(source)
-        await wait_until(
-            pilot, lambda: isinstance(app.screen, RunScreen) and "finished" in screen_text(app), 20
+        await wait_until(  # the whole answer applied: every stream done and the baseline timed
+            pilot,
+            lambda: (
+                isinstance(app.screen, RunScreen)
+                and "finished" in screen_text(app)
+                and app.screen.decode.speedup() is not None
+                and all(s.done for s in app.screen.decode.streams)
+            ),
+            20,
         )
         view = app.screen.decode
         assert [s.committed for s in view.streams] == [s.text for s in manifest.streams]

@@ -163,6 +163,15 @@ def test_live_text_pieces_never_split_a_character() -> None:
     pieces = [detok.push(i) for i in ids]
     assert "".join(pieces) == text
     assert not any("\ufffd" in p for p in pieces)
+    assert detok.flush() == ""  # nothing held back
+    # A stream that ends mid-character: the held-back bytes come out at the end (as the record's
+    # text has them), so the live pieces plus the tail are the stream's text.
+    cut = next(n for n in range(1, len(ids)) if tok.decode(ids[:n]).endswith("\ufffd"))
+    detok = _Detok(tok)
+    pieces = [detok.push(i) for i in ids[:cut]]
+    tail = detok.flush()
+    assert tail.endswith("\ufffd") and "".join(pieces) + tail == tok.decode(ids[:cut])
+    assert detok.flush() == ""
 
 
 def test_the_planners_plan_reads_as_the_item_texts_it_stands_for(model: PDTModel) -> None:

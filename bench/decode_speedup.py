@@ -86,6 +86,15 @@ def _session(device: torch.device, demo: str) -> Session:
     return Session(ctx, preset)
 
 
+def decoder_kwargs(session: Any) -> dict[str, Any]:
+    """What the demo's decoder gets from its session besides the settings: the plan ids' texts and
+    how its coverage head reads plan items (a random session has neither)."""
+    return {
+        "plan_names": getattr(session, "plan_names", {}),
+        "coverage_text": getattr(session, "coverage_text", True),
+    }
+
+
 def _random_session(device: torch.device) -> Any:
     """PDT_BENCH_TRUNK=random: the pretrain_124m (GPU) / pretrain_tiny (CPU) trunk shape with random
     weights and stage-0 sidecar shapes, no pipeline needed — for the engines' speed (γ = 0, no
@@ -196,7 +205,7 @@ def main() -> None:
             counterfactual=base.counterfactual if trained else Counterfactual(),
             fast_path=engine,
         )
-        decoder = ParallelDecoder(model, session.tokenizer, settings)
+        decoder = ParallelDecoder(model, session.tokenizer, settings, **decoder_kwargs(session))
         _one(decoder, prompts[0], session.model.trunk, quality=False)  # warm-up (allocator, kernels)
         runs = [_one(decoder, p, session.model.trunk, quality=trained and k > 1) for p in prompts]
         mean = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}

@@ -62,8 +62,13 @@ def main() -> None:
     settings = dataclasses.replace(
         session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0, prefixes=()
     )
-    decoder = ParallelDecoder(session.model, session.tokenizer, settings)
-    trunk_only = ParallelDecoder(session.model, session.tokenizer, dataclasses.replace(settings, alpha=0.0))
+    decoder = ParallelDecoder(session.model, session.tokenizer, settings, **ds.decoder_kwargs(session))
+    trunk_only = ParallelDecoder(
+        session.model,
+        session.tokenizer,
+        dataclasses.replace(settings, alpha=0.0),
+        **ds.decoder_kwargs(session),
+    )
     trunk, separator = session.model.trunk, session.tokenizer.encode(SECTION_SEPARATOR)
     parts: dict[str, list[float]] = {}
 

@@ -105,7 +105,7 @@ def decode_profile() -> dict[str, Any]:
             prefixes=(),
             fast_path="cuda_graph" if device.type == "cuda" else "auto",
         )
-        decoder = ParallelDecoder(model, session.tokenizer, settings)
+        decoder = ParallelDecoder(model, session.tokenizer, settings, **ds.decoder_kwargs(session))
         rec: dict[str, Any] = {}
         for _ in range(2):  # the second pass is the measured one (graphs captured in the first)
             pdt = decoder.decode(prompt, "pdt", emit_tokens=False)

@@ -30,7 +30,7 @@ from pdt.infer.manifest import build_manifest, write_manifest
 from pdt.infer.orchestrator import DecodeResult, DecodeSettings, ParallelDecoder, plain_trunk
 from pdt.infer.quality import answer_nll, redundancy
 from pdt.jobs import JobContext
-from pdt.model.pdt_model import PLAN_NAMES, SIDECAR_META, PDTModel, trunk_identity
+from pdt.model.pdt_model import COVERAGE_KEYS, PLAN_NAMES, SIDECAR_META, PDTModel, trunk_identity
 from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import CurriculumPreset, CurriculumTrunk
 from pdt.presets.inference import InferencePreset
@@ -70,6 +70,18 @@ class Session:
         names = _read_json(self.folder / PLAN_NAMES) or {}
         self.plan_names = {int(i): str(t) for i, t in names.items() if str(i).isdigit()}
         self.training = _training_defaults(self.folder, stage)
+        # Sidecars exported by stage 3 before the coverage head read plan items by their text
+        # embedding say nothing of it: their head scores the plan-id embeddings it was trained on.
+        # (Before stage 3 the head is untrained: the text keys cost nothing there.)
+        stage_trained = int(self.training.get("stage", 3))
+        self.coverage_text = self.training.get("coverage_keys") == COVERAGE_KEYS or stage_trained < 3
+        if not self.coverage_text:
+            ctx.log(
+                f"{self.folder}: these sidecars were exported before the coverage head read plan "
+                "items by their text, so coverage scores the plan-id embeddings they were trained "
+                "on; run stage 3 again for the text keys (validation AUC 0.52 -> 0.84 on the tiny "
+                "pipeline)"
+            )
         self.lora = self._load_lora(stage)
         self.settings = self._settings(cfg)
         self.trunk_info = {**trunk_identity(trunk), "folder": str(trunk_dir), "dtype": str(dtype)}
@@ -166,7 +178,11 @@ class Session:
         from answer to answer (the baselines share them; they run after the PDT answer)."""
         if self._parallel is None:
             self._parallel = ParallelDecoder(
-                self.model, self.tokenizer, self.settings, plan_names=self.plan_names
+                self.model,
+                self.tokenizer,
+                self.settings,
+                plan_names=self.plan_names,
+                coverage_text=self.coverage_text,
             )
         return self._parallel
 

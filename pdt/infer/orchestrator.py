@@ -301,9 +301,12 @@ class ParallelDecoder:
         settings: DecodeSettings,
         emit: Callable[[Event], None] | None = None,
         plan_names: dict[int, str] | None = None,
+        coverage_text: bool = True,
     ) -> None:
         """`plan_names`: plan id → the item text it stands for (the training set's, exported with
-        the sidecars), so the planner's plan reads as words; ids without one show as "plan id N"."""
+        the sidecars), so the planner's plan reads as words; ids without one show as "plan id N".
+        `coverage_text`: the coverage head reads each item's text embedding (`coverage_keys`, how
+        the curriculum trains it); False for sidecars trained on the plan-id embeddings alone."""
         if settings.num_streams != model.cfg.num_streams:
             raise ValueError(
                 f"the sidecars were trained for K = {model.cfg.num_streams} streams, "
@@ -320,6 +323,7 @@ class ParallelDecoder:
         self.emit = emit or (lambda _e: None)
         self.plan_names = dict(plan_names or {})
         self._text_vectors: dict[str, torch.Tensor] = {}  # plan-item text → its embedding (once)
+        self.coverage_text = coverage_text
         self.decoder, self.engine_note = make_decoder(model, settings)
         self.engine = self.decoder.engine
         self.device = self.decoder.device
@@ -766,6 +770,8 @@ class ParallelDecoder:
             item_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[r, : len(row)] = True
         item_ids, mask = item_ids.to(self.device), mask.to(self.device)
+        if not self.coverage_text:
+            return self.model.planner.item_embeddings(item_ids), mask
         texts = self._item_vectors(plan, ids, width)  # [R, P, d_n], zero where no text is known
         return self.model.coverage_keys(item_ids, texts), mask
 

@@ -49,6 +49,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
 COVERAGE_SUMMARY_DIM = 2
 
 
+#: What an export's training.json says under `coverage_keys` when its coverage head was trained on
+#: `PDTModel.coverage_keys` (plan items by their text embedding); older exports say nothing.
+COVERAGE_KEYS = "item_text"
+
+
 class SidecarLoadError(Exception):
     """Saved sidecars do not fit this trunk or configuration; the message says what differs."""
 

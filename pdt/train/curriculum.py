@@ -25,7 +25,7 @@ import pdt
 from pdt.data import check_identity
 from pdt.data.tokenizer import TokenizerError, load_tokenizer
 from pdt.jobs import JobContext
-from pdt.model.pdt_model import PLAN_NAMES, PDTModel, SidecarLoadError
+from pdt.model.pdt_model import COVERAGE_KEYS, PLAN_NAMES, PDTModel, SidecarLoadError
 from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.presets.loader import preset_hash
@@ -622,7 +622,12 @@ def _export(st: Stage) -> None:
             json.dumps(st.calibration, indent=2) + "\n", encoding="utf-8"
         )
         bus = st.preset.bus.model_dump(mode="json")
-        training = {"stride": st.ds.stride, "bus": bus, "stage": st.preset.stage}
+        training = {
+            "stride": st.ds.stride,
+            "bus": bus,
+            "stage": st.preset.stage,
+            "coverage_keys": COVERAGE_KEYS,
+        }
         if st.preset.lora is not None:  # what the demo needs to rebuild the adapted trunk
             training["lora"] = st.preset.lora.model_dump(mode="json")
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")

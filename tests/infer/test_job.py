@@ -50,7 +50,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         json.dumps({"readiness": {"gamma": 0.5}, "coverage": {"threshold": 0.4}}), encoding="utf-8"
     )
     (folder / "training.json").write_text(
-        json.dumps({"stride": 4, "bus": {"lag": 1, "window": 4, "topology": "all_to_all"}}), encoding="utf-8"
+        json.dumps(
+            {
+                "stride": 4,
+                "bus": {"lag": 1, "window": 4, "topology": "all_to_all"},
+                "stage": 3,
+                "coverage_keys": "item_text",
+            }
+        ),
+        encoding="utf-8",
     )
     return {"trunk": root / "trunk", "sidecars": folder}
 
@@ -69,6 +77,39 @@ def preset(world: dict[str, Path], **over) -> object:  # noqa: ANN003
     }
     data.update(over)
     return validate_preset(data, source="test")
+
+
+def test_sidecars_exported_before_text_coverage_keys_keep_their_id_keys(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """A stage-3 export whose training.json does not say `coverage_keys` (exported before the
+    coverage head read items by their text) decodes with the plan-id keys it was trained on and says
+    so; the current export reads the text keys; their coverage scores differ."""
+    from pdt.infer.job import Session
+    from pdt.jobs import JobContext
+
+    old = tmp_path / "old"
+    shutil.copytree(world["sidecars"], old)
+    training = json.loads((old / "training.json").read_text(encoding="utf-8"))
+    del training["coverage_keys"]
+    (old / "training.json").write_text(json.dumps(training), encoding="utf-8")
+    sessions, logs = {}, {}
+    for name, folder in (("new", world["sidecars"]), ("old", old)):
+        events: list = []
+        p = preset(world, sidecars={"path": str(folder)})
+        sessions[name] = Session(
+            JobContext(preset=p, run_dir=tmp_path, checkpoints_dir=tmp_path, emit=events.append), p
+        )
+        logs[name] = " ".join(getattr(e, "message", "") for e in events)
+    assert sessions["new"].coverage_text and not sessions["old"].coverage_text
+    assert "run stage 3 again" in logs["old"] and "run stage 3 again" not in logs["new"]
+    answers = {
+        n: s._decoder().decode("Tell me about the Moon.", "pdt", plan_items=PLAN) for n, s in sessions.items()
+    }
+    cov = {
+        n: [a.coverage for rec in r.streams for blk in rec.blocks for a in blk] for n, r in answers.items()
+    }
+    assert cov["new"] and cov["old"] and cov["new"] != cov["old"]
 
 
 def test_an_answer_writes_a_valid_replayable_manifest(world: dict[str, Path], tmp_path: Path) -> None:

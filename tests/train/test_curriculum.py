@@ -168,6 +168,8 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     cov = cal["coverage"]
     assert 0.0 <= cov["threshold"] <= 1.0 and 0.0 <= cov["macro_f1"] <= 1.0
     assert cov["f1_all_covered"] == pytest.approx(2 * cov["base_rate"] / (1 + cov["base_rate"]))
+    training = json.loads((folder / "training.json").read_text())
+    assert training["stage"] == 3 and training["coverage_keys"] == "item_text"  # the demo reads text keys
     report = json.loads((folder / "report.json").read_text())
     assert report["stage"] == 3 and report["calibration"] == cal
     assert {"coverage_f1", "coverage_auc", "readiness_auc", "lm_ce_stream1", "trunk_ce_stream1"} <= set(

@@ -25,6 +25,8 @@ CPU: the tiny pipeline (pretrain_tiny + stage3, fp32). GPU: pretrain_124m + stag
 On CUDA each K runs with both decode-step engines, recorded as `mode`: `eager` (HF forward per
 token) and `cuda_graph` (the step captured once and replayed: `pdt.model.graph_decode`); all three
 modes of a record (PDT, sequential, independent) run on that record's engine.
+Knobs: PDT_BENCH_KS (e.g. "1,3"), PDT_BENCH_ENGINES ("cuda_graph"), PDT_BENCH_PROMPTS (how many
+validation prompts; the quality figures of 3–4 prompts swing run to run), PDT_BENCH_TRUNK=random.
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -185,7 +187,8 @@ def main() -> None:
     random_trunk = os.environ.get("PDT_BENCH_TRUNK") == "random"
     session = _random_session(device) if random_trunk else _session(device, setup["demo"])
     trained_k = None if random_trunk else session.model.cfg.num_streams
-    prompts, prompt_source = _prompts(session, setup["prompts"], random_trunk)
+    n_prompts = int(os.environ.get("PDT_BENCH_PROMPTS") or setup["prompts"])  # more: steadier quality figures
+    prompts, prompt_source = _prompts(session, n_prompts, random_trunk)
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0)
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("eager",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine

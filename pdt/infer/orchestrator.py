@@ -264,9 +264,7 @@ class _Detok:
 
     def push(self, token: int) -> str:
         pending = [*self.pending, token]
-        head = self.tokenizer.decode(self.context) if self.context else ""
-        full = self.tokenizer.decode(self.context + pending)
-        piece = full[len(head) :] if full.startswith(head) else self.tokenizer.decode(pending)
+        piece = self._piece(pending)
         if piece.endswith("\ufffd"):  # an incomplete character: wait for the next token
             self.pending = pending
             return ""
@@ -279,11 +277,15 @@ class _Detok:
         later token will complete): decoded as they are, so the pieces add up to the record's text."""
         if not self.pending:
             return ""
-        head = self.tokenizer.decode(self.context) if self.context else ""
-        full = self.tokenizer.decode(self.context + self.pending)
-        piece = full[len(head) :] if full.startswith(head) else self.tokenizer.decode(self.pending)
+        piece = self._piece(self.pending)
         self.context, self.pending = (self.context + self.pending)[-self.CONTEXT :], []
         return piece
+
+    def _piece(self, pending: list[int]) -> str:
+        """The text `pending` adds after the context."""
+        head = self.tokenizer.decode(self.context) if self.context else ""
+        full = self.tokenizer.decode(self.context + pending)
+        return full[len(head) :] if full.startswith(head) else self.tokenizer.decode(pending)
 
     def copy(self) -> _Detok:
         out = _Detok(self.tokenizer, self.context)
@@ -770,9 +772,8 @@ class ParallelDecoder:
             item_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
             mask[r, : len(row)] = True
         item_ids, mask = item_ids.to(self.device), mask.to(self.device)
-        if not self.coverage_text:
-            return self.model.planner.item_embeddings(item_ids), mask
-        texts = self._item_vectors(plan, ids, width)  # [R, P, d_n], zero where no text is known
+        # [R, P, d_n], zero where no text is known; None: the plan-id embeddings alone
+        texts = self._item_vectors(plan, ids, width) if self.coverage_text else None
         return self.model.coverage_keys(item_ids, texts), mask
 
     def _item_vectors(self, plan: PlanInfo, ids: list[int], width: int) -> torch.Tensor:
@@ -787,15 +788,10 @@ class ParallelDecoder:
         ]
         wanted = sorted({t for row in per for t in row if t and t not in self._text_vectors})
         if wanted:
-            pad = self.eos if self.eos is not None else 0
-            encoded = [self.tokenizer.encode(t)[:NOTE_TOKENS] or [pad] for t in wanted]
-            longest = max(len(x) for x in encoded)
-            x = torch.full((len(wanted), longest), pad, dtype=torch.long)
-            m = torch.zeros((len(wanted), longest), dtype=torch.long)
-            for i, row in enumerate(encoded):
-                x[i, : len(row)], m[i, : len(row)] = torch.tensor(row), 1
-            vec = self.model.embed_texts(x.to(self.device), m.to(self.device)).float()  # [n, d_n]
-            self._text_vectors.update(zip(wanted, vec, strict=True))
+            from pdt.train.curriculum_data import embed_note_texts  # the curriculum's own embedding
+
+            vec = embed_note_texts(wanted, self.tokenizer, self.model.embed_texts, NOTE_TOKENS, self.device)
+            self._text_vectors.update(zip(wanted, vec.to(self.device), strict=True))
         out = torch.zeros(len(ids), width, self.model.cfg.d_notes, device=self.device)
         for r, row in enumerate(per):
             for j, t in enumerate(row):

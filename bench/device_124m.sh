@@ -3,7 +3,7 @@
 # One call may run 10 minutes and the machine stays ours while calls follow each other within its
 # idle limit, so the pipeline runs detached (setsid) from a frozen copy of the tree while later
 # calls poll it and then benchmark. Everything it writes lives under /tmp/pdt on that machine.
-#   call 1: bash bench/device_124m.sh launch [presets...]   # wheels, gpu tests, pipeline launched
+#   call 1: bash bench/device_124m.sh launch [presets...]   # wheels, pipeline launched, then gpu tests
 #           (never pipe `launch`: the detached pipeline holds the pipe open until it ends;
 #            SKIP_GPU_TESTS=1 skips the tests)
 #   call 2: bash bench/device_124m.sh poll 560             # poll (prints the log's tail)
@@ -27,14 +27,15 @@ case "${1:-}" in
     if [ $# -gt 0 ]; then presets=("$@"); else presets=("${PRESETS_DEFAULT[@]}"); fi
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-    [ "${SKIP_GPU_TESTS:-0}" = 1 ] || python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/model 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5
     if [ -f $W/pipeline.log ] && [ ! -f $W/pipeline.done ]; then echo "a pipeline is already running"; exit 0; fi
     rm -rf $W/src && mkdir -p $W/src && cp -r main.py pdt presets pyproject.toml $W/src/
     rm -f $W/pipeline.done
     mkdir -p $W/src/bench && cp bench/device_124m.sh bench/device_setup.sh $W/src/bench/ && cp -r .whl $W/src/
     # setsid: a new process session outlives this call (the device kills what a call leaves behind)
     (cd $W/src && setsid bash bench/device_124m.sh _pipeline "${presets[@]}" > $W/pipeline.log 2>&1 < /dev/null &)
-    sleep 5; cat $W/pipeline.log ;;
+    sleep 5; cat $W/pipeline.log
+    # the GPU tests while the pipeline builds its dataset and pretrains (correctness, not timings)
+    [ "${SKIP_GPU_TESTS:-0}" = 1 ] || python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/model 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5 ;;
   _pipeline)  # (run by launch, detached, from the frozen copy in $W/src)
     shift
     for p in "$@"; do

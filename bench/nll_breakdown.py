@@ -13,7 +13,10 @@ trunk after the prompt (mean nats per token):
 - `independent_merged`: the `independent` baseline's merged answer (sidecars on, bus off);
 - `trunk_sections_merged`: K sections written by the plain trunk alone (α = 0: every token sampled
   from the trunk's logits with sidecars off), each from the prompt and its stream prefix, merged the
-  same way — what the parallel layout itself costs, with no sidecar in the text.
+  same way — what the parallel layout itself costs, with no sidecar in the text;
+- `merged_with_headers` / `trunk_sections_with_headers`: the same two answers with each section
+  after its stream's header ("Part k of K:"), scored on the sections' tokens only — each section in
+  the context it was written in, less the notes.
 The gap `merged − sequential` splits into what the sidecars shift in a section written from the
 prompt (`section_1_in_merged` against `sequential_first_section`), the seams, and later sections'
 own content; `trunk_sections_merged − sequential` is the part no sidecar training can remove.
@@ -52,6 +55,21 @@ def token_nll(trunk: torch.nn.Module, prompt_ids: list[int], ids: list[int]) -> 
     x = torch.tensor([prompt_ids + ids], device=device)
     logits = trunk(input_ids=x).logits[0, len(prompt_ids) - 1 : -1].float()
     return F.cross_entropy(logits, torch.tensor(ids, device=device), reduction="none").cpu()
+
+
+def headed_nll(trunk: torch.nn.Module, result: object, separator: list[int]) -> torch.Tensor:
+    """NLL of the sections' own tokens in the merged answer laid out with each stream's header
+    ("Part k of K:" and its newline, as the stream read it before writing) before its section:
+    the context each section was written in, less the notes; the headers and separators are
+    context, not scored."""
+    ids: list[int] = []
+    scored: list[bool] = []
+    for k, stream in enumerate(s for s in result.streams if s.token_ids):
+        lead = (separator if k else []) + stream.prefix_ids
+        ids += lead + stream.token_ids
+        scored += [False] * len(lead) + [True] * len(stream.token_ids)
+    every = token_nll(trunk, result.prompt_ids, ids)
+    return every[torch.tensor(scored)]
 
 
 def main() -> None:
@@ -96,9 +114,12 @@ def main() -> None:
             else:
                 add("rest", inside)
             pos += len(ids)
+        add("merged_with_headers", headed_nll(trunk, pdt, separator))
         for name, dec in (("independent_merged", decoder), ("trunk_sections_merged", trunk_only)):
             other = dec.decode(prompt, "independent", emit_tokens=False)
             add(name, token_nll(trunk, other.prompt_ids, other.merged_ids(session.tokenizer)))
+            if dec is trunk_only:
+                add("trunk_sections_with_headers", headed_nll(trunk, other, separator))
     figures = {name: {"nll": statistics.mean(v), "tokens": len(v)} for name, v in parts.items()}
     record = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()})",

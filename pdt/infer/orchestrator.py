@@ -249,6 +249,48 @@ class DecodeResult:
         return sum(1 for s in self.streams for b in s.blocks for a in b if a.decision == "rollback")
 
 
+class _ContentSums:
+    """The readiness head's content input at decode, as `heads.content_means` computes it in
+    training: running sums of each row's hidden states (the step that feeds a token gives its
+    position's state) over the block being written and over the row's committed blocks. A rolled-
+    back block's sums are dropped with it. One in-place add a step on the device (a step of the
+    124M trunk is ~1 ms, so each extra kernel shows); the counts are host integers."""
+
+    def __init__(self, rows: int, d_model: int, device: torch.device) -> None:
+        self.sums = torch.zeros(rows, 2, d_model, device=device)  # [R, 2, D]: this block, committed
+        self.counts = [[0, 0] for _ in range(rows)]  # per row: this block, committed
+
+    def add(self, hidden: torch.Tensor, live: list[bool]) -> None:
+        """hidden [R, D] of one step; `live` [R]: the rows it fed."""
+        if all(live):
+            self.sums[:, 0].add_(hidden)
+        else:
+            rows = [r for r, a in enumerate(live) if a]
+            idx = torch.tensor(rows, device=self.sums.device)
+            self.sums[idx, 0] += hidden[idx].float()
+        for r, a in enumerate(live):
+            self.counts[r][0] += int(a)
+
+    def means(self) -> torch.Tensor:
+        """[R, 2, D]: the mean over the block, and over the committed blocks and this one."""
+        n = torch.tensor(self.counts, dtype=torch.float32).clamp_min(1).to(self.sums.device)  # [R, 2]
+        both = torch.tensor([[c[0] + c[1]] for c in self.counts], dtype=torch.float32).clamp_min(1)
+        block = self.sums[:, 0] / n[:, :1]
+        section = self.sums.sum(dim=1) / both.to(self.sums.device)
+        return torch.stack([block, section], dim=1)
+
+    def end_block(self, committed: list[int]) -> None:
+        """Every row's block ended: the committed rows add it to their section; all start afresh."""
+        if committed:
+            idx = torch.tensor(committed, device=self.sums.device)
+            self.sums[idx, 1] += self.sums[idx, 0]
+        for r in committed:
+            self.counts[r][1] += self.counts[r][0]
+        for c in self.counts:
+            c[0] = 0
+        self.sums[:, 0] = 0.0
+
+
 class _Detok:
     """Live text of one stream, one piece per token: a piece never splits a character (a token that
     ends mid-character waits for the next) and is decoded after a few previous tokens, so
@@ -451,6 +493,7 @@ class ParallelDecoder:
         result = DecodeResult(mode, prompt, prompt_ids, records, 0.0, 0, [], 0, plan, engine=self.engine)
         next_logits = last_logits.clone()  # [R, V] the logits each row samples its next token from
         last_hidden = torch.zeros(rows, model.d_model, device=self.device)
+        content: _ContentSums | None = None  # from the first sampled token on, with the bus
 
         def forward(tokens: list[int], active: list[bool], ctx: SidecarContext) -> None:
             nonlocal next_logits
@@ -468,6 +511,8 @@ class ParallelDecoder:
                 keep = live.to(self.device)[:, None]
                 next_logits = torch.where(keep, logits, next_logits)
                 last_hidden.copy_(torch.where(keep, hidden.to(last_hidden.dtype), last_hidden))
+            if content is not None:
+                content.add(hidden, active)
             result.steps += 1
             result.step_seconds.append(self._step_done(t))
 
@@ -479,6 +524,8 @@ class ParallelDecoder:
             forward([r.prefix_ids[i] if a else 0 for r, a in zip(records, active, strict=True)], active, ctx0)
 
         result.prefix_steps = result.steps
+        if use_bus:
+            content = _ContentSums(rows, model.d_model, self.device)
         detoks = [_Detok(self.tokenizer, r.prefix_ids) for r in records]
         committed_detoks = [d.copy() for d in detoks]
         commit_len = state.lengths.clone()  # [R] cache length at each row's last commit
@@ -556,6 +603,7 @@ class ParallelDecoder:
                 ids,
                 lambda: next_logits,
                 last_hidden,
+                content,
                 detoks,
                 committed_detoks,
             )
@@ -590,6 +638,7 @@ class ParallelDecoder:
         ids: list[int],
         logits_now: Callable[[], torch.Tensor],
         last_hidden: torch.Tensor,
+        content: _ContentSums | None,
         detoks: list[_Detok],
         committed_detoks: list[_Detok],
     ) -> None:
@@ -606,11 +655,12 @@ class ParallelDecoder:
             vis = window.mask.to(window.notes.dtype)[..., None]  # [R, W, 1]
             pooled = (window.notes * vis).sum(dim=1) / vis.sum(dim=1).clamp_min(1)  # [R, d_n]
             ready = model.agreement_head.score(
-                state_vec, pooled, coverage_summary(cov_logits, item_mask), notes
+                state_vec, pooled, coverage_summary(cov_logits, item_mask), notes, content.means()
             )  # [R]
             scores = dict(zip(range(rows), ready.float().tolist(), strict=True))
             cov = torch.sigmoid(cov_logits.float()).tolist()
         logits_after = logits_now()
+        committed: list[int] = []
         for r in range(rows):
             a = current[r]
             if a is None:
@@ -664,6 +714,7 @@ class ParallelDecoder:
                 continue
             rec.token_ids += a.tokens
             rec.text = self.tokenizer.decode(rec.token_ids)
+            committed.append(r)
             committed_detoks[r] = detoks[r].copy()
             if use_bus:
                 note = bus.commit(k, block[r], notes[r].float(), step=slot, forced=a.decision == "forced")
@@ -683,6 +734,8 @@ class ParallelDecoder:
             attempt[r] = 0
             if ended[r]:
                 self._finish(rec, r, ended[r], done, committed_detoks[r].flush())
+        if content is not None:
+            content.end_block(committed)
 
     def _step_done(self, start: float) -> float:
         """Seconds since `start` once the step's outputs exist: on CUDA the step's kernels are

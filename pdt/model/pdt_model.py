@@ -45,6 +45,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "agreement": ("agreement_head",),
 }
 
+#: Sidecar tensors added after checkpoints of this format were first written, whose freshly
+#: initialised values make the model compute exactly what it did without them: a checkpoint that
+#: lacks them loads with them as initialised (the readiness head's content path, whose output
+#: layer starts at zero: `AgreementHead`). Anything else missing is still refused.
+ADDED_KEYS = ("agreement_head.content.weight",)
+
 #: Coverage summary fed to the agreement head: (mean, max) of the coverage probabilities.
 COVERAGE_SUMMARY_DIM = 2
 
@@ -285,6 +291,7 @@ class PDTModel(nn.Module):
         """Strict load of a sidecar state dict whose `sidecar_meta()` was saved beside it."""
         _check_meta(meta, self.cfg, trunk_identity(self.trunk), where)
         own = self.sidecar_state_dict()
+        state = {**{k: own[k] for k in ADDED_KEYS if k in own and k not in state}, **state}
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
             raise SidecarLoadError(

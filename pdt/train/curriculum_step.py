@@ -31,7 +31,7 @@ import torch
 from pdt import kernels
 from pdt.bus import teacher_windows
 from pdt.model.pdt_model import PDTModel
-from pdt.model.sidecars.heads import coverage_summary
+from pdt.model.sidecars.heads import content_means, coverage_summary
 from pdt.presets.curriculum import CurriculumPreset, LossWeights
 from pdt.presets.schema import BusConfig
 from pdt.train import losses as L
@@ -285,11 +285,16 @@ def _head_losses(
         scores["coverage_scores"] = torch.sigmoid(cov_logits.detach().float())[item_mask]
         scores["coverage_labels"] = (batch.block_cov[item_mask] >= 1.0).float()
     if want["readiness"]:
+        written = written_positions(batch.labels)  # [R, T]
+        start = block_starts(written, batch.pos_round, batch.block_row, batch.block_pos)  # [M]
+        content = content_means(
+            hidden.detach(), written, batch.block_row, start, batch.block_pos
+        )  # [M, 2, D]
         logits, labels, kinds = _readiness(
-            model, batch, state, window, cov_logits.detach(), item_mask, target
+            model, batch, state, content, window, cov_logits.detach(), item_mask, target
         )
         if extra is not None:  # kind 2: the model's own sampled blocks, labelled by their events
-            own = model.agreement_head(extra.state, extra.pooled, extra.summary, extra.note)
+            own = model.agreement_head(extra.state, extra.pooled, extra.summary, extra.note, extra.content)
             logits, labels = torch.cat([logits, own]), torch.cat([labels, extra.labels])
             kinds = torch.cat([kinds, torch.full_like(extra.labels, 2.0)])
             scores["rollout_violations"] = (1.0 - extra.labels).mean().reshape(1)
@@ -305,6 +310,7 @@ def _readiness(
     model: PDTModel,
     batch: CurriculumBatch,
     state: torch.Tensor,
+    content: torch.Tensor,
     window: object,
     cov_logits: torch.Tensor,
     item_mask: torch.Tensor,
@@ -339,5 +345,25 @@ def _readiness(
         state.device
     )
     kinds = torch.cat([torch.zeros(n_pos + n_var), torch.ones(2 * n_spec)]).to(state.device)
-    logits = model.agreement_head(state[idx], pooled[idx], summary[idx], note_all)
+    logits = model.agreement_head(state[idx], pooled[idx], summary[idx], note_all, content[idx])
     return logits, labels, kinds
+
+
+def written_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[R, T] bool: the positions of the stream's own section tokens (the label at t − 1 predicts
+    token t) — what the readiness head's content means average."""
+    out = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    out[:, 1:] = labels[:, :-1] != L.IGNORE
+    return out
+
+
+def block_starts(
+    written: torch.Tensor, pos_round: torch.Tensor, row: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
+    """First position of each block ending at `end` [M] in row `row` [M]: the earliest written
+    position (`written_positions`) of the same round, at most `end`. No host sync."""
+    rounds = pos_round[row]  # [M, T]
+    same = (rounds == rounds.gather(1, end[:, None])) & written[row]  # [M, T]
+    t = torch.arange(rounds.shape[1], device=row.device)[None, :]
+    first = torch.where(same, t, torch.full_like(t, rounds.shape[1])).amin(dim=1)
+    return torch.minimum(first, end)

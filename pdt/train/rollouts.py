@@ -6,9 +6,9 @@ is labelled from what it contains (SPEC §2b.6 — real events, never random fla
 - ownership violation: it names a plan item that a sibling stream owns and this stream does not;
 - duplication: it repeats a sibling's section (≥ `DUP_NGRAMS` shared word 3-grams);
 otherwise it is committable (label 1). Its readiness features are those the decoder has at a block
-end: the state after the block, the pooled window, the coverage summary, and the stream's own
-speculation note. What it is not: the decoder of `pdt.infer`; this is plain sampling with full
-recomputation, enough for a few rows every few steps.
+end: the state after the block, its content means, the pooled window, the coverage summary, and
+the stream's own speculation note. What it is not: the decoder of `pdt.infer`; this is plain
+sampling with full recomputation, enough for a few rows every few steps.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import torch
 
 from pdt.bus.teacher import TeacherWindow
 from pdt.model.pdt_model import PDTModel
-from pdt.model.sidecars.heads import coverage_summary
+from pdt.model.sidecars.heads import content_means, coverage_summary
+from pdt.train.curriculum_step import block_starts, written_positions
 
 DUP_NGRAMS = 2  # shared word 3-grams with a sibling's section that count as duplication
 
@@ -33,6 +34,7 @@ class RolloutExamples:
     pooled: torch.Tensor  # [n, d_n]
     summary: torch.Tensor  # [n, 2]
     note: torch.Tensor  # [n, d_n]
+    content: torch.Tensor  # [n, 2, D] block and section-so-far means (`heads.content_means`)
     labels: torch.Tensor  # [n]
     texts: list[str]
     reasons: list[str]  # "ok", "ownership", "duplication"
@@ -79,7 +81,8 @@ def rollout_examples(
         return None
     pick = torch.randperm(m, generator=gen)[:rows].to(batch.block_row.device)  # [n] blocks
     row, end = batch.block_row[pick], batch.block_pos[pick]  # [n]
-    start = _block_starts(batch, row, end)  # [n] first position of each block
+    written = written_positions(batch.labels[row])  # [n, T] the stream's own section positions
+    start = block_starts(written, batch.pos_round[row], torch.arange(len(row), device=row.device), end)  # [n]
     ids = batch.input_ids[row].clone()  # [n, T]; positions ≥ start are overwritten by samples
     sub = TeacherWindow(
         notes=window.notes[row],
@@ -98,10 +101,12 @@ def rollout_examples(
             start + t <= end, nxt, ids[torch.arange(len(row)), pos]
         )
     out = _forward(model, batch, ids[:, : int(end.max()) + 1], row, sub, int(end.max()) + 1)
-    state = out.hidden[torch.arange(len(row)), end]  # [n, D] the state after the sampled block
+    n = torch.arange(len(row), device=row.device)
+    state = out.hidden[n, end]  # [n, D] the state after the sampled block
+    content = content_means(out.hidden, written[:, : out.hidden.shape[1]], n, start, end)  # [n, 2, D]
     texts = [tokenizer.decode(ids[i, int(start[i]) : int(end[i]) + 1].tolist()) for i in range(len(row))]
     reasons = [_reason(texts[i], int(row[i]), batch, records, tokenizer) for i in range(len(row))]
-    return _features(model, batch, sub, row, end, state, texts, reasons)
+    return _features(model, batch, sub, row, end, state, content, texts, reasons)
 
 
 def rollout_fn(
@@ -113,17 +118,6 @@ def rollout_fn(
         return rollout_examples(model, batch, window, records, tokenizer, rows, temperature, gen)
 
     return fn
-
-
-def _block_starts(batch: Any, row: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
-    """First position of the block ending at `end`: the earliest position of the same round."""
-    rounds = batch.pos_round[row]  # [n, T]
-    same = (rounds == rounds.gather(1, end[:, None])) & (
-        batch.labels[row] != -100
-    )  # [n, T] labelled, same round
-    t = torch.arange(rounds.shape[1], device=row.device)[None, :]
-    first_label = torch.where(same, t, torch.full_like(t, rounds.shape[1])).amin(dim=1)  # position predicting
-    return first_label + 1  # labels at t predict token t + 1
 
 
 def _forward(
@@ -167,6 +161,7 @@ def _features(
     row: torch.Tensor,
     end: torch.Tensor,
     state: torch.Tensor,
+    content: torch.Tensor,
     texts: list[str],
     reasons: list[str],
 ) -> RolloutExamples:
@@ -180,6 +175,7 @@ def _features(
         pooled=pooled,
         summary=coverage_summary(cov, batch.item_mask[row]),
         note=model.speculation_head(state),
+        content=content,
         labels=torch.tensor([1.0 if r == "ok" else 0.0 for r in reasons], device=state.device),
         texts=texts,
         reasons=reasons,

@@ -254,7 +254,11 @@ def test_a_stage4_export_decodes_with_its_lora_and_the_baseline_without(
         runs[name] = load_manifest(tmp_path / name / "manifest-0.json")
     assert [s.token_ids for s in runs["lora"].streams] != [s.token_ids for s in runs["plain"].streams]
     seq = {name: m.baselines["sequential"].token_ids for name, m in runs.items()}
-    assert seq["lora"] == seq["plain"]  # the baseline is the trunk as pretrained
+    # The baseline is the trunk as pretrained: greedy, the same tokens; it writes as many as PDT
+    # did, which the LoRA changes, so one is a prefix of the other.
+    (a,), (b,) = seq["lora"], seq["plain"]
+    n = min(len(a), len(b))
+    assert n >= 10 and a[:n] == b[:n]
 
 
 async def test_the_ui_replays_a_manifest(world: dict[str, Path], tmp_path: Path) -> None:

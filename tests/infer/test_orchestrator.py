@@ -103,6 +103,45 @@ def test_rollbacks_in_a_batch_leave_every_row_as_if_decoded_alone(model: PDTMode
         assert alone.streams[0].token_ids == rec.token_ids
 
 
+def test_readiness_reads_the_means_of_the_block_and_of_the_committed_section(model: PDTModel) -> None:
+    """The content the readiness head gets at a block end is the mean hidden state of the block's
+    own steps and of the committed blocks with it (training's `content_means`); a rolled-back
+    block leaves the section's mean."""
+    dec = ParallelDecoder(model, CharTok(), settings(gamma=1.0, max_retries=1, max_new_tokens=8))
+    steps: list[torch.Tensor] = []  # hidden [R, D] of every step
+    judged: list[tuple[int, torch.Tensor]] = []  # (steps so far, content [R, 2, D]) at each block end
+    step, score = dec.decoder.step, model.agreement_head.score
+
+    def record_step(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        logits, hidden = step(*args, **kwargs)
+        steps.append(hidden.detach().float().clone())
+        return logits, hidden
+
+    def record_score(*args):  # noqa: ANN002, ANN202
+        judged.append((len(steps), args[4].detach().clone()))
+        return score(*args)
+
+    dec.decoder.step, model.agreement_head.score = record_step, record_score
+    try:
+        out = dec.decode(PROMPT, "pdt")
+    finally:
+        del model.agreement_head.score
+    assert out.rollbacks > 0 and len(judged) == 4  # two blocks of 4 tokens, each rolled back once
+    start = out.prefix_steps
+    for r, rec in enumerate(out.streams):
+        attempts = sorted((a for block in rec.blocks for a in block), key=lambda a: a.slot)
+        committed: list[torch.Tensor] = []
+        for (upto, content), a in zip(judged, attempts, strict=True):
+            first = judged[a.slot - 1][0] if a.slot else start
+            block = torch.stack([h[r] for h in steps[first:upto]])  # this try's τ steps
+            assert len(block) == len(a.tokens) == 4
+            torch.testing.assert_close(content[r, 0], block.mean(0))
+            torch.testing.assert_close(content[r, 1], torch.cat(committed + [block]).mean(0))
+            if a.decision in ("commit", "forced"):
+                committed.append(block)
+        assert [a.decision for a in attempts] == ["rollback", "forced"] * 2
+
+
 @pytest.mark.parametrize("lag", [0, 1, 2])
 def test_lag_is_respected_at_decode(model: PDTModel, lag: int) -> None:
     dec = ParallelDecoder(model, CharTok(), settings(bus=BusConfig(lag=lag, window=8), max_new_tokens=20))

@@ -129,7 +129,10 @@ def test_only_sidecars_train_and_every_one_gets_a_gradient(arch: str) -> None:
     items = torch.randn(K, 4, DN)
     cov = model.coverage_head(hidden, items, torch.ones(K, 4, dtype=torch.bool))
     summary = torch.stack([cov.sigmoid().mean(-1), cov.sigmoid().max(-1).values], dim=-1)  # [R, 2]
-    ready = model.agreement_head(hidden, notes.detach(), summary, notes)
+    with torch.no_grad():  # trained: the content path (zero at init) given weights
+        model.agreement_head.content.weight.normal_(0, 0.3)
+    content = torch.stack([out.hidden.mean(1), out.hidden[:, -2:].mean(1)], dim=1)  # [R, 2, D]
+    ready = model.agreement_head(hidden, notes.detach(), summary, notes, content)
     plan_logits, snapshot0 = model.planner(out.hidden, torch.ones(ids.shape, dtype=torch.bool))
     loss = (
         out.logits.logsumexp(-1).mean()
@@ -202,6 +205,36 @@ def test_save_load_round_trip_and_refusals(tmp_path) -> None:  # noqa: ANN001
     other_cfg = PDTModel(tiny_trunk("llama"), CFG.model_copy(update={"adapter_rank": 4}))
     with pytest.raises(SidecarLoadError, match="adapter_rank"):
         other_cfg.load_sidecars(tmp_path / "sc")
+
+
+def test_sidecars_saved_before_the_readiness_content_path_load_and_score_the_same(tmp_path) -> None:  # noqa: ANN001
+    """A checkpoint without the agreement head's content tensors (written before they existed)
+    loads: they keep their fresh values, whose output layer is zero, so readiness is what the old
+    head computed. Any other missing tensor is still refused."""
+    from safetensors.torch import load_file, save_file
+
+    from pdt.model.pdt_model import ADDED_KEYS, SIDECAR_WEIGHTS
+
+    model = PDTModel(tiny_trunk("llama"), CFG)
+    open_gates(model, snc=True, adapters=True, seed=5)
+    with torch.no_grad():
+        for p in model.agreement_head.parameters():
+            p.normal_(0, 0.5)
+        model.agreement_head.content.weight.zero_()  # what the old head computed
+    model.save_sidecars(tmp_path / "old")
+    weights = tmp_path / "old" / SIDECAR_WEIGHTS
+    state = load_file(str(weights))
+    save_file({k: v for k, v in state.items() if k not in ADDED_KEYS}, str(weights))
+    fresh = PDTModel(tiny_trunk("llama"), CFG)
+    fresh.load_sidecars(tmp_path / "old")
+    d = model.d_model
+    args = (torch.randn(2, d), torch.randn(2, DN), torch.rand(2, 2), torch.randn(2, DN), torch.randn(2, 2, d))
+    with torch.no_grad():
+        assert torch.equal(model.agreement_head(*args), fresh.agreement_head(*args))
+        assert not fresh.agreement_head.content.weight.any()
+    save_file({k: v for k, v in state.items() if k != "agreement_head.hidden.weight"}, str(weights))
+    with pytest.raises(SidecarLoadError, match="missing"):
+        PDTModel(tiny_trunk("llama"), CFG).load_sidecars(tmp_path / "old")
 
 
 def test_prompt_positions_are_left_to_the_plain_trunk() -> None:

@@ -28,6 +28,7 @@ from pdt.model.sidecars import (
     StreamAdapters,
     StreamClassifier,
     TextEmbedder,
+    content_means,
     coverage_summary,
     plan_item_id,
 )
@@ -471,17 +472,57 @@ def test_coverage_head_ignores_padded_items() -> None:
 
 
 def test_agreement_score_is_a_probability() -> None:
-    head = AgreementHead(D, DN, coverage_dim=2)
+    head = open_module(AgreementHead(D, DN, coverage_dim=2))
     args = (
         torch.randn(4, D, generator=gen(0)) * 50,
         torch.randn(4, DN, generator=gen(1)),
         torch.rand(4, 2, generator=gen(2)),
         torch.randn(4, DN, generator=gen(3)),
+        torch.randn(4, 2, D, generator=gen(4)),
     )
     logit, score = head(*args), head.score(*args)
     assert logit.shape == (4,) and score.shape == (4,)
     assert ((score >= 0) & (score <= 1)).all()
     torch.testing.assert_close(score, torch.sigmoid(logit))
+
+
+def test_agreement_content_path_starts_silent_then_reads_the_content() -> None:
+    """At init the content path adds nothing (a head saved before it existed scores the same);
+    once trained, the block and section means change the score."""
+    head = AgreementHead(D, DN, coverage_dim=2)
+    base = (
+        torch.randn(3, D, generator=gen(0)),
+        torch.randn(3, DN, generator=gen(1)),
+        torch.rand(3, 2, generator=gen(2)),
+        torch.randn(3, DN, generator=gen(3)),
+    )
+    one, two = torch.randn(3, 2, D, generator=gen(4)), torch.randn(3, 2, D, generator=gen(5))
+    assert torch.equal(head(*base, one), head(*base, two))
+    open_module(head)
+    assert head.content.weight.any()
+    a, b = head(*base, one), head(*base, two)
+    assert not torch.allclose(a, b)
+    swapped = torch.stack([one[:, 1], one[:, 0]], dim=1)  # block and section means: not interchangeable
+    assert not torch.allclose(head(*base, swapped), a)
+
+
+def test_content_means_average_the_written_positions_of_the_block_and_the_section() -> None:
+    hidden = torch.randn(2, 9, D, generator=gen(0))
+    written = torch.zeros(2, 9, dtype=torch.bool)
+    written[0, 2:8] = True
+    written[1, 1:9] = True
+    written[1, 4] = False  # a position inside the span that the stream did not write
+    row, start, end = torch.tensor([0, 0, 1, 1]), torch.tensor([2, 5, 1, 0]), torch.tensor([4, 7, 6, 3])
+    got = content_means(hidden, written, row, start, end)
+    assert got.shape == (4, 2, D)
+    for i in range(4):
+        r, s, e = int(row[i]), int(start[i]), int(end[i])
+        block = [t for t in range(s, e + 1) if written[r, t]]
+        section = [t for t in range(e + 1) if written[r, t]]
+        torch.testing.assert_close(got[i, 0], hidden[r, block].mean(0))
+        torch.testing.assert_close(got[i, 1], hidden[r, section].mean(0))
+    nothing = content_means(hidden, torch.zeros(2, 9, dtype=torch.bool), row, start, end)
+    assert torch.equal(nothing, torch.zeros_like(nothing))  # no written position: zeros, not NaN
 
 
 def test_note_heads_and_classifier_shapes() -> None:
@@ -503,7 +544,7 @@ def test_backward_reaches_every_parameter_of_every_module() -> None:
         NotesHead(D, DN),
         SpeculationHead(D, DN),
         CoverageHead(D, DN),
-        AgreementHead(D, DN, 2),
+        open_module(AgreementHead(D, DN, 2)),
         StreamClassifier(D, K),
     ]
     x = snc_inputs()
@@ -518,7 +559,8 @@ def test_backward_reaches_every_parameter_of_every_module() -> None:
     )  # [R·2, d_n] → [R, 2, d_n]
     items_mask = torch.tensor([[True, True], [True, False], [True, True]])
     cov = heads[2](state, items, items_mask)
-    ready = heads[3](state, snapshot, coverage_summary(cov, items_mask), note)
+    content = torch.stack([h.mean(1), h[:, -2:].mean(1)], dim=1)  # [R, 2, D] section and block means
+    ready = heads[3](state, snapshot, coverage_summary(cov, items_mask), note, content)
     loss = (
         logits.logsumexp(-1).mean()
         + snapshot.sum()

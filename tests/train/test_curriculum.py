@@ -242,6 +242,25 @@ def test_collate_rows_labels_rounds_and_blocks(world: dict[str, Path]) -> None:
         assert r1 == r2 or sib == last
 
 
+def test_readiness_content_spans_are_each_blocks_own_tokens(world: dict[str, Path]) -> None:
+    """The readiness head's block mean covers exactly the block's section tokens (every one of
+    them, the first of a later round included) and its section mean everything written up to it."""
+    from pdt.train.curriculum_step import block_starts, written_positions
+
+    preset, model, batch, records, tok = _model_and_batch(world)
+    written = written_positions(batch.labels)
+    start = block_starts(written, batch.pos_round, batch.block_row, batch.block_pos)
+    for m in range(batch.block_row.shape[0]):
+        row, s, e = int(batch.block_row[m]), int(start[m]), int(batch.block_pos[m])
+        r = int(batch.pos_round[row, e])
+        span = [t for t in range(written.shape[1]) if written[row, t] and int(batch.pos_round[row, t]) == r]
+        assert span and s == span[0] and e == span[-1], (m, s, e, span[:2], span[-1:])
+        assert all(written[row, s : e + 1])
+    first_section = [int((written[row]).nonzero()[0]) for row in range(written.shape[0])]
+    n_prompt = [len(records[row // 3]["prompt_ids"]) for row in range(written.shape[0])]
+    assert all(f > p for f, p in zip(first_section, n_prompt, strict=True))  # never the prompt or prefix
+
+
 def test_coverage_keys_are_the_item_texts_embeddings(world: dict[str, Path]) -> None:
     """Each row's plan items arrive as the frozen trunk's embedding of their text (in `note_texts`
     order, after the notes and the variants), and the coverage head reads those, unit-normed; a row

@@ -19,6 +19,7 @@ from pdt.model.sidecars.heads import (
     NotesHead,
     SpeculationHead,
     StreamClassifier,
+    content_means,
     coverage_summary,
 )
 from pdt.model.sidecars.planner import Planner, plan_item_id
@@ -37,6 +38,7 @@ __all__ = [
     "StreamAdapters",
     "StreamClassifier",
     "TextEmbedder",
+    "content_means",
     "coverage_summary",
     "masked_mean_pool",
     "plan_item_id",

@@ -7,7 +7,7 @@
 #           (never pipe `launch`: the detached pipeline holds the pipe open until it ends;
 #            SKIP_GPU_TESTS=1 skips the tests)
 #   call 2: bash bench/device_124m.sh poll 560             # poll (prints the log's tail)
-#   call 3: bash bench/device_124m.sh measure                # curriculum + decode benchmarks -> $OUT
+#   call 3: bash bench/device_124m.sh measure                # decode, NLL breakdown, curriculum -> $OUT
 #   or calls 2+3 as one: bash bench/device_124m.sh finish 300  # poll up to 300 s, then measure
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
@@ -62,6 +62,7 @@ case "${1:-}" in
       [ -n "$src" ] && cp "$src" "$OUT/stage3_$f"
     done
     python3 bench/decode_speedup.py 2>&1 | tail -30
+    [ "${SKIP_NLL:-0}" = 1 ] || python3 bench/nll_breakdown.py 2>&1 | grep -E "nats|wrote"
     [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8
     [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1
     [ "${COMPARE:-0}" = 1 ] && bash "$0" compare

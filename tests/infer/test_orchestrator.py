@@ -142,6 +142,31 @@ def test_readiness_reads_the_means_of_the_block_and_of_the_committed_section(mod
         assert [a.decision for a in attempts] == ["rollback", "forced"] * 2
 
 
+def test_content_sums_count_only_the_rows_each_step_fed() -> None:
+    """Rows that a step did not feed (finished, or waiting) add nothing to their block's mean; a
+    rolled-back block leaves the section; every block starts afresh."""
+    from pdt.infer.orchestrator import _ContentSums
+
+    sums = _ContentSums(3, 4, torch.device("cpu"))
+    h = [torch.randn(3, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    sums.add(h[0], [True, True, True])
+    sums.add(h[1], [True, False, True])
+    sums.add(h[2], [False, False, True])
+    got = sums.means()
+    torch.testing.assert_close(got[0, 0], (h[0][0] + h[1][0]) / 2)
+    torch.testing.assert_close(got[1, 0], h[0][1])
+    torch.testing.assert_close(got[2, 0], (h[0][2] + h[1][2] + h[2][2]) / 3)
+    torch.testing.assert_close(got[:, 1], got[:, 0])  # nothing committed yet: the section is the block
+    sums.end_block([0, 2])  # row 1 rolled back
+    sums.add(h[3], [True, True, False])
+    got = sums.means()
+    torch.testing.assert_close(got[0, 0], h[3][0])
+    torch.testing.assert_close(got[0, 1], (h[0][0] + h[1][0] + h[3][0]) / 3)
+    torch.testing.assert_close(got[1, 1], h[3][1])  # its rolled-back block is gone
+    assert not got[2, 0].any()  # fed nothing this block: zeros, not NaN
+    torch.testing.assert_close(got[2, 1], (h[0][2] + h[1][2] + h[2][2]) / 3)
+
+
 @pytest.mark.parametrize("lag", [0, 1, 2])
 def test_lag_is_respected_at_decode(model: PDTModel, lag: int) -> None:
     dec = ParallelDecoder(model, CharTok(), settings(bus=BusConfig(lag=lag, window=8), max_new_tokens=20))

@@ -51,6 +51,7 @@ from pdt.model.pdt_model import PDTModel
 from pdt.model.sidecars.blend import blend_logits
 from pdt.model.sidecars.heads import coverage_summary
 from pdt.model.sidecars.seed_text import masked_mean_pool
+from pdt.presets.curriculum import CurriculumTrain
 from pdt.presets.schema import BusConfig
 from pdt.telemetry.events import (
     Coverage,
@@ -65,7 +66,7 @@ from pdt.telemetry.events import (
 
 #: Plan-item texts are embedded from at most this many tokens, as the curriculum's `note_tokens`
 #: default embeds them (items are a few tokens: the cap never cuts one in practice).
-NOTE_TOKENS = 128
+NOTE_TOKENS: int = CurriculumTrain.model_fields["note_tokens"].default
 
 MODES = ("pdt", "sequential", "independent")
 FAST_PATHS = ("auto", "eager", "cuda_graph")
@@ -273,10 +274,10 @@ class _ContentSums:
 
     def means(self) -> torch.Tensor:
         """[R, 2, D]: the mean over the block, and over the committed blocks and this one."""
-        n = torch.tensor(self.counts, dtype=torch.float32).clamp_min(1).to(self.sums.device)  # [R, 2]
-        both = torch.tensor([[c[0] + c[1]] for c in self.counts], dtype=torch.float32).clamp_min(1)
+        n = torch.tensor([[b, b + c] for b, c in self.counts], dtype=torch.float32).clamp_min(1)  # [R, 2]
+        n = n.to(self.sums.device)
         block = self.sums[:, 0] / n[:, :1]
-        section = self.sums.sum(dim=1) / both.to(self.sums.device)
+        section = self.sums.sum(dim=1) / n[:, 1:]
         return torch.stack([block, section], dim=1)
 
     def end_block(self, committed: list[int]) -> None:

@@ -16,7 +16,14 @@ Figures per K (means over the prompts):
   (`pdt.infer.quality.redundancy`; K ≥ 2);
 - nll_ratio: NLL of PDT's merged answer under the plain trunk / NLL of sequential's answer; the
   merged answer is scored as generated: the sections' token ids with the separator's between them
-  (`DecodeResult.merged_ids`), as sequential's answer is its own token ids.
+  (`DecodeResult.merged_ids`), as sequential's answer is its own token ids. The sectioned layout
+  costs fluency by itself (each section written without the others: on the 124M pipeline the plain
+  trunk writing the same sections scores 1.55× sequential's NLL with the headers read, 1.94×
+  without), so beside it:
+- nll_ratio_same_layout: PDT's sections against the plain trunk writing the same layout (the same
+  decoder at α = 0: every token from the trunk's logits, sidecars off, bus off), both scored with
+  each section after its stream header (`DecodeResult.headed_nlls`) — what the sidecars cost (or
+  buy) in fluency, the part training can move.
 K = 3 uses the trained stage-3 sidecars (real γ, real rollbacks); the other K have no trained
 sidecars (they are trained for K = 3), so they use freshly initialised sidecars sized for K with
 their gates opened and γ = 0 (no rollbacks): their speed is real, their quality figures are not
@@ -38,6 +45,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+import pdt  # noqa: E402
 from pdt.bus import Counterfactual  # noqa: E402
 from pdt.infer.job import Session  # noqa: E402
 from pdt.infer.orchestrator import DecodeResult, ParallelDecoder  # noqa: E402
@@ -147,7 +156,11 @@ def _token_rate(res: DecodeResult) -> float:
     return tokens / sum(steps) if steps else 0.0
 
 
-def _one(decoder: ParallelDecoder, prompt: str, trunk: torch.nn.Module, quality: bool) -> dict[str, Any]:
+def _one(
+    decoder: ParallelDecoder, prompt: str, trunk: torch.nn.Module, trunk_only: ParallelDecoder | None = None
+) -> dict[str, Any]:
+    """One prompt: PDT, sequential and independent timings; with `trunk_only` (the same decoder at
+    α = 0), the quality figures too."""
     pdt = decoder.decode(prompt, "pdt", emit_tokens=False)
     seq = decoder.decode(prompt, "sequential", total_tokens=pdt.new_tokens)
     ind = decoder.decode(prompt, "independent", emit_tokens=False)
@@ -166,10 +179,16 @@ def _one(decoder: ParallelDecoder, prompt: str, trunk: torch.nn.Module, quality:
         "sequential_step_ms": 1000 * statistics.mean(seq.step_seconds),
         "kv_cache_bytes": pdt.kv_cache_bytes,
     }
-    if quality:
+    if trunk_only is not None:
         nll_pdt = answer_nll(trunk, pdt.prompt_ids, pdt.merged_ids(decoder.tokenizer))
         nll_seq = answer_nll(trunk, seq.prompt_ids, seq.streams[0].token_ids)
+        plain = trunk_only.decode(prompt, "independent", emit_tokens=False)  # the layout, no sidecar
+        headed_pdt = float(pdt.headed_nlls(trunk, decoder.tokenizer).mean())
+        headed_plain = float(plain.headed_nlls(trunk, decoder.tokenizer).mean())
         out.update(
+            nll_pdt_headed=headed_pdt,
+            nll_trunk_sections_headed=headed_plain,
+            nll_ratio_same_layout=headed_pdt / headed_plain,
             redundancy_pdt=redundancy(pdt.sections),
             redundancy_independent=redundancy(ind.sections),
             nll_pdt=nll_pdt,
@@ -209,8 +228,13 @@ def main() -> None:
             fast_path=engine,
         )
         decoder = ParallelDecoder(model, session.tokenizer, settings, **decoder_kwargs(session))
-        _one(decoder, prompts[0], session.model.trunk, quality=False)  # warm-up (allocator, kernels)
-        runs = [_one(decoder, p, session.model.trunk, quality=trained and k > 1) for p in prompts]
+        trunk_only = None  # quality figures: the trained K only
+        if trained and k > 1:
+            trunk_only = ParallelDecoder(
+                model, session.tokenizer, dataclasses.replace(settings, alpha=0.0), **decoder_kwargs(session)
+            )
+        _one(decoder, prompts[0], session.model.trunk)  # warm-up (allocator, kernels)
+        runs = [_one(decoder, p, session.model.trunk, trunk_only) for p in prompts]
         mean = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
         records.append(
             {
@@ -219,6 +243,8 @@ def main() -> None:
                 else f"cpu ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)",
                 "trunk": session.trunk_info["folder"],
                 "trunk_dtype": session.trunk_info["dtype"],
+                "date": time.strftime("%Y-%m-%d"),
+                "code_version": pdt.code_version(),
                 "k": k,
                 "mode": decoder.engine,
                 "sidecars": "trained (stage 3)" if trained else "untrained, gates opened (timing only)",
@@ -236,6 +262,9 @@ def main() -> None:
                 "nll_ratio": mean.get("nll_ratio"),
                 "nll_pdt": mean.get("nll_pdt"),
                 "nll_sequential": mean.get("nll_sequential"),
+                "nll_ratio_same_layout": mean.get("nll_ratio_same_layout"),
+                "nll_pdt_headed": mean.get("nll_pdt_headed"),
+                "nll_trunk_sections_headed": mean.get("nll_trunk_sections_headed"),
                 "rollbacks_per_answer": mean["rollbacks"],
                 "generated_per_answer": mean["generated"],
                 "tokens_per_answer": mean["tokens"],
@@ -258,16 +287,18 @@ def main() -> None:
     path = out_dir / ("decode_engines.json" if random_trunk else "decode_speedup.json")
     existing = json.loads(path.read_text()) if path.is_file() else {"records": []}
     kind = "cuda" if device.type == "cuda" else "cpu"
-    kept = [  # the other device's records, and this device's records of engines not rerun
+    kept = [  # the other device's records, and this device's records of engines or K not rerun
         r
         for r in existing.get("records", [])
         if str(r.get("device", "")).startswith("cpu") != (kind == "cpu")
         or r.get("mode", "eager") not in engines
+        or r.get("k") not in ks
     ]
-    path.write_text(json.dumps({"records": kept + records}, indent=2) + "\n")
+    every = sorted(kept + records, key=lambda r: (str(r.get("device", "")).startswith("cpu"), r["k"]))
+    path.write_text(json.dumps({"records": every}, indent=2) + "\n")
     head = f"{'device':<28} {'mode':<10} {'K':>2} {'step':>6} {'e2e':>6} {'ind step':>8}"
-    print(f"\n{head} {'red pdt':>8} {'red ind':>8} {'nll':>6}")
-    for r in kept + records:
+    print(f"\n{head} {'red pdt':>8} {'red ind':>8} {'nll':>6} {'nll lay':>7}")
+    for r in every:
 
         def f(x: Any) -> str:
             return "  -  " if x is None else f"{x:.3f}"
@@ -276,7 +307,8 @@ def main() -> None:
             f"{r['device'][:28]:<28} {r.get('mode', 'eager'):<10} {r['k']:>2} "
             f"{r['step_ratio']:>6.2f} {r['e2e_ratio']:>6.2f} "
             f"{r['independent_step_ratio']:>8.2f} {f(r['redundancy_pdt']):>8} "
-            f"{f(r['redundancy_independent']):>8} {f(r['nll_ratio']):>6}"
+            f"{f(r['redundancy_independent']):>8} {f(r['nll_ratio']):>6} "
+            f"{f(r.get('nll_ratio_same_layout')):>7}"
         )
     print(f"wrote {path}")
 

@@ -40,36 +40,12 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import decode_speedup as ds  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from pdt.infer.orchestrator import SECTION_SEPARATOR, ParallelDecoder  # noqa: E402
+from pdt.infer.quality import token_nlls  # noqa: E402
 
 SEAM = 8  # tokens at the start of a later section counted as its seam
 PROMPTS = 10
-
-
-@torch.no_grad()
-def token_nll(trunk: torch.nn.Module, prompt_ids: list[int], ids: list[int]) -> torch.Tensor:
-    """NLL of each of `ids` after `prompt_ids` under `trunk`, [len(ids)] fp32 on the CPU."""
-    device = next(trunk.parameters()).device
-    x = torch.tensor([prompt_ids + ids], device=device)
-    logits = trunk(input_ids=x).logits[0, len(prompt_ids) - 1 : -1].float()
-    return F.cross_entropy(logits, torch.tensor(ids, device=device), reduction="none").cpu()
-
-
-def headed_nll(trunk: torch.nn.Module, result: object, separator: list[int]) -> torch.Tensor:
-    """NLL of the sections' own tokens in the merged answer laid out with each stream's header
-    ("Part k of K:" and its newline, as the stream read it before writing) before its section:
-    the context each section was written in, less the notes; the headers and separators are
-    context, not scored."""
-    ids: list[int] = []
-    scored: list[bool] = []
-    for k, stream in enumerate(s for s in result.streams if s.token_ids):
-        lead = (separator if k else []) + stream.prefix_ids
-        ids += lead + stream.token_ids
-        scored += [False] * len(lead) + [True] * len(stream.token_ids)
-    every = token_nll(trunk, result.prompt_ids, ids)
-    return every[torch.tensor(scored)]
 
 
 def main() -> None:
@@ -96,10 +72,10 @@ def main() -> None:
     for prompt in prompts:
         pdt = decoder.decode(prompt, "pdt", emit_tokens=False)
         seq = decoder.decode(prompt, "sequential", total_tokens=pdt.new_tokens)
-        seq_nll = token_nll(trunk, pdt.prompt_ids, seq.streams[0].token_ids)
+        seq_nll = token_nlls(trunk, pdt.prompt_ids, seq.streams[0].token_ids)
         add("sequential", seq_nll)
         add("sequential_first_section", seq_nll[: len(pdt.streams[0].token_ids)])
-        merged = token_nll(trunk, pdt.prompt_ids, pdt.merged_ids(session.tokenizer))
+        merged = token_nlls(trunk, pdt.prompt_ids, pdt.merged_ids(session.tokenizer))
         add("merged", merged)
         pos = 0
         for k, stream in enumerate(pdt.streams, start=1):
@@ -110,16 +86,16 @@ def main() -> None:
             if k > 1:
                 add("seam", inside[:SEAM])
                 add("rest", inside[SEAM:])
-                add(f"section_{k}_alone", token_nll(trunk, pdt.prompt_ids, ids))
+                add(f"section_{k}_alone", token_nlls(trunk, pdt.prompt_ids, ids))
             else:
                 add("rest", inside)
             pos += len(ids)
-        add("merged_with_headers", headed_nll(trunk, pdt, separator))
+        add("merged_with_headers", pdt.headed_nlls(trunk, session.tokenizer))
         for name, dec in (("independent_merged", decoder), ("trunk_sections_merged", trunk_only)):
             other = dec.decode(prompt, "independent", emit_tokens=False)
-            add(name, token_nll(trunk, other.prompt_ids, other.merged_ids(session.tokenizer)))
+            add(name, token_nlls(trunk, other.prompt_ids, other.merged_ids(session.tokenizer)))
             if dec is trunk_only:
-                add("trunk_sections_with_headers", headed_nll(trunk, other, separator))
+                add("trunk_sections_with_headers", other.headed_nlls(trunk, session.tokenizer))
     figures = {name: {"nll": statistics.mean(v), "tokens": len(v)} for name, v in parts.items()}
     record = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()})",

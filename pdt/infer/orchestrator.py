@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from pdt.bus import Counterfactual, NotesBus, WindowBatch
 from pdt.data.plan_ids import plan_item_id
-from pdt.infer.quality import merged_answer_ids
+from pdt.infer.quality import headed_section_nlls, merged_answer_ids
 from pdt.infer.sampling import sample_rows
 from pdt.model.decode import DecodeState, StreamDecoder
 from pdt.model.graph_decode import GraphCaptureError, GraphStreamDecoder
@@ -240,6 +240,12 @@ class DecodeResult:
         """The merged answer as the token ids generated (what its NLL scores), SECTION_SEPARATOR's
         ids between the sections: `pdt.infer.quality.merged_answer_ids`."""
         return merged_answer_ids([s.token_ids for s in self.streams], tokenizer.encode(SECTION_SEPARATOR))
+
+    def headed_nlls(self, trunk: torch.nn.Module, tokenizer: Any) -> torch.Tensor:
+        """Per-token NLL under `trunk` alone of the sections' tokens, each section after its stream
+        prefix (header) and SECTION_SEPARATOR between them: `pdt.infer.quality.headed_section_nlls`."""
+        sections = [(s.prefix_ids, s.token_ids) for s in self.streams]
+        return headed_section_nlls(trunk, self.prompt_ids, sections, tokenizer.encode(SECTION_SEPARATOR))
 
     @property
     def new_tokens(self) -> int:

@@ -5,7 +5,9 @@ pairs, of the Jaccard overlap of their word 3-grams and of their named entities 
 words and runs of them), averaged; 0 = nothing shared. `answer_nll(model, prompt_ids, ids)` — the
 mean negative log-likelihood per token of an answer given the prompt, under the plain trunk
 (sidecars off), the yardstick for "PDT writes as well as the trunk alone"; `merged_answer_ids`
-— the token ids it scores for a K-section answer. What it is not: a judge of factual quality.
+— the token ids it scores for a K-section answer; `headed_section_nlls` — each section scored after
+its stream header, the context it was written in (to compare PDT with the plain trunk writing the
+same sectioned layout). What it is not: a judge of factual quality.
 """
 
 from __future__ import annotations
@@ -60,12 +62,38 @@ def merged_answer_ids(sections: list[list[int]], separator: list[int]) -> list[i
 
 
 @torch.no_grad()
+def token_nlls(trunk: torch.nn.Module, prompt_ids: list[int], ids: list[int]) -> torch.Tensor:
+    """NLL (nats) of each of `ids` after `prompt_ids` under `trunk` alone, [len(ids)] fp32 on the CPU."""
+    if not ids:
+        return torch.zeros(0)
+    device = next(trunk.parameters()).device
+    x = torch.tensor([prompt_ids + ids], device=device)  # [1, P + A]
+    logits = trunk(input_ids=x).logits[0, len(prompt_ids) - 1 : -1].float()  # [A, V]
+    return torch.nn.functional.cross_entropy(logits, x[0, len(prompt_ids) :], reduction="none").cpu()
+
+
 def answer_nll(trunk: torch.nn.Module, prompt_ids: list[int], answer_ids: list[int]) -> float:
     """Mean NLL (nats/token) of `answer_ids` after `prompt_ids` under `trunk` alone (no hooks active)."""
-    if not answer_ids:
-        return float("nan")
-    device = next(trunk.parameters()).device
-    ids = torch.tensor([prompt_ids + answer_ids], device=device)  # [1, P + A]
-    logits = trunk(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1].float()  # [A, V]
-    target = ids[0, len(prompt_ids) :]
-    return float(torch.nn.functional.cross_entropy(logits, target))
+    return float(token_nlls(trunk, prompt_ids, answer_ids).mean()) if answer_ids else float("nan")
+
+
+def headed_section_nlls(
+    trunk: torch.nn.Module,
+    prompt_ids: list[int],
+    sections: list[tuple[list[int], list[int]]],
+    separator: list[int],
+) -> torch.Tensor:
+    """NLL of the sections' own tokens, each section after its stream's header.
+
+    `sections`: (header ids, section ids) per stream, in stream order — the header being the stream
+    prefix it read before writing ("Part k of K:"). Laid out as prompt, header 1, section 1,
+    separator, header 2, section 2, …, and scored by `trunk` alone on the section tokens only (the
+    headers and separators are context): each section in the context it was written in, less the
+    notes. Empty sections are skipped. Returns [total section tokens] fp32 on the CPU."""
+    ids: list[int] = []
+    scored: list[bool] = []
+    for header, section in (s for s in sections if s[1]):
+        lead = (separator if ids else []) + list(header)
+        ids += lead + list(section)
+        scored += [False] * len(lead) + [True] * len(section)
+    return token_nlls(trunk, prompt_ids, ids)[torch.tensor(scored, dtype=torch.bool)]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from pdt.data.tokenizer import build_tokenizer
 from pdt.infer.orchestrator import SECTION_SEPARATOR
-from pdt.infer.quality import answer_nll, merged_answer_ids, redundancy
+from pdt.infer.quality import answer_nll, headed_section_nlls, merged_answer_ids, redundancy, token_nlls
 from pdt.presets.schema import TokenizerConfig
 from tests.model.test_pdt_model import tiny_trunk
 
@@ -44,3 +44,22 @@ def test_merged_answer_ids_keep_the_sections_as_generated() -> None:
     # re-encoding the stripped display text would not give the generated tokens back
     stripped = SECTION_SEPARATOR.join(tok.decode(s).strip() for s in sections)
     assert tok.encode(stripped) != ids
+
+
+def test_headed_section_nlls_score_each_section_after_its_header_only() -> None:
+    torch.manual_seed(0)
+    trunk = tiny_trunk("llama").eval()
+    prompt, sep = [5, 9, 2], [3, 3]
+    sections = [([40, 41], [7, 8, 9]), ([42, 41], []), ([43, 41], [10, 11])]  # the empty one is skipped
+    got = headed_section_nlls(trunk, prompt, sections, sep)
+    # the layout: prompt | 40 41 7 8 9 | 3 3 43 41 10 11; scored: 7 8 9 and 10 11
+    every = token_nlls(trunk, prompt, [40, 41, 7, 8, 9, 3, 3, 43, 41, 10, 11])
+    assert got.shape == (5,)
+    assert torch.allclose(got, every[[2, 3, 4, 9, 10]])
+    with torch.no_grad():
+        logits = trunk(input_ids=torch.tensor([prompt + [40, 41, 7, 8, 9, 3, 3, 43, 41, 10]])).logits[0]
+    assert got[-1].item() == pytest.approx(F.cross_entropy(logits[-1:], torch.tensor([11])).item(), rel=1e-5)
+    # the header is context: another header changes the section's score
+    other = headed_section_nlls(trunk, prompt, [([44, 45], [7, 8, 9])], sep)
+    assert not torch.allclose(other, got[:3])
+    assert headed_section_nlls(trunk, prompt, [([1], [])], sep).numel() == 0

@@ -33,7 +33,8 @@ On CUDA each K runs with both decode-step engines, recorded as `mode`: `eager` (
 token) and `cuda_graph` (the step captured once and replayed: `pdt.model.graph_decode`); all three
 modes of a record (PDT, sequential, independent) run on that record's engine.
 Knobs: PDT_BENCH_KS (e.g. "1,3"), PDT_BENCH_ENGINES ("cuda_graph"), PDT_BENCH_PROMPTS (how many
-validation prompts; the quality figures of 3–4 prompts swing run to run), PDT_BENCH_TRUNK=random.
+validation prompts, 8 by default: the quality figures of 3–4 prompts swung run to run),
+PDT_BENCH_TRUNK=random.
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -64,8 +65,8 @@ from pdt.model.pdt_model import PDTModel  # noqa: E402
 from pdt.presets.loader import load_preset_file, validate_preset  # noqa: E402
 
 SETUPS = {
-    "cpu": {"demo": "demo_tiny", "tokens": 64, "prompts": 3},
-    "cuda": {"demo": "demo_124m", "tokens": 128, "prompts": 4},
+    "cpu": {"demo": "demo_tiny", "tokens": 64, "prompts": 8},
+    "cuda": {"demo": "demo_124m", "tokens": 128, "prompts": 8},
 }
 KS = (1, 2, 3, 4, 8)
 TITLES = ("the Moon", "Photosynthesis", "the Roman Empire", "Volcano", "Music")  # random-trunk mode

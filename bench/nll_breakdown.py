@@ -21,7 +21,8 @@ The gap `merged − sequential` splits into what the sidecars shift in a section
 prompt (`section_1_in_merged` against `sequential_first_section`), the seams, and later sections'
 own content; `trunk_sections_merged − sequential` is the part no sidecar training can remove.
 CPU: the tiny pipeline (PDT_CHECKPOINTS_DIR / PDT_DATA_DIR as for the presets); GPU: the 124M one.
-Writes $OUT/nll_breakdown.json (else bench/results/nll_breakdown.json) and prints the figures.
+Writes $OUT/nll_breakdown.json (else bench/results/nll_breakdown.json; this device kind's record replaced, the
+other's kept) and prints the figures.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import decode_speedup as ds  # noqa: E402
 import torch  # noqa: E402
 
+from pdt import code_version  # noqa: E402
 from pdt.infer.orchestrator import SECTION_SEPARATOR, ParallelDecoder  # noqa: E402
 from pdt.infer.quality import token_nlls  # noqa: E402
 
@@ -100,6 +103,8 @@ def main() -> None:
     record = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor()})",
         "trunk": session.trunk_info["folder"],
+        "date": time.strftime("%Y-%m-%d"),
+        "code_version": code_version(),
         "prompts": len(prompts),
         "prompt_source": source,
         "tokens_per_stream": setup["tokens"],
@@ -110,8 +115,11 @@ def main() -> None:
         print(f"{name:<22} {f['nll']:.3f} nats/token over {f['tokens']} tokens")
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "nll_breakdown.json").write_text(json.dumps({"records": [record]}, indent=2) + "\n")
-    print(f"wrote {out_dir / 'nll_breakdown.json'}")
+    path = out_dir / "nll_breakdown.json"
+    existing = json.loads(path.read_text()).get("records", []) if path.is_file() else []
+    kept = [r for r in existing if str(r.get("device", "")).startswith("cpu") != (device.type == "cpu")]
+    path.write_text(json.dumps({"records": kept + [record]}, indent=2) + "\n")  # this device's replaced
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ Figures per K (means over the prompts):
 - e2e_ratio: sequential's wall time over PDT's for the whole answer (prefill, planner, prefixes,
   heads, rollbacks and sampling included);
 - redundancy_pdt / redundancy_independent: shared word 3-grams and entities between the sections
-  (`pdt.infer.quality.redundancy`; K ≥ 2);
+  (`pdt.infer.quality.redundancy`; K ≥ 2), and `redundancy_diff`: their per-prompt difference's mean
+  and standard error (the prompts differ far more than the modes do);
 - nll_ratio: NLL of PDT's merged answer under the plain trunk / NLL of sequential's answer; the
   merged answer is scored as generated: the sections' token ids with the separator's between them
   (`DecodeResult.merged_ids`), as sequential's answer is its own token ids. The sectioned layout
@@ -199,6 +200,22 @@ def _one(
     return out
 
 
+def _paired(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-prompt differences of the quality figures, with their standard error over the prompts:
+    `redundancy_diff` = PDT − `independent` (negative: PDT repeats less), `nll_same_layout_diff` =
+    PDT − plain trunk, nats/token. A mean within about two standard errors of 0 is no difference
+    these prompts can show."""
+    out: dict[str, Any] = {}
+    for name, a, b in (
+        ("redundancy_diff", "redundancy_pdt", "redundancy_independent"),
+        ("nll_same_layout_diff", "nll_pdt_headed", "nll_trunk_sections_headed"),
+    ):
+        d = [r[a] - r[b] for r in runs]
+        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None
+        out[name] = {"mean": statistics.mean(d), "se": se, "prompts": len(d)}
+    return out
+
+
 def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     setup = SETUPS[device.type]
@@ -237,6 +254,7 @@ def main() -> None:
         _one(decoder, prompts[0], session.model.trunk)  # warm-up (allocator, kernels)
         runs = [_one(decoder, p, session.model.trunk, trunk_only) for p in prompts]
         mean = {key: statistics.mean(r[key] for r in runs) for key in runs[0]}
+        paired = _paired(runs) if trunk_only is not None else {}
         records.append(
             {
                 "device": torch.cuda.get_device_name()
@@ -264,6 +282,7 @@ def main() -> None:
                 "nll_pdt": mean.get("nll_pdt"),
                 "nll_sequential": mean.get("nll_sequential"),
                 "nll_ratio_same_layout": mean.get("nll_ratio_same_layout"),
+                **paired,
                 "nll_pdt_headed": mean.get("nll_pdt_headed"),
                 "nll_trunk_sections_headed": mean.get("nll_trunk_sections_headed"),
                 "rollbacks_per_answer": mean["rollbacks"],
@@ -283,6 +302,9 @@ def main() -> None:
             f"{r['rollbacks_per_answer']:.1f}",
             flush=True,
         )
+        for name, d in paired.items():
+            se = "" if d["se"] is None else f" ± {d['se']:.4f} (s.e.)"
+            print(f"  {name}: {d['mean']:+.4f}{se} over {d['prompts']} prompts", flush=True)
     out_dir = Path(os.environ.get("OUT") or ROOT / "bench" / "results")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / ("decode_engines.json" if random_trunk else "decode_speedup.json")

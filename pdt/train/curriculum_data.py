@@ -27,6 +27,7 @@ import torch
 
 from pdt.bus import section_pos_round
 from pdt.data.build.layout import build_root, write_atomic
+from pdt.data.build.notes import CORRUPTIONS
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.train.losses import IGNORE
 
@@ -192,6 +193,7 @@ class CurriculumBatch:
     block_cov: torch.Tensor  # [M, P] coverage target after the block
     var_block: torch.Tensor  # [Nv] the block a corrupted note stands in for
     var_note: torch.Tensor  # [Nv, d_n] the corrupted note's embedding
+    var_kind: torch.Tensor  # [Nv] its corruption, an index into pdt.data.build.notes.CORRUPTIONS (-1: other)
     tokens: int  # real tokens in the rows
     # Index forms of the masks above, built on the host, so a GPU step never reads a mask back
     # (a boolean-mask index or nonzero() is a device sync).
@@ -280,7 +282,7 @@ def collate(
     item_ids = _pad(items, 0)
     item_mask = _pad([[1] * len(x) for x in items], 0).bool()
     item_text = _item_texts(records, vectors, k, item_ids.shape[1])
-    var_block, var_note = _variants(records, vectors, blocks["last_block"])
+    var_block, var_note, var_kind = _variants(records, vectors, blocks["last_block"])
     labelled = labels != IGNORE  # [R, T]
     label_pos = labelled.nonzero()  # [N, 2] (row, t), row-major
     return CurriculumBatch(
@@ -309,6 +311,7 @@ def collate(
         block_cov=_pad_float(blocks["cov"], item_ids.shape[1]),
         var_block=var_block,
         var_note=var_note,
+        var_kind=var_kind,
         tokens=int(lengths.sum()),
         label_flat=label_pos[:, 0] * t + label_pos[:, 1],
         label_rows=label_pos[:, 0],
@@ -404,17 +407,26 @@ def _item_texts(
 
 def _variants(
     records: list[dict[str, Any]], vectors: list[torch.Tensor], last_block: dict
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Corrupted notes (entity swap, dropped fact, wrong owner) placed at their stream's last block."""
-    blocks, notes = [], []
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrupted notes (entity swap, dropped fact, wrong owner) placed at their stream's last block:
+    (blocks [Nv], notes [Nv, d_n], kinds [Nv] — the index of each one's `variant_labels` entry in
+    CORRUPTIONS, -1 for a label it does not know)."""
+    blocks, notes, kinds = [], [], []
     for b, (rec, vec) in enumerate(zip(records, vectors, strict=True)):
         n_round_notes = sum(len(s) - 1 for s in rec["snapshot_texts"])
+        labels = rec.get("variant_labels") or []
         for i, stream in enumerate(rec["variant_streams"]):
             if (b, int(stream)) in last_block:
                 blocks.append(last_block[(b, int(stream))])
                 notes.append(vec[n_round_notes + i])
+                label = labels[i] if i < len(labels) else None
+                kinds.append(CORRUPTIONS.index(label) if label in CORRUPTIONS else -1)
     d = vectors[0].shape[-1]
-    return torch.tensor(blocks, dtype=torch.long), (torch.stack(notes) if notes else torch.zeros(0, d))
+    return (
+        torch.tensor(blocks, dtype=torch.long),
+        torch.stack(notes) if notes else torch.zeros(0, d),
+        torch.tensor(kinds, dtype=torch.long),
+    )
 
 
 # --------------------------------------------------------------------------- order

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from pdt.data.build.notes import CORRUPTIONS
 from pdt.train import calibration as C
 from pdt.train import runtime as R
 
@@ -87,6 +88,32 @@ def _eval_rollouts(st: Any, records: list[dict[str, Any]], start: int) -> Callab
     return rollout_fn(records, st.tokenizer, cfg.eval_rows, cfg.temperature, gen)
 
 
+def readiness_metrics(sc: dict[str, Any]) -> dict[str, float]:
+    """Readiness AUC over every example, per source (`READINESS_KINDS`), per corruption of the
+    dataset's notes (each against the real notes alone: `readiness_auc_dataset_<corruption>`), and
+    the share of the model's own rollout blocks with a violation. `sc`: the evaluation's score
+    arrays (scores, labels, kinds and, where known, each corrupted note's CORRUPTIONS index)."""
+    out: dict[str, float] = {}
+    out["readiness_auc"] = C.roc_auc(sc["readiness_scores"], sc["readiness_labels"])
+    for kind, name in READINESS_KINDS.items():  # each source of examples on its own
+        keep = sc["readiness_kinds"] == kind
+        labels = sc["readiness_labels"][keep]
+        if 0 < labels.sum() < len(labels):
+            out[f"readiness_auc_{name}"] = C.roc_auc(sc["readiness_scores"][keep], labels)
+        if kind == 0 and "readiness_corruptions" in sc:  # real notes against each corruption alone
+            corruption = sc["readiness_corruptions"][keep]
+            for c, cname in enumerate(CORRUPTIONS):
+                pick = (labels >= 0.5) | (corruption == c)
+                if 0 < labels[pick].sum() < pick.sum():
+                    out[f"readiness_auc_dataset_{cname}"] = C.roc_auc(
+                        sc["readiness_scores"][keep][pick], labels[pick]
+                    )
+        if kind == 2 and len(labels):  # how often the model's own blocks break ownership / repeat
+            out["rollout_blocks"] = float(len(labels))
+            out["rollout_violation_rate"] = float(1.0 - labels.mean())
+    return out
+
+
 def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]:
     acc = _collect(st, batch_fn, step_fn, st.preset.train.eval_batches)
     if acc["n"] == 0:
@@ -105,15 +132,7 @@ def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]
         out.update({f"coverage_{k}": v for k, v in prf.items()})
         out["coverage_auc"] = C.roc_auc(sc["coverage_scores"], sc["coverage_labels"])
     if "readiness_scores" in sc:
-        out["readiness_auc"] = C.roc_auc(sc["readiness_scores"], sc["readiness_labels"])
-        for kind, name in READINESS_KINDS.items():  # each source of examples on its own
-            keep = sc["readiness_kinds"] == kind
-            labels = sc["readiness_labels"][keep]
-            if 0 < labels.sum() < len(labels):
-                out[f"readiness_auc_{name}"] = C.roc_auc(sc["readiness_scores"][keep], labels)
-            if kind == 2 and len(labels):  # how often the model's own blocks break ownership / repeat
-                out["rollout_blocks"] = float(len(labels))
-                out["rollout_violation_rate"] = float(1.0 - labels.mean())
+        out.update(readiness_metrics(sc))
     return out
 
 

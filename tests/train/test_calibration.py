@@ -98,3 +98,34 @@ def test_gamma_capped_by_the_share_of_own_good_blocks_rolled_back() -> None:
     assert C.capped_gamma(0.15, own_good, 0.2) == pytest.approx(0.15)
     assert C.capped_gamma(0.45, [], 0.0) == pytest.approx(0.45)
     assert C.capped_gamma(0.45, own_good, 1.0) == pytest.approx(0.45)
+
+
+def test_readiness_metrics_split_by_source_and_by_corruption() -> None:
+    from pdt.train.curriculum_eval import readiness_metrics
+
+    # kind 0: 4 real notes (label 1) and one corrupted note of each kind; kind 1: 2 + 2; kind 2: 3 own
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.65, 0.1, 0.95, 0.7, 0.3, 0.4, 0.8, 0.9, 0.2, 0.6])
+    labels = np.array([1, 1, 1, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0], dtype=float)
+    kinds = np.array([0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2], dtype=float)
+    corr = np.array([-1, -1, -1, -1, 0, 1, 2, -1, -1, -1, -1, -1, -1, -1], dtype=float)
+    out = readiness_metrics(
+        {
+            "readiness_scores": scores,
+            "readiness_labels": labels,
+            "readiness_kinds": kinds,
+            "readiness_corruptions": corr,
+        }
+    )
+    # entity swap (0.65) sits below 3 of the 4 real notes, dropped fact below all, wrong owner above all
+    assert out["readiness_auc_dataset_entity_swap"] == pytest.approx(0.75)
+    assert out["readiness_auc_dataset_dropped_fact"] == pytest.approx(1.0)
+    assert out["readiness_auc_dataset_wrong_owner"] == pytest.approx(0.0)
+    assert out["readiness_auc_dataset"] == pytest.approx(7 / 12)
+    assert out["readiness_auc_speculation"] == pytest.approx(0.25)  # 0.7, 0.3 against 0.4, 0.8
+    assert out["rollout_blocks"] == 3 and out["rollout_violation_rate"] == pytest.approx(1 / 3)
+    assert out["readiness_auc"] == pytest.approx(C.roc_auc(scores, labels))
+    # without the corruption kinds (older callers) the split is simply absent
+    del_corr = readiness_metrics(
+        {"readiness_scores": scores, "readiness_labels": labels, "readiness_kinds": kinds}
+    )
+    assert not any(k.startswith("readiness_auc_dataset_") for k in del_corr)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pdt.data.build.notes import CORRUPTIONS
 from pdt.jobs import JobContext
 from pdt.model.pdt_model import GROUPS, PDTModel
 from pdt.model.trunk import load_trunk
@@ -175,6 +176,8 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     assert {"coverage_f1", "coverage_auc", "readiness_auc", "lm_ce_stream1", "trunk_ce_stream1"} <= set(
         report["final_eval"]
     )
+    split = [k for k in report["final_eval"] if k.startswith("readiness_auc_dataset_")]
+    assert split and all(0.0 <= report["final_eval"][k] <= 1.0 for k in split)  # per corruption kind
     assert report["parameters"]["sidecars"] > 0 and len(report["gates"]) == preset.sidecars.n_layers
     state = CheckpointManager(checkpoints_root() / "stage3").load().state
     assert state["calibration"] == cal
@@ -230,6 +233,15 @@ def test_collate_rows_labels_rounds_and_blocks(world: dict[str, Path]) -> None:
         assert int(batch.block_note[m]) == (b * k + j) * batch.notes.shape[2] + r  # note of its own round
         assert bool(batch.notes_mask.reshape(-1)[batch.block_note[m]])
     assert batch.var_block.numel() > 0 and torch.isin(batch.var_block, batch.last_blocks).all()
+    # each corrupted note keeps its kind: the record's variant labels, in order, as CORRUPTIONS indices
+    expect = [
+        CORRUPTIONS.index(rec["variant_labels"][i])
+        for b, rec in enumerate(records)
+        for i, stream in enumerate(rec["variant_streams"])
+        if any(int(batch.block_row[m]) == b * k + int(stream) for m in range(len(batch.block_row)))
+    ]
+    assert batch.var_kind.tolist() == expect and len(expect) == batch.var_block.numel()
+    assert len(set(expect)) > 1  # the tiny dataset has more than one kind of corruption
     # Speculation-note readiness pairs: every block, against a block of another stream of the same
     # example, of the same round when that stream has one.
     assert batch.spec_own.numel() == batch.block_row.numel()

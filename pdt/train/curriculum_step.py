@@ -325,9 +325,9 @@ def _readiness(
 
     Kind 0 — the dataset's events: the last block of every stream with its real teacher note
     (label 1) and the same blocks with the dataset's corrupted notes (label 0: entity swap, dropped
-    fact, wrong owner; in that order: the last blocks, then `batch.var_block`). Only last blocks:
-    the corrupted variants are of the final notes, so positives from earlier blocks would let the
-    head tell the classes apart by position.
+    fact, wrong owner: `batch.var_kind`), laid out as the last blocks, then `batch.var_block`.
+    Only last blocks: the corrupted variants are of the final notes, so positives from earlier
+    blocks would let the head tell the classes apart by position.
     Kind 1 — the decoder's view: at every block, the stream's own speculation note (label 1) and a
     sibling block's speculation note in its place (label 0: the note claims another stream's
     content). At inference the head scores exactly such notes, which kind 0 never shows it; both

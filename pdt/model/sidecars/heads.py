@@ -126,16 +126,9 @@ class AgreementHead(nn.Module):
         pre = self.hidden(features) + self.content(wrote)  # [B, d_n]
         return self.out(F.gelu(pre)).squeeze(-1)  # [B, 1] → [B]
 
-    def score(
-        self,
-        state: torch.Tensor,
-        window: torch.Tensor,
-        coverage: torch.Tensor,
-        note: torch.Tensor,
-        content: torch.Tensor,
-    ) -> torch.Tensor:
-        """Readiness in [0, 1], [B] (commit when ≥ γ)."""
-        return torch.sigmoid(self.forward(state, window, coverage, note, content))
+    def score(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Readiness in [0, 1], [B] (commit when ≥ γ): the sigmoid of `forward` on the same inputs."""
+        return torch.sigmoid(self.forward(*inputs))
 
 
 def content_means(

@@ -182,6 +182,8 @@ def _one(
         "pdt_step_ms": 1000 * statistics.mean(pdt.step_seconds[pdt.prefix_steps :]),
         "sequential_step_ms": 1000 * statistics.mean(seq.step_seconds),
         "kv_cache_bytes": pdt.kv_cache_bytes,
+        **{f"pdt_phase_{k}": v for k, v in pdt.phase_seconds.items()},
+        **{f"sequential_phase_{k}": v for k, v in seq.phase_seconds.items()},
     }
     if trunk_only is not None:
         nll_pdt = answer_nll(trunk, pdt.prompt_ids, pdt.merged_ids(decoder.tokenizer))
@@ -297,6 +299,16 @@ def main() -> None:
                 "pdt_s": mean["pdt_s"],
                 "sequential_s": mean["sequential_s"],
                 "kv_cache_bytes": int(mean["kv_cache_bytes"]),
+                # where each answer's wall clock went (ms, mean over the prompts): see
+                # DecodeResult.phase_seconds; `other` is sampling and the host's per-token work
+                "phases_ms": {
+                    mode: {
+                        key.removeprefix(f"{mode}_phase_"): 1000 * v
+                        for key, v in mean.items()
+                        if key.startswith(f"{mode}_phase_")
+                    }
+                    for mode in ("pdt", "sequential")
+                },
             }
         )
         r = records[-1]
@@ -306,6 +318,8 @@ def main() -> None:
             f"{r['rollbacks_per_answer']:.1f}",
             flush=True,
         )
+        for mode, ph in r["phases_ms"].items():
+            print(f"  {mode} ms: " + "  ".join(f"{key} {v:.1f}" for key, v in ph.items()), flush=True)
         for name, d in paired.items():
             se = "" if d["se"] is None else f" ± {d['se']:.4f} (s.e.)"
             print(f"  {name}: {d['mean']:+.4f}{se} over {d['prompts']} prompts", flush=True)

@@ -87,6 +87,8 @@ class TimingRecord(_Strict):
     tokens_per_s: float
     per_token_s: list[float]
     engine: str = "eager"  # the decode-step engine: eager | cuda_graph (manifests before it: eager)
+    # where `seconds` went (prefill, plan, steps, block_ends, other): DecodeResult.phase_seconds
+    phase_seconds: dict[str, float] = {}
 
 
 class BaselineRecord(_Strict):
@@ -143,6 +145,7 @@ def timing_record(result: Any) -> TimingRecord:
         tokens_per_s=result.new_tokens / result.seconds if result.seconds > 0 else 0.0,
         per_token_s=sorted(times),
         engine=getattr(result, "engine", "eager"),
+        phase_seconds=dict(getattr(result, "phase_seconds", {})),
     )
 
 

@@ -226,6 +226,10 @@ class DecodeResult:
     state: DecodeState | None = None
     prefix_steps: int = 0  # the first `prefix_steps` steps fed the stream prefixes (no sampling)
     engine: str = "eager"  # the decode-step engine that ran it: eager | cuda_graph
+    # where the wall-clock `seconds` went: prefill, plan, steps (the batched trunk forwards, prefixes
+    # included), block_ends (notes, coverage, readiness, commit / rollback); `other` is the rest —
+    # sampling and the host's per-token work (detokenising, events)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def sections(self) -> list[str]:
@@ -488,6 +492,7 @@ class ParallelDecoder:
         steps = max(len(r.prefix_ids) for r in records) + blocks * s.tau * (s.max_retries + 1)
         state, last_logits = self.decoder.prefill(prompt_ids, rows, steps)
         base = self.decoder.prefill(prompt_ids, rows, steps) if s.alpha < 1.0 else None
+        t_plan = self._sync_time()
         plan = self.plan(state, plan_items, seed_texts)
         bus = NotesBus(s.num_streams, model.cfg.d_notes, s.bus, model.cfg.max_rounds, s.counterfactual)
         bus.set_snapshot0(plan.snapshot0.to(self.device))
@@ -498,6 +503,9 @@ class ParallelDecoder:
         self._plan_labels = plan.items
         items, item_mask = self._items(plan, ids)
         result = DecodeResult(mode, prompt, prompt_ids, records, 0.0, 0, [], 0, plan, engine=self.engine)
+        phases = result.phase_seconds
+        phases["prefill"], phases["plan"] = t_plan - t0, self._sync_time() - t_plan
+        phases["block_ends"] = 0.0
         next_logits = last_logits.clone()  # [R, V] the logits each row samples its next token from
         last_hidden = torch.zeros(rows, model.d_model, device=self.device)
         content: _ContentSums | None = None  # from the first sampled token on, with the bus
@@ -590,6 +598,7 @@ class ParallelDecoder:
                         ended[r] = "budget"
                 if any(live):
                     forward(feed, live, ctx)
+            t_end = time.perf_counter()
             self._block_ends(
                 bus,
                 window,
@@ -614,8 +623,10 @@ class ParallelDecoder:
                 detoks,
                 committed_detoks,
             )
+            phases["block_ends"] += self._sync_time() - t_end
             slot += 1
         result.seconds = time.perf_counter() - t0
+        self._close_phases(result)
         result.kv_cache_bytes = state.kv_bytes() + (base[0].kv_bytes() if base is not None else 0)
         result.timeline = bus.timeline() if use_bus else []
         result.gates = model.gate_values()
@@ -743,6 +754,18 @@ class ParallelDecoder:
                 self._finish(rec, r, ended[r], done, committed_detoks[r].flush())
         if content is not None:
             content.end_block(committed)
+
+    def _sync_time(self) -> float:
+        """perf_counter once the device's queued work is done (a phase's real end on CUDA)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @staticmethod
+    def _close_phases(result: DecodeResult) -> None:
+        phases = result.phase_seconds
+        phases["steps"] = sum(result.step_seconds)
+        phases["other"] = max(0.0, result.seconds - sum(phases.values()))
 
     def _step_done(self, start: float) -> float:
         """Seconds since `start` once the step's outputs exist: on CUDA the step's kernels are
@@ -875,6 +898,7 @@ class ParallelDecoder:
         attempt = Attempt(0, 0)
         rec.blocks.append([attempt])
         result = DecodeResult("sequential", prompt, prompt_ids, [rec], 0.0, 0, [], 0, engine=self.engine)
+        result.phase_seconds["prefill"] = self._sync_time() - t0
         gen = torch.Generator().manual_seed(s.seed * 1009 + 997)
         ban_eos = total is not None or s.ignore_eos
         live = torch.ones(1, dtype=torch.bool)
@@ -907,6 +931,7 @@ class ParallelDecoder:
         attempt.text = self.tokenizer.decode(attempt.tokens) if attempt.tokens else ""
         rec.token_ids, rec.text = list(attempt.tokens), attempt.text
         result.seconds = time.perf_counter() - t0
+        self._close_phases(result)
         result.kv_cache_bytes = state.kv_bytes()
         result.state = state
         return result

@@ -215,6 +215,18 @@ def test_sequential_writes_the_total_it_is_given_and_independent_has_no_bus(mode
     assert [s.token_ids for s in ind.streams] == [s.token_ids for s in ablated.streams]
 
 
+@pytest.mark.parametrize("mode", ["pdt", "sequential"])
+def test_the_phases_account_for_the_answers_wall_clock(model: PDTModel, mode: str) -> None:
+    res = ParallelDecoder(model, CharTok(), settings(max_new_tokens=8)).decode(PROMPT, mode)
+    phases = res.phase_seconds
+    want = {"prefill", "steps", "other"} | ({"plan", "block_ends"} if mode == "pdt" else set())
+    assert set(phases) == want
+    assert all(v >= 0.0 for v in phases.values())
+    assert phases["steps"] == pytest.approx(sum(res.step_seconds))
+    assert phases["prefill"] > 0.0 and phases["steps"] > 0.0
+    assert sum(phases.values()) == pytest.approx(res.seconds, rel=1e-6, abs=1e-6)
+
+
 def test_live_text_pieces_never_split_a_character() -> None:
     from pdt.data.tokenizer import Tokenizer
     from pdt.infer.orchestrator import _Detok

@@ -1,9 +1,10 @@
 """Curriculum evaluation, calibration and the per-run report.
 
 What it is: `evaluate` (every loss on validation batches with no gradient, per-stream LM CE of the
-model and of the frozen trunk on the same sections, coverage precision / recall / F1, readiness
-AUC), `calibrate` (γ by Youden's J and the coverage threshold by macro F1 over the whole validation
-split; rules in `pdt.train.calibration`), and `write_report` (the JSON a run leaves behind).
+model and of the frozen trunk on the same sections, the LM CE with another example's notes (what
+the notes are worth), coverage precision / recall / F1, readiness AUC), `calibrate` (γ by Youden's
+J and the coverage threshold by macro F1 over the whole validation split; rules in
+`pdt.train.calibration`), and `write_report` (the JSON a run leaves behind).
 What it is not: the training loop (`pdt.train.curriculum`).
 """
 
@@ -41,6 +42,9 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
         "n": 0,
         "ce": torch.zeros(k),
         "base": torch.zeros(k),
+        "foreign": torch.zeros(k),
+        "foreign_own": torch.zeros(k),  # the real notes' CE on those same rows
+        "foreign_tok": torch.zeros(k),
         "tok": torch.zeros(k),
     }
     scores: dict[str, list[torch.Tensor]] = {}
@@ -67,6 +71,10 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
             acc["tok"].index_add_(0, streams, res.row_tokens.float().cpu())
             if res.base_row_ce is not None:
                 acc["base"].index_add_(0, streams, res.base_row_ce.float().cpu())
+            if res.foreign_row_ce is not None:
+                acc["foreign"].index_add_(0, streams, res.foreign_row_ce.float().cpu())
+                acc["foreign_own"].index_add_(0, streams, res.row_ce.float().cpu())
+                acc["foreign_tok"].index_add_(0, streams, res.row_tokens.float().cpu())
             for name, value in res.scores.items():
                 scores.setdefault(name, []).append(value.float().cpu())
     finally:
@@ -125,6 +133,11 @@ def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]
         out[f"trunk_ce_stream{k}"] = float(acc["base"][k] / tok[k])
     out["lm_ce"] = float(acc["ce"].sum() / tok.sum())
     out["trunk_ce"] = float(acc["base"].sum() / tok.sum())
+    if acc["foreign_tok"].sum() > 0:  # batches of one example have no other example's notes
+        n = acc["foreign_tok"].sum()
+        out["lm_ce_foreign_notes"] = float(acc["foreign"].sum() / n)
+        # nats/token the real notes are worth over another text's, on the same rows (~0: unused)
+        out["notes_gain"] = float((acc["foreign"].sum() - acc["foreign_own"].sum()) / n)
     sc = acc["scores"]
     if "coverage_scores" in sc:
         threshold = (st.calibration or {}).get("coverage", {}).get("threshold", 0.5)

@@ -88,6 +88,8 @@ class StepResult:
     row_ce: torch.Tensor  # [R] student LM CE sum per row
     row_tokens: torch.Tensor  # [R] labelled tokens per row
     base_row_ce: torch.Tensor | None = None  # [R] the frozen trunk's CE sum per row (sidecars off)
+    # [R] evaluation only: the CE sum per row when each example reads another example's notes
+    foreign_row_ce: torch.Tensor | None = None
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # coverage / readiness scores + labels
 
 
@@ -160,6 +162,9 @@ def step_losses(
             parts["kd"] = L.kd_kl(out.logits, base["logits"])
     if want["lm"]:
         parts["lm"] = lm
+    foreign_row_ce = None
+    if evaluate and notes.shape[0] > 1:
+        foreign_row_ce = _foreign_notes_ce(model, batch, plan, snapshot0, notes, notes_mask)
     extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
     scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra, evaluate)
     if want["stream"]:
@@ -176,7 +181,42 @@ def step_losses(
         row_tokens=row_tokens,
         base_row_ce=base_row_ce,
         scores=scores,
+        foreign_row_ce=foreign_row_ce,
     )
+
+
+def _foreign_notes_ce(
+    model: PDTModel,
+    batch: CurriculumBatch,
+    plan: StepPlan,
+    snapshot0: torch.Tensor,
+    notes: torch.Tensor,
+    notes_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row LM CE sums [R] with every example reading the notes of the next example in the batch
+    (its own snapshot 0 kept; same visibility rules): notes of the same kind and shape, about the
+    wrong text. The gap to the real notes' CE is how much the decoder uses what the notes say."""
+    foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # example b reads b - 1's
+    window = teacher_windows(
+        snapshot0,
+        notes[foreign],
+        notes_mask[foreign],
+        batch.pos_round,
+        plan.bus,
+        plan.max_rounds,
+        row_example=batch.row_example,
+        row_stream=batch.row_stream,
+    )
+    out = model.forward_teacher(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.row_stream,
+        window,
+        g=1.0,
+        sidecar_positions=batch.sidecar_positions,
+        logits_at=batch.label_flat,
+    )
+    return L.lm_ce_at(out.logits, *_label_index(batch))[1]
 
 
 def _ce_and_top(

@@ -6,6 +6,7 @@ by the real pipeline and a real exported HF trunk (tests/train/curriculum_setup.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -23,8 +24,8 @@ from pdt.runs import checkpoints_root
 from pdt.telemetry.events import Event, Log, Metric
 from pdt.train.checkpoint import CheckpointManager
 from pdt.train.curriculum import CurriculumError, run_curriculum
-from pdt.train.curriculum_data import CurriculumDataError, collate, open_dataset
-from pdt.train.curriculum_step import StepPlan, step_losses
+from pdt.train.curriculum_data import CurriculumBatch, CurriculumDataError, collate, open_dataset
+from pdt.train.curriculum_step import StepPlan, StepResult, step_losses
 from pdt.train.losses import IGNORE
 from tests.train.curriculum_setup import build_world, stage_preset
 
@@ -178,6 +179,8 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     )
     split = [k for k in report["final_eval"] if k.startswith("readiness_auc_dataset_")]
     assert split and all(0.0 <= report["final_eval"][k] <= 1.0 for k in split)  # per corruption kind
+    ev = report["final_eval"]  # the notes' worth: CE with another example's notes, less with the real ones
+    assert ev["lm_ce_foreign_notes"] > 0 and math.isfinite(ev["notes_gain"])
     assert report["parameters"]["sidecars"] > 0 and len(report["gates"]) == preset.sidecars.n_layers
     state = CheckpointManager(checkpoints_root() / "stage3").load().state
     assert state["calibration"] == cal
@@ -420,6 +423,31 @@ def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> Non
     from pdt.train.losses import kd_kl
 
     assert 0.0 < float(coarse) <= float(kd_kl(student, teacher)) + 1e-6
+
+
+def test_foreign_notes_ce_reads_another_examples_notes(world: dict[str, Path]) -> None:
+    from tests.model.test_pdt_model import open_gates
+
+    preset, model, batch, _, _ = _model_and_batch(world, stage=3)
+    plan = StepPlan.from_preset(preset)
+
+    def run_eval(b: CurriculumBatch) -> StepResult:
+        return step_losses(model, b, plan, torch.Generator().manual_seed(0), evaluate=True)
+
+    res = run_eval(batch)
+    assert res.foreign_row_ce is not None and res.foreign_row_ce.shape == res.row_ce.shape
+    torch.testing.assert_close(res.foreign_row_ce, res.row_ce)  # identity sidecars: notes change nothing
+    open_gates(model, snc=True)  # SNC reads the notes now
+    res = run_eval(batch)
+    assert (res.foreign_row_ce - res.row_ce).abs().max() > 1e-3
+    # every example holding example 0's notes: "another example's notes" are the same notes
+    same = dataclasses.replace(
+        batch,
+        notes=batch.notes[:1].expand_as(batch.notes).clone(),
+        notes_mask=batch.notes_mask[:1].expand_as(batch.notes_mask).clone(),
+    )
+    res = run_eval(same)
+    torch.testing.assert_close(res.foreign_row_ce, res.row_ce)
 
 
 def test_torchrun_two_processes_train_one_stage(world: dict[str, Path], tmp_path: Path) -> None:

@@ -42,8 +42,8 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
         "n": 0,
         "ce": torch.zeros(k),
         "base": torch.zeros(k),
-        "foreign": torch.zeros(k),
-        "foreign_own": torch.zeros(k),  # the real notes' CE on those same rows
+        "foreign": {},  # which → CE sums per stream with another example's notes / bus
+        "foreign_own": torch.zeros(k),  # the real bus's CE on those same rows
         "foreign_tok": torch.zeros(k),
         "tok": torch.zeros(k),
     }
@@ -71,8 +71,9 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
             acc["tok"].index_add_(0, streams, res.row_tokens.float().cpu())
             if res.base_row_ce is not None:
                 acc["base"].index_add_(0, streams, res.base_row_ce.float().cpu())
-            if res.foreign_row_ce is not None:
-                acc["foreign"].index_add_(0, streams, res.foreign_row_ce.float().cpu())
+            if res.foreign_row_ce:
+                for which, ce in res.foreign_row_ce.items():
+                    acc["foreign"].setdefault(which, torch.zeros(k)).index_add_(0, streams, ce.float().cpu())
                 acc["foreign_own"].index_add_(0, streams, res.row_ce.float().cpu())
                 acc["foreign_tok"].index_add_(0, streams, res.row_tokens.float().cpu())
             for name, value in res.scores.items():
@@ -133,11 +134,11 @@ def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]
         out[f"trunk_ce_stream{k}"] = float(acc["base"][k] / tok[k])
     out["lm_ce"] = float(acc["ce"].sum() / tok.sum())
     out["trunk_ce"] = float(acc["base"].sum() / tok.sum())
-    if acc["foreign_tok"].sum() > 0:  # batches of one example have no other example's notes
-        n = acc["foreign_tok"].sum()
-        out["lm_ce_foreign_notes"] = float(acc["foreign"].sum() / n)
-        # nats/token the real notes are worth over another text's, on the same rows (~0: unused)
-        out["notes_gain"] = float((acc["foreign"].sum() - acc["foreign_own"].sum()) / n)
+    n = acc["foreign_tok"].sum()  # (batches of one example have no other example to read)
+    for which, ce in acc["foreign"].items():
+        out[f"lm_ce_foreign_{which}"] = float(ce.sum() / n)
+        # nats/token the real notes (bus) are worth over another text's, on the same rows (~0: unused)
+        out[f"{which}_gain"] = float((ce.sum() - acc["foreign_own"].sum()) / n)
     sc = acc["scores"]
     if "coverage_scores" in sc:
         threshold = (st.calibration or {}).get("coverage", {}).get("threshold", 0.5)

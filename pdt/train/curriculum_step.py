@@ -88,8 +88,9 @@ class StepResult:
     row_ce: torch.Tensor  # [R] student LM CE sum per row
     row_tokens: torch.Tensor  # [R] labelled tokens per row
     base_row_ce: torch.Tensor | None = None  # [R] the frozen trunk's CE sum per row (sidecars off)
-    # [R] evaluation only: the CE sum per row when each example reads another example's notes
-    foreign_row_ce: torch.Tensor | None = None
+    # evaluation only, per-row CE sums [R] when each example reads another example's "notes" (its
+    # own snapshot 0 kept) or its whole "bus" (snapshot 0 and notes): `_foreign_ce`
+    foreign_row_ce: dict[str, torch.Tensor] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # coverage / readiness scores + labels
 
 
@@ -162,9 +163,10 @@ def step_losses(
             parts["kd"] = L.kd_kl(out.logits, base["logits"])
     if want["lm"]:
         parts["lm"] = lm
-    foreign_row_ce = None
+    foreign_row_ce = {}
     if evaluate and notes.shape[0] > 1:
-        foreign_row_ce = _foreign_notes_ce(model, batch, plan, snapshot0, notes, notes_mask)
+        for which in FOREIGN:
+            foreign_row_ce[which] = _foreign_ce(model, batch, plan, snapshot0, notes, notes_mask, which)
     extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
     scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra, evaluate)
     if want["stream"]:
@@ -185,20 +187,26 @@ def step_losses(
     )
 
 
-def _foreign_notes_ce(
+#: The evaluation's counterfactual buses: another example's notes, or its snapshot 0 and notes.
+FOREIGN = ("notes", "bus")
+
+
+def _foreign_ce(
     model: PDTModel,
     batch: CurriculumBatch,
     plan: StepPlan,
     snapshot0: torch.Tensor,
     notes: torch.Tensor,
     notes_mask: torch.Tensor,
+    which: str,
 ) -> torch.Tensor:
-    """Per-row LM CE sums [R] with every example reading the notes of the next example in the batch
-    (its own snapshot 0 kept; same visibility rules): notes of the same kind and shape, about the
-    wrong text. The gap to the real notes' CE is how much the decoder uses what the notes say."""
+    """Per-row LM CE sums [R] with every example reading the previous example's notes ("notes": its
+    own snapshot 0 kept) or its snapshot 0 and notes ("bus"), under the same visibility rules: a bus
+    of the same kind and shape about the wrong text. The gap to the real bus's CE is how much the
+    decoder uses what the bus says."""
     foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # example b reads b - 1's
     window = teacher_windows(
-        snapshot0,
+        snapshot0[foreign] if which == "bus" else snapshot0,
         notes[foreign],
         notes_mask[foreign],
         batch.pos_round,

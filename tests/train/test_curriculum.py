@@ -180,7 +180,8 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     split = [k for k in report["final_eval"] if k.startswith("readiness_auc_dataset_")]
     assert split and all(0.0 <= report["final_eval"][k] <= 1.0 for k in split)  # per corruption kind
     ev = report["final_eval"]  # the notes' worth: CE with another example's notes, less with the real ones
-    assert ev["lm_ce_foreign_notes"] > 0 and math.isfinite(ev["notes_gain"])
+    assert ev["lm_ce_foreign_notes"] > 0 and ev["lm_ce_foreign_bus"] > 0
+    assert math.isfinite(ev["notes_gain"]) and math.isfinite(ev["bus_gain"])
     assert report["parameters"]["sidecars"] > 0 and len(report["gates"]) == preset.sidecars.n_layers
     state = CheckpointManager(checkpoints_root() / "stage3").load().state
     assert state["calibration"] == cal
@@ -425,7 +426,7 @@ def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> Non
     assert 0.0 < float(coarse) <= float(kd_kl(student, teacher)) + 1e-6
 
 
-def test_foreign_notes_ce_reads_another_examples_notes(world: dict[str, Path]) -> None:
+def test_foreign_ce_reads_another_examples_notes_or_bus(world: dict[str, Path]) -> None:
     from tests.model.test_pdt_model import open_gates
 
     preset, model, batch, _, _ = _model_and_batch(world, stage=3)
@@ -435,19 +436,23 @@ def test_foreign_notes_ce_reads_another_examples_notes(world: dict[str, Path]) -
         return step_losses(model, b, plan, torch.Generator().manual_seed(0), evaluate=True)
 
     res = run_eval(batch)
-    assert res.foreign_row_ce is not None and res.foreign_row_ce.shape == res.row_ce.shape
-    torch.testing.assert_close(res.foreign_row_ce, res.row_ce)  # identity sidecars: notes change nothing
-    open_gates(model, snc=True)  # SNC reads the notes now
+    assert set(res.foreign_row_ce) == {"notes", "bus"}
+    for ce in res.foreign_row_ce.values():  # identity sidecars: the bus changes nothing
+        torch.testing.assert_close(ce, res.row_ce)
+    open_gates(model, snc=True)  # SNC reads the bus now
     res = run_eval(batch)
-    assert (res.foreign_row_ce - res.row_ce).abs().max() > 1e-3
-    # every example holding example 0's notes: "another example's notes" are the same notes
+    notes, bus = res.foreign_row_ce["notes"], res.foreign_row_ce["bus"]
+    assert (notes - res.row_ce).abs().max() > 1e-3 and (bus - notes).abs().max() > 1e-3
+    # every example holding example 0's notes: "another example's notes" are the same notes, and
+    # the foreign bus differs from them by its snapshot 0 alone
     same = dataclasses.replace(
         batch,
         notes=batch.notes[:1].expand_as(batch.notes).clone(),
         notes_mask=batch.notes_mask[:1].expand_as(batch.notes_mask).clone(),
     )
     res = run_eval(same)
-    torch.testing.assert_close(res.foreign_row_ce, res.row_ce)
+    torch.testing.assert_close(res.foreign_row_ce["notes"], res.row_ce)
+    assert (res.foreign_row_ce["bus"] - res.row_ce).abs().max() > 1e-3
 
 
 def test_torchrun_two_processes_train_one_stage(world: dict[str, Path], tmp_path: Path) -> None:

@@ -48,8 +48,9 @@ GROUPS: dict[str, tuple[str, ...]] = {
 #: Sidecar tensors added after checkpoints of this format were first written, whose freshly
 #: initialised values make the model compute exactly what it did without them: a checkpoint that
 #: lacks them loads with them as initialised (the readiness head's content path, whose output
-#: layer starts at zero: `AgreementHead`). Anything else missing is still refused.
-ADDED_KEYS = ("agreement_head.content.weight",)
+#: layer starts at zero: `AgreementHead`; the text embedder's centre, zero: none). Anything else
+#: missing is still refused.
+ADDED_KEYS = ("agreement_head.content.weight", "text_embedder.center")
 
 #: Coverage summary fed to the agreement head: (mean, max) of the coverage probabilities.
 COVERAGE_SUMMARY_DIM = 2
@@ -212,6 +213,11 @@ class PDTModel(nn.Module):
         """Seed texts / note targets: frozen-trunk mean-pooled last hidden states → [B, d_n], unit norm."""
         hidden = self.forward_base(input_ids, attention_mask).hidden  # [B, T, D]
         return self.text_embedder(hidden, attention_mask)
+
+    def pooled_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The frozen trunk's mean-pooled last hidden states [B, D] fp32, before centre and projection."""
+        hidden = self.forward_base(input_ids, attention_mask).hidden  # [B, T, D]
+        return self.text_embedder.pooled(hidden, attention_mask)
 
     # ------------------------------------------------------------------ groups and reports
 

@@ -275,6 +275,11 @@ class SidecarConfig(StrictModel):
     """Rounds the note round/age embedding distinguishes (older rounds share the last id)."""
     gate_init: float = -4.0
     """Initial logit of every learned gate (sigmoid(-4) ≈ 0.018), so the trunk is unchanged at start."""
+    center_text_embeddings: bool = True
+    """At a fresh start (no predecessor), set the text embedder's centre to the mean pooled trunk
+    state of the training split's note texts, so note targets, seeds and coverage keys differ by
+    what their texts say, not by one direction every text shares; later stages and the demo keep
+    the centre saved with the sidecars. False: no centre (as checkpoints made before it)."""
     plan_salt: str = "pdt-plan-v1"
     """Salt of the stable hash from plan-item text to plan id; stored with the checkpoint."""
 

@@ -11,6 +11,7 @@ export and the report). What it is not: the losses (`pdt.train.curriculum_step`)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -129,7 +130,6 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
 
         lora_params = attach_lora(model.trunk, preset.lora)
     model.to(dist.device)
-    vectors = _note_vectors(ctx, preset, ds, model, tokenizer, dist)
     trunk_cache = _trunk_cache(ctx, preset, ds, model, tokenizer, dist) if cfg.kd_top_k > 0 else None
     optimizer = _optimizer(preset, model, lora_params, dist.device)
     order = CD.ExampleOrder(
@@ -145,7 +145,7 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
         tokenizer,
         CheckpointManager(ctx.checkpoints_dir, warn=lambda m: ctx.log(m, "warning")),
         ds,
-        vectors,
+        {},
         trunk_cache,
         order,
         StepPlan.from_preset(preset),
@@ -155,6 +155,10 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
     loaded = _load_own(st)
     if loaded is None:
         _init_from_previous(st)
+        if preset.init_from is None and preset.sidecars.center_text_embeddings:
+            _set_text_center(st)
+    # the notes' targets are embedded with the centre the sidecars carry (set above or loaded)
+    st.vectors = _note_vectors(ctx, preset, ds, model, tokenizer, dist)
     _announce(st, loaded)
     return st
 
@@ -186,6 +190,20 @@ def _total_steps(preset: CurriculumPreset, ds: CD.ExportedDataset, world: int) -
     return max(1, math.ceil(int(cfg.token_budget or 0) / per_step))
 
 
+def _set_text_center(st: Stage) -> None:
+    """A fresh start's text-embedding centre: the mean pooled frozen-trunk state of the training
+    split's note texts (`TextEmbedder`); every rank computes the same."""
+    preset, texts = st.preset, [t for r in st.ds.splits["train"] for t in CD.note_texts(r)]
+    if not texts:
+        return
+    st.ctx.log(f"centring the text embeddings on {len(texts):,} note texts of the train split (once)")
+    with _autocast(preset, st.dist.device), _trunk_only(preset, st.model):
+        pooled = CD.embed_note_texts(
+            texts, st.tokenizer, st.model.pooled_texts, preset.train.note_tokens, st.dist.device
+        )
+    st.model.text_embedder.center.copy_(pooled.mean(dim=0).to(st.model.text_embedder.center))
+
+
 def _note_vectors(
     ctx: JobContext,
     preset: CurriculumPreset,
@@ -202,6 +220,7 @@ def _note_vectors(
         "d_notes": preset.sidecars.d_notes,
         "note_tokens": preset.train.note_tokens,
         "salt": preset.sidecars.plan_salt,
+        "center": hashlib.sha256(model.text_embedder.center.float().cpu().numpy().tobytes()).hexdigest()[:16],
     }
     out = {}
     for split, records in ds.splits.items():

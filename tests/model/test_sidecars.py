@@ -442,6 +442,21 @@ def test_text_embedder_is_fixed_deterministic_unit_norm_and_padding_blind(d_mode
         assert not out[0, d_model:].any()
 
 
+def test_text_embedder_subtracts_its_centre_before_projecting() -> None:
+    emb = TextEmbedder(DN, DN, seed=7)  # identity projection: the output is the normalised pool
+    hidden = torch.randn(3, T, DN, generator=gen(4)) + 5.0  # a large shared direction
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
+    pooled = emb.pooled(hidden, mask)
+    raw = emb(hidden, mask)
+    with torch.no_grad():
+        emb.center.copy_(pooled[:2].mean(dim=0))
+    out = emb(hidden, mask)
+    torch.testing.assert_close(out[:2], F.normalize(pooled[:2] - emb.center, dim=-1))
+    assert not out[2].any()  # a text with no token stays the zero vector
+    assert float(raw[0] @ raw[1]) > 0.9 and float(out[0] @ out[1]) < 0.0  # two around their mean: opposite
+    assert "center" in emb.state_dict()  # saved with the sidecars
+
+
 def test_text_embedder_seed_matters_and_builds_on_meta() -> None:
     assert not torch.equal(TextEmbedder(40, DN, seed=1).proj, TextEmbedder(40, DN, seed=2).proj)
     with torch.device("meta"):

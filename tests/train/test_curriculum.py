@@ -91,7 +91,8 @@ def test_each_stage_trains_only_its_groups(world: dict[str, Path], stage: int) -
     after = loaded.tensors["sidecars"]
     before_sums, after_sums = checksums(fresh), checksums(after)
     changed = {g for g in before_sums if before_sums[g] != after_sums[g]}
-    assert changed == set(STAGE_GROUPS[stage]), f"stage {stage} changed {sorted(changed)}"
+    # a fresh start (no predecessor) also sets the text embedder's centre, which no stage trains
+    assert changed == set(STAGE_GROUPS[stage]) | {"text_embedder"}, f"stage {stage} changed {sorted(changed)}"
     if stage == 4:
         assert loaded.tensors["lora"] and all("lora_" in k for k in loaded.tensors["lora"])
         assert any(float(v.abs().sum()) > 0 for k, v in loaded.tensors["lora"].items() if "lora_B" in k)
@@ -120,6 +121,23 @@ def test_stages_chain_and_say_where_they_start(world: dict[str, Path]) -> None:
     assert not torch.equal(stage0.tensors["sidecars"][key], torch.zeros_like(stage0.tensors["sidecars"][key]))
     drift = (stage1.tensors["sidecars"][key] - stage0.tensors["sidecars"][key]).abs().max()
     assert float(drift) < 0.1  # 3 Adam steps of lr 1e-2 move a weight by at most ~0.03
+    # Stage 0 centred the text embeddings on the train split's note texts; stage 1 keeps that centre
+    center = stage0.tensors["sidecars"]["text_embedder.center"]
+    assert torch.equal(stage1.tensors["sidecars"]["text_embedder.center"], center)
+    model = PDTModel(load_trunk(world["trunk"]), stage_preset(0, world["trunk"]).sidecars)
+    ds = open_dataset("ds_curr")
+    from pdt.data.tokenizer import load_tokenizer
+    from pdt.train.curriculum_data import embed_note_texts, note_texts
+
+    texts = [t for r in ds.splits["train"] for t in note_texts(r)]
+    pooled = embed_note_texts(
+        texts, load_tokenizer(world["trunk"]), model.pooled_texts, 32, torch.device("cpu")
+    )
+    torch.testing.assert_close(center, pooled.mean(dim=0), atol=5e-3, rtol=0.0)  # (bf16 autocast)
+    # centred, the notes of different texts are less alike than the raw pooled states are
+    raw = torch.nn.functional.normalize(pooled[:64], dim=-1)
+    centred = torch.nn.functional.normalize(pooled[:64] - center, dim=-1)
+    assert float((centred @ centred.T).mean()) < float((raw @ raw.T).mean()) - 0.1
 
 
 def test_a_mismatched_predecessor_is_refused(world: dict[str, Path]) -> None:

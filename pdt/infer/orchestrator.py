@@ -873,7 +873,10 @@ class ParallelDecoder:
         if wanted:
             from pdt.train.curriculum_data import embed_note_texts  # the curriculum's own embedding
 
-            vec = embed_note_texts(wanted, self.tokenizer, self.model.embed_texts, NOTE_TOKENS, self.device)
+            def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return self.model.embed_texts(ids, mask, centred=False)  # coverage keys: never centred
+
+            vec = embed_note_texts(wanted, self.tokenizer, embed, NOTE_TOKENS, self.device)
             self._text_vectors.update(zip(wanted, vec.to(self.device), strict=True))
         out = torch.zeros(len(ids), width, self.model.cfg.d_notes, device=self.device)
         for r, row in enumerate(per):

@@ -195,7 +195,8 @@ class PDTModel(nn.Module):
     def coverage_keys(self, item_ids: torch.Tensor, item_text: torch.Tensor | None = None) -> torch.Tensor:
         """The plan items as the coverage head reads them: item_ids [..., P] → [..., P, d_n] unit vectors.
 
-        An item with a text is its frozen-trunk text embedding (`embed_texts`; item_text [..., P, d_n],
+        An item with a text is its frozen-trunk text embedding (`embed_texts`, never centred: on the
+        tiny pipeline centred keys cost the coverage AUC ~0.025; item_text [..., P, d_n],
         a zero row where the text is unknown); otherwise the planner's learned embedding of its id.
         Why the text: plan items are article entities, mostly rare — 63% of the tiny dataset's
         validation items never occur in its training split — so a learned per-id vector is an
@@ -209,10 +210,13 @@ class PDTModel(nn.Module):
         return torch.where(known, F.normalize(text, dim=-1, eps=1e-12), learned)
 
     @torch.no_grad()
-    def embed_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Seed texts / note targets: frozen-trunk mean-pooled last hidden states → [B, d_n], unit norm."""
+    def embed_texts(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, centred: bool = True
+    ) -> torch.Tensor:
+        """Seed texts / note targets (centred) and coverage keys (`centred=False`): frozen-trunk
+        mean-pooled last hidden states → [B, d_n], unit norm (`TextEmbedder`)."""
         hidden = self.forward_base(input_ids, attention_mask).hidden  # [B, T, D]
-        return self.text_embedder(hidden, attention_mask)
+        return self.text_embedder(hidden, attention_mask, centred)
 
     def pooled_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The frozen trunk's mean-pooled last hidden states [B, D] fp32, before centre and projection."""

@@ -192,8 +192,14 @@ def _total_steps(preset: CurriculumPreset, ds: CD.ExportedDataset, world: int) -
 
 def _set_text_center(st: Stage) -> None:
     """A fresh start's text-embedding centre: the mean pooled frozen-trunk state of the training
-    split's note texts (`TextEmbedder`); every rank computes the same."""
-    preset, texts = st.preset, [t for r in st.ds.splits["train"] for t in CD.note_texts(r)]
+    split's note texts, plan items aside (`TextEmbedder`); every rank computes the same."""
+    preset, records = st.preset, st.ds.splits["train"]
+    texts = [
+        t
+        for r in records
+        for t, item in zip(CD.note_texts(r), CD.note_text_is_item(r), strict=True)
+        if not item
+    ]
     if not texts:
         return
     st.ctx.log(f"centring the text embeddings on {len(texts):,} note texts of the train split (once)")
@@ -221,20 +227,31 @@ def _note_vectors(
         "note_tokens": preset.train.note_tokens,
         "salt": preset.sidecars.plan_salt,
         "center": hashlib.sha256(model.text_embedder.center.float().cpu().numpy().tobytes()).hexdigest()[:16],
+        "items": "uncentred",  # the coverage keys never take the centre
     }
     out = {}
     for split, records in ds.splits.items():
         path = CD.cache_path(ds, split, key)
 
-        def build(texts: list[str], split: str = split) -> torch.Tensor:
+        def build(texts: list[str], is_item: list[bool], split: str = split) -> torch.Tensor:
             ctx.log(
                 f"embedding {len(texts):,} teacher notes of the {split} split with the frozen trunk (once)"
             )
             ctx.emit(Progress(step=0, total=1, stage=f"notes-{split}"))
-            with _autocast(preset, dist.device), _trunk_only(preset, model):
-                vec = CD.embed_note_texts(
-                    texts, tokenizer, model.embed_texts, preset.train.note_tokens, dist.device
-                )
+            vec = torch.zeros(len(texts), preset.sidecars.d_notes)
+            for item in (False, True):  # notes centred, the plan items' texts (coverage keys) not
+                rows = [i for i, x in enumerate(is_item) if x == item]
+                if not rows:
+                    continue
+
+                def embed(ids: torch.Tensor, mask: torch.Tensor, item: bool = item) -> torch.Tensor:
+                    return model.embed_texts(ids, mask, centred=not item)
+
+                with _autocast(preset, dist.device), _trunk_only(preset, model):
+                    part = CD.embed_note_texts(
+                        [texts[i] for i in rows], tokenizer, embed, preset.train.note_tokens, dist.device
+                    )
+                vec[torch.tensor(rows)] = part
             ctx.emit(Progress(step=1, total=1, stage=f"notes-{split}"))
             return vec
 

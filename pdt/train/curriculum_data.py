@@ -112,6 +112,12 @@ def note_texts(record: dict[str, Any]) -> list[str]:
     return texts + list(record["variant_texts"]) + items
 
 
+def note_text_is_item(record: dict[str, Any]) -> list[bool]:
+    """For each of `note_texts(record)`: whether it is a plan item's text (a coverage key)."""
+    n_items = sum(len(per) for per in record["plan_item_texts"])
+    return [False] * (len(note_texts(record)) - n_items) + [True] * n_items
+
+
 def cache_path(ds: ExportedDataset, split: str, key_parts: dict[str, Any]) -> Path:
     file_hash = ds.manifest["files"][f"{split}.parquet"]["sha256"]
     blob = json.dumps({**key_parts, "split_sha256": file_hash, "v": CACHE_VERSION}, sort_keys=True)
@@ -149,12 +155,14 @@ def embed_note_texts(
 def load_or_build_notes(
     path: Path, records: list[dict[str, Any]], build: Any, is_main: bool, barrier: Any
 ) -> list[torch.Tensor]:
-    """Per record [n_texts, d_n]: read the cache, or (rank 0) build and write it; others wait."""
+    """Per record [n_texts, d_n]: read the cache, or (rank 0) build and write it; others wait.
+    `build(texts, is_item)` embeds the flat texts; `is_item` marks the plan items' texts."""
     from safetensors.torch import load_file, save
 
     counts = [len(note_texts(r)) for r in records]
     if is_main and not path.exists():
-        flat = build([t for r in records for t in note_texts(r)])  # [Σ n_texts, d_n]
+        texts = [t for r in records for t in note_texts(r)]
+        flat = build(texts, [i for r in records for i in note_text_is_item(r)])  # [Σ n_texts, d_n]
         write_atomic(path, save({"vectors": flat.contiguous()}, metadata={"counts": json.dumps(counts)}))
     barrier()
     flat = load_file(str(path))["vectors"]

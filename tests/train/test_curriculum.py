@@ -91,7 +91,8 @@ def test_each_stage_trains_only_its_groups(world: dict[str, Path], stage: int) -
     after = loaded.tensors["sidecars"]
     before_sums, after_sums = checksums(fresh), checksums(after)
     changed = {g for g in before_sums if before_sums[g] != after_sums[g]}
-    assert changed == set(STAGE_GROUPS[stage]), f"stage {stage} changed {sorted(changed)}"
+    # a fresh start (no predecessor) also sets the text embedder's centre, which no stage trains
+    assert changed == set(STAGE_GROUPS[stage]) | {"text_embedder"}, f"stage {stage} changed {sorted(changed)}"
     if stage == 4:
         assert loaded.tensors["lora"] and all("lora_" in k for k in loaded.tensors["lora"])
         assert any(float(v.abs().sum()) > 0 for k, v in loaded.tensors["lora"].items() if "lora_B" in k)
@@ -103,7 +104,7 @@ def test_each_stage_trains_only_its_groups(world: dict[str, Path], stage: int) -
     assert any(n.startswith("gate/layer") for n in names)
 
 
-def test_stages_chain_and_say_where_they_start(world: dict[str, Path]) -> None:
+def test_stages_chain_and_say_where_they_start(world: dict[str, Path], tmp_path: Path) -> None:
     centred = {"sidecars": {"center_text_embeddings": True}}
     with pytest.raises(CurriculumError, match="run the preset 'stage0' first"):
         run(stage_preset(1, world["trunk"], **centred))
@@ -127,13 +128,41 @@ def test_stages_chain_and_say_where_they_start(world: dict[str, Path]) -> None:
     model = PDTModel(load_trunk(world["trunk"]), stage_preset(0, world["trunk"], **centred).sidecars)
     ds = open_dataset("ds_curr")
     from pdt.data.tokenizer import load_tokenizer
-    from pdt.train.curriculum_data import embed_note_texts, note_texts
+    from pdt.train.curriculum_data import embed_note_texts, note_text_is_item, note_texts
 
-    texts = [t for r in ds.splits["train"] for t in note_texts(r)]
+    pairs = [
+        (t, item)
+        for r in ds.splits["train"]
+        for t, item in zip(note_texts(r), note_text_is_item(r), strict=True)
+    ]
+    texts = [t for t, item in pairs if not item]  # the centre is the notes' (the plan items aside)
+    assert 0 < len(texts) < len(pairs)
     pooled = embed_note_texts(
         texts, load_tokenizer(world["trunk"]), model.pooled_texts, 32, torch.device("cpu")
     )
     torch.testing.assert_close(center, pooled.mean(dim=0), atol=5e-3, rtol=0.0)  # (bf16 autocast)
+    # The teacher notes' targets are centred; the plan items' texts (the coverage keys) are not
+    from pdt.train import curriculum as CUR
+
+    preset0 = stage_preset(0, world["trunk"], **centred)
+    ctx = JobContext(
+        preset=preset0, run_dir=tmp_path, checkpoints_dir=checkpoints_root() / "stage0", emit=lambda e: None
+    )
+    st = CUR._setup(ctx, preset0)  # resumes the finished stage 0: its centre, its note vectors
+    rec, vec = ds.splits["train"][0], st.vectors["train"][0]
+    is_item = torch.tensor(note_text_is_item(rec))
+    tok = load_tokenizer(world["trunk"])
+    for item in (False, True):
+        part = [t for t, x in zip(note_texts(rec), is_item.tolist(), strict=True) if x == item]
+        as_note = embed_note_texts(part, tok, st.model.embed_texts, 32, torch.device("cpu"))
+
+        def raw(i: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return st.model.embed_texts(i, m, centred=False)
+
+        as_key = embed_note_texts(part, tok, raw, 32, torch.device("cpu"))
+        want, other = (as_key, as_note) if item else (as_note, as_key)
+        torch.testing.assert_close(vec[is_item == item], want, atol=3e-2, rtol=0.0)  # (bf16 autocast)
+        assert float((vec[is_item == item] - other).abs().max()) > 0.1
     # centred, the notes of different texts are less alike than the raw pooled states are
     raw = torch.nn.functional.normalize(pooled[:64], dim=-1)
     centred = torch.nn.functional.normalize(pooled[:64] - center, dim=-1)

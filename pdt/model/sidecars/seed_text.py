@@ -1,13 +1,14 @@
 """Text embedder: the frozen trunk's pooled last hidden states as unit note vectors of width d_n.
 
 What it is: masked mean-pool of `[B, T, D]` hidden states, minus a centre (the mean pooled state
-of the training split's note texts, set once at a fresh stage; zero: none), then a FIXED
+of the training split's note texts, plan items aside, set once at a fresh stage; zero: none), then a FIXED
 projection to `d_n` (identity if D == d_n, zero-pad if D < d_n, a seeded random orthogonal map if
 D > d_n), then L2 normalisation. The centre matters: a decoder's pooled states share one large
 common direction (on the tiny trunk the notes of two different articles had cosine 0.90, of one
-article 0.95; centred, 0.52 and 0.73), so without it a note says little beyond "a note". Used for
-seed texts injected at t0, the coverage keys and the notes-head targets, so the targets are real
-semantic embeddings of the frozen trunk (SPEC §2b.6), not hash vectors. It has no trainable
+article 0.95; centred, 0.50 and 0.72), so without it a note says little beyond "a note". Used for
+seed texts injected at t0 and the notes-head targets (centred), and for the coverage keys (the
+plan items' texts, never centred: `centred=False`), so the targets are real semantic embeddings of
+the frozen trunk (SPEC §2b.6), not hash vectors. It has no trainable
 parameter: the projection and the centre are buffers (saved with the sidecars, so a checkpoint
 keeps its note space even if a future LAPACK changes QR signs). What it is not: the trunk forward
 that produces the hidden states (`PDTModel.embed_texts`) nor a trainable head (`heads.NotesHead`).
@@ -64,13 +65,15 @@ class TextEmbedder(nn.Module):
         self.register_buffer("proj", fixed_projection(d_model, d_notes, seed))  # [D, d_n]
         self.register_buffer("center", torch.zeros(d_model))  # [D] subtracted before the projection
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden [B, T, D], mask [B, T] (None = all valid) → [B, d_n], L2 norm 1 (0 for an empty row)."""
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, centred: bool = True
+    ) -> torch.Tensor:
+        """hidden [B, T, D], mask [B, T] (None = all valid) → [B, d_n], L2 norm 1 (0 for an empty row).
+        `centred=False`: the centre is not subtracted (the coverage keys)."""
         pooled = masked_mean_pool(hidden, mask)  # [B, D] fp32
-        if mask is not None:  # an empty row stays 0
-            pooled = pooled - self.center.float() * mask.to(pooled.device).bool().any(dim=1, keepdim=True)
-        else:
-            pooled = pooled - self.center.float()
+        if centred:
+            keep = 1.0 if mask is None else mask.to(pooled.device).bool().any(dim=1, keepdim=True)
+            pooled = pooled - self.center.float() * keep  # an empty row stays 0
         return F.normalize(pooled @ self.proj.float(), dim=-1, eps=1e-12)
 
     def pooled(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -192,7 +192,8 @@ def _total_steps(preset: CurriculumPreset, ds: CD.ExportedDataset, world: int) -
 
 def _set_text_center(st: Stage) -> None:
     """A fresh start's text-embedding centre: the mean pooled frozen-trunk state of the training
-    split's note texts, plan items aside (`TextEmbedder`); every rank computes the same."""
+    split's note texts, plan items aside (`TextEmbedder`); rank 0's, so every rank holds the same
+    bits (the note cache's key includes them)."""
     preset, records = st.preset, st.ds.splits["train"]
     texts = [
         t
@@ -202,12 +203,16 @@ def _set_text_center(st: Stage) -> None:
     ]
     if not texts:
         return
-    st.ctx.log(f"centring the text embeddings on {len(texts):,} note texts of the train split (once)")
-    with _autocast(preset, st.dist.device), _trunk_only(preset, st.model):
-        pooled = CD.embed_note_texts(
-            texts, st.tokenizer, st.model.pooled_texts, preset.train.note_tokens, st.dist.device
-        )
-    st.model.text_embedder.center.copy_(pooled.mean(dim=0).to(st.model.text_embedder.center))
+    center = None
+    if st.dist.is_main:
+        st.ctx.log(f"centring the text embeddings on {len(texts):,} note texts of the train split (once)")
+        with _autocast(preset, st.dist.device), _trunk_only(preset, st.model):
+            pooled = CD.embed_note_texts(
+                texts, st.tokenizer, st.model.pooled_texts, preset.train.note_tokens, st.dist.device
+            )
+        center = pooled.mean(dim=0)
+    center = D.broadcast_object(center, st.dist)
+    st.model.text_embedder.center.copy_(center.to(st.model.text_embedder.center))
 
 
 def _note_vectors(

@@ -1,14 +1,14 @@
 """Text embedder: the frozen trunk's pooled last hidden states as unit note vectors of width d_n.
 
 What it is: masked mean-pool of `[B, T, D]` hidden states, minus a centre (the mean pooled state
-of the training split's note texts, plan items aside, set once at a fresh stage; zero: none), then a FIXED
-projection to `d_n` (identity if D == d_n, zero-pad if D < d_n, a seeded random orthogonal map if
-D > d_n), then L2 normalisation. The centre matters: a decoder's pooled states share one large
-common direction (on the tiny trunk the notes of two different articles had cosine 0.90, of one
-article 0.95; centred, 0.50 and 0.72), so without it a note says little beyond "a note". Used for
-seed texts injected at t0 and the notes-head targets (centred), and for the coverage keys (the
-plan items' texts, never centred: `centred=False`), so the targets are real semantic embeddings of
-the frozen trunk (SPEC §2b.6), not hash vectors. It has no trainable
+of the training split's note texts, plan items aside, set once at a fresh stage; zero: none),
+then a FIXED projection to `d_n` (identity if D == d_n, zero-pad if D < d_n, a seeded random
+orthogonal map if D > d_n), then L2 normalisation. The centre matters: a decoder's pooled states
+share one large common direction (on the tiny trunk the notes of two different articles had
+cosine 0.90, of one article 0.95; centred, 0.50 and 0.72), so without it a note says little
+beyond "a note". Used for seed texts injected at t0 and the notes-head targets (centred), and for
+the coverage keys (the plan items' texts, never centred: `centred=False`), so the targets are
+real semantic embeddings of the frozen trunk (SPEC §2b.6), not hash vectors. It has no trainable
 parameter: the projection and the centre are buffers (saved with the sidecars, so a checkpoint
 keeps its note space even if a future LAPACK changes QR signs). What it is not: the trunk forward
 that produces the hidden states (`PDTModel.embed_texts`) nor a trainable head (`heads.NotesHead`).

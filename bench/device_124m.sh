@@ -55,7 +55,7 @@ case "${1:-}" in
   measure)
     cp $W/pipeline.log "$OUT/" 2>/dev/null
     for s in stage3_124m; do
-      grep -E "auc|gamma|coverage|lm_ce|readiness" "$W/$s.log" | tail -25 > "$OUT/$s.tail.txt" 2>/dev/null
+      grep -E "auc|gamma|coverage|lm_ce|readiness|_gain" "$W/$s.log" | tail -25 > "$OUT/$s.tail.txt" 2>/dev/null
     done
     for f in report.json calibration.json; do  # the stage-3 export's metrics and γ
       src=$(find $W/checkpoints -path "*stage3_124m*" -name "$f" | head -1)

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from pdt import kernels
-from pdt.bus import teacher_windows
-from pdt.model.pdt_model import PDTModel
+from pdt.bus import TeacherWindow, teacher_windows
+from pdt.model.pdt_model import PDTModel, PDTOutput
 from pdt.model.sidecars.heads import content_means, coverage_summary
 from pdt.presets.curriculum import CurriculumPreset, LossWeights
 from pdt.presets.schema import BusConfig
@@ -130,26 +130,8 @@ def step_losses(
     cached = batch.kd_ids is not None
     base = None if cached else _base_pass(model, batch, plan, want["kd"] or evaluate)
     notes, notes_mask = _bus_notes(model, batch, plan, gen, base, evaluate)
-    window = teacher_windows(
-        snapshot0,
-        notes,
-        notes_mask,
-        batch.pos_round,
-        plan.bus,
-        plan.max_rounds,
-        row_example=batch.row_example,
-        row_stream=batch.row_stream,
-    )
     with torch.set_grad_enabled(plan.trunk_grad and not evaluate and torch.is_grad_enabled()):
-        out = model.forward_teacher(
-            batch.input_ids,
-            batch.attention_mask,
-            batch.row_stream,
-            window,
-            g=1.0,
-            sidecar_positions=batch.sidecar_positions,
-            logits_at=batch.label_flat,
-        )
+        window, out = _read_bus(model, batch, plan, snapshot0, notes, notes_mask)
     base_row_ce = None if base is None else base["row_ce"]
     if cached:
         lm, row_ce, row_tokens, q_top = _ce_and_top(out.logits, batch)
@@ -205,10 +187,25 @@ def _foreign_ce(
     of the same kind and shape about the wrong text. The gap to the real bus's CE is how much the
     decoder uses what the bus says."""
     foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # example b reads b - 1's
+    snap = snapshot0[foreign] if which == "bus" else snapshot0
+    _, out = _read_bus(model, batch, plan, snap, notes[foreign], notes_mask[foreign])
+    return L.lm_ce_at(out.logits, *_label_index(batch))[1]
+
+
+def _read_bus(
+    model: PDTModel,
+    batch: CurriculumBatch,
+    plan: StepPlan,
+    snapshot0: torch.Tensor,
+    notes: torch.Tensor,
+    notes_mask: torch.Tensor,
+) -> tuple[TeacherWindow, PDTOutput]:
+    """The per-position windows of this bus (`teacher_windows`, the decode-time visibility rules)
+    and the teacher-forced forward that reads them, logits at the labelled positions only."""
     window = teacher_windows(
-        snapshot0[foreign] if which == "bus" else snapshot0,
-        notes[foreign],
-        notes_mask[foreign],
+        snapshot0,
+        notes,
+        notes_mask,
         batch.pos_round,
         plan.bus,
         plan.max_rounds,
@@ -224,7 +221,7 @@ def _foreign_ce(
         sidecar_positions=batch.sidecar_positions,
         logits_at=batch.label_flat,
     )
-    return L.lm_ce_at(out.logits, *_label_index(batch))[1]
+    return window, out
 
 
 def _ce_and_top(

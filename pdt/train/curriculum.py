@@ -153,12 +153,13 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
         _total_steps(preset, ds, dist.world_size),
     )
     loaded = _load_own(st)
+    pooled_train_notes = None
     if loaded is None:
         _init_from_previous(st)
         if preset.init_from is None and preset.sidecars.center_text_embeddings:
-            _set_text_center(st)
+            pooled_train_notes = _set_text_center(st)
     # the notes' targets are embedded with the centre the sidecars carry (set above or loaded)
-    st.vectors = _note_vectors(ctx, preset, ds, model, tokenizer, dist)
+    st.vectors = _note_vectors(ctx, preset, ds, model, tokenizer, dist, pooled_train_notes)
     _announce(st, loaded)
     return st
 
@@ -190,10 +191,12 @@ def _total_steps(preset: CurriculumPreset, ds: CD.ExportedDataset, world: int) -
     return max(1, math.ceil(int(cfg.token_budget or 0) / per_step))
 
 
-def _set_text_center(st: Stage) -> None:
+def _set_text_center(st: Stage) -> torch.Tensor | None:
     """A fresh start's text-embedding centre: the mean pooled frozen-trunk state of the training
     split's note texts, plan items aside (`TextEmbedder`); rank 0's, so every rank holds the same
-    bits (the note cache's key includes them)."""
+    bits (the note cache's key includes them). Returns rank 0's pooled states of those texts, in
+    order, [n, D] fp32 (None elsewhere): the train split's note vectors are their projection, so a
+    missing note cache costs no second trunk pass over them (`_note_vectors`)."""
     preset, records = st.preset, st.ds.splits["train"]
     texts = [
         t
@@ -202,8 +205,8 @@ def _set_text_center(st: Stage) -> None:
         if not item
     ]
     if not texts:
-        return
-    center = None
+        return None
+    center = pooled = None
     if st.dist.is_main:
         st.ctx.log(f"centring the text embeddings on {len(texts):,} note texts of the train split (once)")
         with _autocast(preset, st.dist.device), _trunk_only(preset, st.model):
@@ -213,6 +216,7 @@ def _set_text_center(st: Stage) -> None:
         center = pooled.mean(dim=0)
     center = D.broadcast_object(center, st.dist)
     st.model.text_embedder.center.copy_(center.to(st.model.text_embedder.center))
+    return pooled
 
 
 def _note_vectors(
@@ -222,8 +226,11 @@ def _note_vectors(
     model: PDTModel,
     tokenizer: Any,
     dist: D.DistContext,
+    pooled_train_notes: torch.Tensor | None = None,
 ) -> dict[str, list[torch.Tensor]]:
-    """Teacher-note embeddings for train and validation, from the cache or computed once (rank 0)."""
+    """Teacher-note embeddings for train and validation, from the cache or computed once (rank 0).
+    `pooled_train_notes`: the train split's note texts (plan items aside) already pooled by the
+    trunk, in order (`_set_text_center`), projected instead of run through the trunk again."""
     from pdt.model.pdt_model import trunk_identity
 
     key = {
@@ -252,10 +259,14 @@ def _note_vectors(
                 def embed(ids: torch.Tensor, mask: torch.Tensor, item: bool = item) -> torch.Tensor:
                     return model.embed_texts(ids, mask, centred=not item)
 
+                pooled = pooled_train_notes if split == "train" and not item else None
                 with _autocast(preset, dist.device), _trunk_only(preset, model):
-                    part = CD.embed_note_texts(
-                        [texts[i] for i in rows], tokenizer, embed, preset.train.note_tokens, dist.device
-                    )
+                    if pooled is not None and len(pooled) == len(rows):  # the same texts, in order
+                        part = model.text_embedder.project(pooled.to(dist.device)).float().cpu()
+                    else:
+                        part = CD.embed_note_texts(
+                            [texts[i] for i in rows], tokenizer, embed, preset.train.note_tokens, dist.device
+                        )
                 vec[torch.tensor(rows)] = part
             ctx.emit(Progress(step=1, total=1, stage=f"notes-{split}"))
             return vec

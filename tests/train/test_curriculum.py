@@ -163,6 +163,24 @@ def test_stages_chain_and_say_where_they_start(world: dict[str, Path], tmp_path:
         want, other = (as_key, as_note) if item else (as_note, as_key)
         torch.testing.assert_close(vec[is_item == item], want, atol=3e-2, rtol=0.0)  # (bf16 autocast)
         assert float((vec[is_item == item] - other).abs().max()) > 0.1
+    # A missing note cache at a fresh start: the train split's notes are the centre pass's pooled
+    # states projected (no second trunk pass over them); the plan items' texts still go through
+    # the trunk. Sentinel pooled states (and another centre, so another cache key) show which is which.
+    st.model.text_embedder.center.add_(1.0)
+    sentinel = torch.randn(len(texts), pooled.shape[1])
+    vectors = CUR._note_vectors(ctx, preset0, ds, st.model, tok, st.dist, sentinel)
+    flat = torch.cat(vectors["train"])
+    items = torch.tensor([item for _, item in pairs])
+    want = st.model.text_embedder.project(sentinel)
+    torch.testing.assert_close(flat[~items], want, atol=1e-2, rtol=0.0)  # (bf16 autocast)
+    keys = embed_note_texts(
+        [t for t, item in pairs if item],
+        tok,
+        lambda i, m: st.model.embed_texts(i, m, centred=False),
+        32,
+        torch.device("cpu"),
+    )
+    torch.testing.assert_close(flat[items], keys, atol=3e-2, rtol=0.0)
     # centred, the notes of different texts are less alike than the raw pooled states are
     raw = torch.nn.functional.normalize(pooled[:64], dim=-1)
     centred = torch.nn.functional.normalize(pooled[:64] - center, dim=-1)

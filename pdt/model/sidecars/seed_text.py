@@ -71,9 +71,17 @@ class TextEmbedder(nn.Module):
         """hidden [B, T, D], mask [B, T] (None = all valid) → [B, d_n], L2 norm 1 (0 for an empty row).
         `centred=False`: the centre is not subtracted (the coverage keys)."""
         pooled = masked_mean_pool(hidden, mask)  # [B, D] fp32
+        keep = None if mask is None else mask.to(pooled.device).bool().any(dim=1, keepdim=True)
+        return self.project(pooled, centred, keep)
+
+    def project(
+        self, pooled: torch.Tensor, centred: bool = True, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pooled states [B, D] (`pooled`) → [B, d_n] unit vectors, as `forward`; `keep` [B, 1] bool
+        marks the non-empty rows (None: all), which alone take the centre (an empty row stays 0)."""
+        pooled = pooled.float()
         if centred:
-            keep = 1.0 if mask is None else mask.to(pooled.device).bool().any(dim=1, keepdim=True)
-            pooled = pooled - self.center.float() * keep  # an empty row stays 0
+            pooled = pooled - self.center.float() * (1.0 if keep is None else keep)
         return F.normalize(pooled @ self.proj.float(), dim=-1, eps=1e-12)
 
     def pooled(self, hidden: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

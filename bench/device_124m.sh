@@ -9,6 +9,7 @@
 #   call 2: bash bench/device_124m.sh poll 560             # poll (prints the log's tail)
 #   call 3: bash bench/device_124m.sh measure                # decode, NLL breakdown, curriculum -> $OUT
 #   or calls 2+3 as one: bash bench/device_124m.sh finish 300  # poll up to 300 s, then measure
+#   SET="preset:field.path=json ..." with launch: change the copied presets (e.g. fewer steps)
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
 set -uo pipefail
@@ -31,6 +32,25 @@ case "${1:-}" in
     rm -rf $W/src && mkdir -p $W/src && cp -r main.py pdt presets pyproject.toml $W/src/
     rm -f $W/pipeline.done
     mkdir -p $W/src/bench && cp bench/device_124m.sh bench/device_setup.sh $W/src/bench/ && cp -r .whl $W/src/
+    # SET="stage3_124m:train.steps=1000 ...": change a copied preset's field (a shorter run when
+    # device time is short; what was changed is printed and lands in each run's saved preset)
+    for kv in ${SET:-}; do
+      python3 - "$W/src/presets" "$kv" <<'PY'
+import json, sys
+from pathlib import Path
+name, rest = sys.argv[2].split(":", 1)
+dotted, value = rest.split("=", 1)
+path = Path(sys.argv[1]) / f"{name}.json"
+data = json.loads(path.read_text())
+node = data
+*parents, leaf = dotted.split(".")
+for key in parents:
+    node = node.setdefault(key, {})
+node[leaf] = json.loads(value)
+path.write_text(json.dumps(data, indent=2))
+print(f"preset {name}: {dotted} = {value}")
+PY
+    done
     # setsid: a new process session outlives this call (the device kills what a call leaves behind)
     (cd $W/src && setsid bash bench/device_124m.sh _pipeline "${presets[@]}" > $W/pipeline.log 2>&1 < /dev/null &)
     sleep 5; cat $W/pipeline.log

@@ -36,7 +36,7 @@ modes of a record (PDT, sequential, independent) run on that record's engine.
 Knobs: PDT_BENCH_KS (e.g. "1,3"), PDT_BENCH_ENGINES ("cuda_graph"), PDT_BENCH_PROMPTS (how many
 validation prompts, 8 by default: the quality figures of 3–4 prompts swung run to run; the K
 without trained sidecars time the first 4 only),
-PDT_BENCH_TRUNK=random.
+PDT_BENCH_TRUNK=random, PDT_BENCH_SEED (the sampling seed, 0 by default).
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -230,7 +230,8 @@ def main() -> None:
     trained_k = None if random_trunk else session.model.cfg.num_streams
     n_prompts = int(os.environ.get("PDT_BENCH_PROMPTS") or setup["prompts"])  # more: steadier quality figures
     prompts, prompt_source = _prompts(session, n_prompts, random_trunk)
-    base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=0)
+    seed = int(os.environ.get("PDT_BENCH_SEED") or 0)  # the sampling seed: another draw of every answer
+    base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=seed)
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("eager",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
     if only:
@@ -275,6 +276,7 @@ def main() -> None:
                 "sidecars": "trained (stage 3)" if trained else "untrained, gates opened (timing only)",
                 "tau": settings.tau,
                 "gamma": settings.gamma,
+                "sampling_seed": settings.seed,
                 "tokens_per_stream": setup["tokens"],
                 "prompts": len(used),
                 "prompt_source": prompt_source,

@@ -218,6 +218,7 @@ class PDTModel(nn.Module):
         hidden = self.forward_base(input_ids, attention_mask).hidden  # [B, T, D]
         return self.text_embedder(hidden, attention_mask, centred)
 
+    @torch.no_grad()
     def pooled_texts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The frozen trunk's mean-pooled last hidden states [B, D] fp32, before centre and projection."""
         hidden = self.forward_base(input_ids, attention_mask).hidden  # [B, T, D]

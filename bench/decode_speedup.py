@@ -254,7 +254,10 @@ def main() -> None:
         trunk_only = None  # quality figures: the trained K only
         if trained and k > 1:
             trunk_only = ParallelDecoder(
-                model, session.tokenizer, dataclasses.replace(settings, alpha=0.0), **decoder_kwargs(session)
+                model,
+                session.tokenizer,
+                dataclasses.replace(settings, alpha=0.0, fast_path="auto"),
+                **decoder_kwargs(session),
             )
         _one(decoder, prompts[0], session.model.trunk)  # warm-up (allocator, kernels)
         # the trained K's quality figures want every prompt; the other K time untrained sidecars

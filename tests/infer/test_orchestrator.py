@@ -227,6 +227,36 @@ def test_the_phases_account_for_the_answers_wall_clock(model: PDTModel, mode: st
     assert sum(phases.values()) == pytest.approx(res.seconds, rel=1e-6, abs=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["pdt", "sequential", "independent"])
+def test_every_trunk_pass_of_an_answer_keeps_cudnn_attention_off(model: PDTModel, mode: str) -> None:
+    """cuDNN attention builds a plan per new shape; an answer's prefill and plan-item embeddings have
+    a new shape with each prompt, so they run on the decode backends like the steps do."""
+    seen: list[tuple[int, bool]] = []
+    hook = model.trunk.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(
+            (
+                (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1],
+                torch.backends.cuda.cudnn_sdp_enabled(),
+            )
+        ),
+        with_kwargs=True,
+    )
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the default outside an answer
+    try:
+        items = [["Moon", "Apollo"], ["tides"], ["Luna 2", "craters", "orbit"]]
+        ParallelDecoder(model, CharTok(), settings(max_new_tokens=4)).decode(
+            PROMPT, mode, plan_items=items if mode == "pdt" else None
+        )
+    finally:
+        hook.remove()
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after it
+    lengths = {n for n, _ in seen}
+    assert len(PROMPT) in lengths and 1 in lengths  # the prefill and the steps were both seen
+    if mode == "pdt":
+        assert max(len(x) for row in items for x in row) in lengths  # the items' embedding pass
+    assert not any(enabled for _, enabled in seen)
+
+
 def test_live_text_pieces_never_split_a_character() -> None:
     from pdt.data.tokenizer import Tokenizer
     from pdt.infer.orchestrator import _Detok

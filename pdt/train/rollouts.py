@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pdt.bus.teacher import TeacherWindow
+from pdt.model.attention import decode_attention
 from pdt.model.pdt_model import PDTModel
 from pdt.model.sidecars.heads import content_means, coverage_summary
 from pdt.train.curriculum_step import block_starts, written_positions
@@ -131,14 +132,16 @@ def _forward(
         row_stream=sub.row_stream,
         row_example=sub.row_example,
     )
-    return model.forward_teacher(
-        ids,
-        torch.ones_like(ids),
-        batch.row_stream[row],
-        window,
-        g=1.0,
-        sidecar_positions=batch.sidecar_positions[row, :length],
-    )
+    # a new length each token, as in decoding: off cuDNN attention, which plans per shape
+    with decode_attention():
+        return model.forward_teacher(
+            ids,
+            torch.ones_like(ids),
+            batch.row_stream[row],
+            window,
+            g=1.0,
+            sidecar_positions=batch.sidecar_positions[row, :length],
+        )
 
 
 def _reason(text: str, row: int, batch: Any, records: list[dict[str, Any]], tokenizer: Any) -> str:

@@ -450,7 +450,15 @@ def test_stage3_rollouts_sample_blocks_and_label_them(world: dict[str, Path]) ->
         row_example=batch.row_example,
         row_stream=batch.row_stream,
     )
-    ex = rollout_examples(model, batch, window, records, tok, 5, 1.0, torch.Generator().manual_seed(1))
+    cudnn: list[bool] = []  # each trunk pass: a new length each token, so off cuDNN attention
+    hook = model.trunk.register_forward_pre_hook(
+        lambda *_: cudnn.append(torch.backends.cuda.cudnn_sdp_enabled())
+    )
+    try:
+        ex = rollout_examples(model, batch, window, records, tok, 5, 1.0, torch.Generator().manual_seed(1))
+    finally:
+        hook.remove()
+    assert len(cudnn) > 2 and not any(cudnn)
     assert ex is not None and ex.state.shape == (5, 32) and ex.note.shape == (5, 16)
     assert set(ex.reasons) <= {"ok", "ownership", "duplication"}
     assert ex.labels.tolist() == [1.0 if r == "ok" else 0.0 for r in ex.reasons]

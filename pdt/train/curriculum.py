@@ -555,6 +555,33 @@ def _fmt(x: float) -> str:
     return "n/a" if x != x else f"{x:.3f}"
 
 
+def _gamma_capped_note(ready: dict[str, Any], cap: float) -> str | None:
+    """What the own-rollout cap did to γ, when it lowered it (None otherwise): γ near 0 means the
+    decoder will hardly ever roll back."""
+    gamma, youden = ready["gamma"], ready["gamma_youden"]
+    if gamma >= youden:
+        return None
+    own, lab = ready.get("own_good_quantiles") or {}, ready.get("labelled_good_quantiles") or {}
+    scores = ""
+    if own and lab:
+        scores = (
+            f" (their readiness: min {own['min']:.3g}, median {own['p50']:.3f}; the labelled good blocks': "
+            f"min {lab['min']:.3g}, median {lab['p50']:.3f})"
+        )
+    out = (
+        f"readiness γ lowered from {youden:.3f} (the ROC rule) to {gamma:.3g} so that at most {cap:g} of "
+        f"the model's own {ready['own_blocks'] - ready['own_violations']} rollout blocks with no violation "
+        f"roll back{scores}"
+    )
+    if gamma < 0.01:
+        out += (
+            "; at this γ the decoder will hardly ever roll back (as `independent`, but with the bus). "
+            "More rollout rows (`rollouts.rows`, `rollouts.eval_rows`) or stage-3 steps teach the head "
+            "the model's own text; a looser `readiness_max_rollback` keeps more of the ROC's γ"
+        )
+    return out
+
+
 def _finish(st: Stage) -> str:
     _evaluate(st)
     if st.preset.calibrates and st.calibration is None:
@@ -568,6 +595,8 @@ def _finish(st: Stage) -> str:
                 f"{cal['coverage']['macro_f1']:.3f}, AUC {_fmt(cal['coverage']['auc'])}; every item "
                 f"covered would score F1 {cal['coverage']['f1_all_covered']:.3f})"
             )
+            if (note := _gamma_capped_note(cal["readiness"], st.preset.readiness_max_rollback)) is not None:
+                st.ctx.log(note, level="warning")
     _save(st, finished=True)
     if st.dist.is_main:
         _export(st)

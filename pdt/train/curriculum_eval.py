@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from pdt.data.build.notes import CORRUPTIONS
@@ -174,6 +175,9 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             # at γ: the share of own good blocks rolled back, and of own violating blocks caught
             "own_good_rollback_rate": float((good < gamma).mean()) if len(good) else None,
             "own_violation_recall": float((bad < gamma).mean()) if len(bad) else None,
+            # where the cap put γ: the own good blocks' scores beside the labelled good blocks'
+            "own_good_quantiles": _quantiles(good),
+            "labelled_good_quantiles": _quantiles(ready_s[~own & (ready_y >= 0.5)]),
             "rule": f"max Youden J = TPR - FPR over the ROC points with TPR >= {min_tpr:g}; "
             "ties -> highest threshold; then lowered until at most "
             f"{cap:g} of the model's own rollout blocks with no violation score below it; "
@@ -195,6 +199,14 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             "distinct scores; ties -> highest threshold; covered if score >= threshold",
         }
     return out
+
+
+def _quantiles(scores: Any) -> dict[str, float] | None:
+    """min / 10% / median / 90% of a score array; None when empty."""
+    if len(scores) == 0:
+        return None
+    q = np.quantile(np.asarray(scores, dtype=np.float64), [0.0, 0.1, 0.5, 0.9])
+    return {"min": float(q[0]), "p10": float(q[1]), "p50": float(q[2]), "p90": float(q[3])}
 
 
 def _clean(obj: Any) -> Any:

@@ -129,3 +129,23 @@ def test_readiness_metrics_split_by_source_and_by_corruption() -> None:
         {"readiness_scores": scores, "readiness_labels": labels, "readiness_kinds": kinds}
     )
     assert not any(k.startswith("readiness_auc_dataset_") for k in del_corr)
+
+
+def test_a_lowered_gamma_is_said_with_the_scores_that_lowered_it() -> None:
+    from pdt.train.curriculum import _gamma_capped_note
+
+    ready = {
+        "gamma": 0.342,
+        "gamma_youden": 0.342,
+        "own_blocks": 48,
+        "own_violations": 0,
+        "own_good_quantiles": {"min": 1e-6, "p10": 0.2, "p50": 0.5, "p90": 0.8},
+        "labelled_good_quantiles": {"min": 0.01, "p10": 0.3, "p50": 0.6, "p90": 0.9},
+    }
+    assert _gamma_capped_note(ready, 0.01) is None  # the ROC's γ kept: nothing to say
+    note = _gamma_capped_note({**ready, "gamma": 1.1e-6}, 0.01)
+    assert note is not None
+    assert "0.342" in note and "1.1e-06" in note and "own 48 rollout blocks" in note
+    assert "min 1e-06" in note and "hardly ever roll back" in note and "readiness_max_rollback" in note
+    mild = _gamma_capped_note({**ready, "gamma": 0.25}, 0.01)  # lowered, still a working γ
+    assert mild is not None and "0.25" in mild and "hardly ever" not in mild

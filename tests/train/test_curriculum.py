@@ -232,6 +232,9 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     good = ready["own_blocks"] - ready["own_violations"]
     allowed = int(preset.readiness_max_rollback * good)
     assert good > 0 and round(ready["own_good_rollback_rate"] * good) <= allowed
+    own_q, lab_q = ready["own_good_quantiles"], ready["labelled_good_quantiles"]  # where the cap put γ
+    assert own_q["min"] <= own_q["p10"] <= own_q["p50"] <= own_q["p90"] and lab_q["min"] <= lab_q["p90"]
+    assert ready["gamma"] <= max(own_q["min"], 0.0) or ready["gamma"] == ready["gamma_youden"]
     cov = cal["coverage"]
     assert 0.0 <= cov["threshold"] <= 1.0 and 0.0 <= cov["macro_f1"] <= 1.0
     assert cov["f1_all_covered"] == pytest.approx(2 * cov["base_rate"] / (1 + cov["base_rate"]))

@@ -99,6 +99,11 @@ class CurriculumTrain(OptimConfig):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(10, ge=0)
+    heads_lr_scale: float = Field(1.0, gt=0)
+    """The coverage and agreement (readiness) heads' learning rate as a multiple of `lr`. They read
+    detached block states, so their rate leaves the LM's path as it was (its gradients change only
+    through the shared clipping norm). Tiny stage 3, 120 steps (2026-12-07): 3 gives readiness AUC
+    0.784 and coverage AUC 0.845 against 0.723 and 0.800 at 1, LM CE 5.274 both; 10 gives 0.767."""
 
     @model_validator(mode="after")
     def _check(self) -> CurriculumTrain:

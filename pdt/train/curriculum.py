@@ -173,6 +173,15 @@ def _optimizer(
     for g in groups:
         g["params"] = [p for p in g["params"] if id(p) not in lora_ids]
     groups = [g for g in groups if g["params"]]
+    if cfg.heads_lr_scale != 1.0:  # the coverage and readiness heads: groups of their own
+        heads = {id(p) for m in (model.coverage_head, model.agreement_head) for p in m.parameters()}
+        split = []
+        for g in groups:
+            own = [p for p in g["params"] if id(p) in heads]
+            if own:
+                split.append({**g, "params": own, "lr_scale": cfg.heads_lr_scale})
+            g["params"] = [p for p in g["params"] if id(p) not in heads]
+        groups = [g for g in groups if g["params"]] + split
     if lora_params:
         lr = preset.lora.lr if preset.lora and preset.lora.lr else cfg.lr
         groups.append({"params": lora_params, "weight_decay": 0.0, "lr_scale": lr / cfg.lr})
@@ -576,8 +585,9 @@ def _gamma_capped_note(ready: dict[str, Any], cap: float) -> str | None:
     if gamma < 0.01:
         out += (
             "; at this γ the decoder will hardly ever roll back (as `independent`, but with the bus). "
-            "More rollout rows (`rollouts.rows`, `rollouts.eval_rows`) or stage-3 steps teach the head "
-            "the model's own text; a looser `readiness_max_rollback` keeps more of the ROC's γ"
+            "More rollout rows (`rollouts.rows`, `rollouts.eval_rows`) or stage-3 steps give the head more "
+            "of the model's own text to learn from; a looser `readiness_max_rollback` keeps more of "
+            "the ROC's γ"
         )
     return out
 

@@ -221,6 +221,34 @@ def test_resume_matches_an_uninterrupted_run(world: dict[str, Path]) -> None:
     assert losses(a) == losses(b) and len(losses(a)) == 6
 
 
+def test_heads_lr_scale_speeds_the_heads_and_leaves_the_lm_path_alone(world: dict[str, Path]) -> None:
+    """One AdamW step from the same fresh sidecars: its first update is lr · g / (|g| + eps) per
+    weight, so the coverage and readiness heads move `heads_lr_scale` times as far, and the LM's
+    sidecars (which the heads' detached inputs send no gradient) move exactly as at scale 1."""
+    deltas = {}
+    for scale in (1.0, 4.0):
+        preset = stage_preset(
+            3,
+            world["trunk"],
+            name=f"heads_x{scale:g}",
+            init_from=None,
+            train={"steps": 1, "heads_lr_scale": scale},
+        )
+        torch.manual_seed(preset.train.seed)
+        fresh = PDTModel(load_trunk(world["trunk"]), preset.sidecars).sidecar_state_dict()
+        assert run(preset)[0] == "finished"
+        after = CheckpointManager(checkpoints_root() / preset.name).load().tensors["sidecars"]
+        deltas[scale] = {k: (after[k].float() - fresh[k].float()) for k in fresh}
+    heads = [k for k in deltas[1.0] if k.split(".", 1)[0] in ("coverage_head", "agreement_head")]
+    lm_path = [k for k in deltas[1.0] if k.split(".", 1)[0] in ("adapters", "snc")]
+    assert heads and lm_path
+    moved = {s: sum(float(deltas[s][k].abs().sum()) for k in heads) for s in deltas}
+    assert moved[1.0] > 0 and moved[4.0] / moved[1.0] == pytest.approx(4.0, rel=0.02)
+    for k in lm_path:
+        torch.testing.assert_close(deltas[4.0][k], deltas[1.0][k], atol=1e-6, rtol=1e-4)
+    assert any(float(deltas[1.0][k].abs().sum()) > 0 for k in lm_path)  # the LM path did train
+
+
 def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     preset = stage_preset(3, world["trunk"], init_from=None, rollouts={"every": 2, "rows": 2, "eval_rows": 4})
     assert run(preset)[0] == "finished"

@@ -465,6 +465,74 @@ def test_rollout_labels_come_from_what_the_block_says() -> None:
     assert label_block("he lost the battle of waterloo", own, [], [dup]) == "duplication"
 
 
+def test_cached_rollout_sampling_equals_a_teacher_forced_pass_over_what_it_sampled(
+    world: dict[str, Path],
+) -> None:
+    """The rollout samples with a KV cache (one prefill, then one batched step a token); the hidden
+    states it returns — every row's teacher context, then its sampled block — are those one
+    teacher-forced forward over the sampled rows gives, and so are the logits each token was drawn
+    from (checked through the next-token argmax at temperature → 0)."""
+    from pdt.bus import TeacherWindow, teacher_windows
+    from pdt.train.curriculum_step import block_starts, written_positions
+    from pdt.train.rollouts import _sample_blocks
+    from tests.model.test_pdt_model import open_gates
+
+    preset, model, batch, records, tok = _model_and_batch(world, stage=3)
+    open_gates(model, snc=True, adapters=True)  # sidecars that change the states (trained-looking)
+    snapshot0 = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
+    window = teacher_windows(
+        snapshot0,
+        batch.notes,
+        batch.notes_mask,
+        batch.pos_round,
+        preset.bus,
+        preset.sidecars.max_rounds,
+        row_example=batch.row_example,
+        row_stream=batch.row_stream,
+    )
+    m = batch.block_row.shape[0]
+    pick = torch.randperm(m, generator=torch.Generator().manual_seed(3))[:5]
+    row, end = batch.block_row[pick], batch.block_pos[pick]
+    written = written_positions(batch.labels[row])
+    start = block_starts(written, batch.pos_round[row], torch.arange(len(row)), end)
+    assert (
+        int((end - start).max()) > 0 and len(set(start.tolist())) > 1
+    )  # blocks of several tokens, rows apart
+    sub = TeacherWindow(
+        notes=window.notes[row],
+        producer=window.producer[row],
+        rounds=window.rounds[row],
+        visible=window.visible[row],
+        row_stream=window.row_stream[row],
+        row_example=window.row_example[row],
+    )
+    for temperature in (1.0, 1e-4):  # sampled, and (near) greedy
+        ids = batch.input_ids[row].clone()
+        with torch.no_grad():
+            hidden = _sample_blocks(
+                model, batch, sub, ids, row, start, end, temperature, torch.Generator().manual_seed(1)
+            )
+            e = int(end.max()) + 1
+            full = model.forward_teacher(
+                ids[:, :e],
+                torch.ones_like(ids[:, :e]),
+                batch.row_stream[row],
+                TeacherWindow(
+                    sub.notes, sub.producer, sub.rounds, sub.visible[:, :e], sub.row_stream, sub.row_example
+                ),
+                g=1.0,
+                sidecar_positions=batch.sidecar_positions[row, :e],
+            )
+        for i in range(len(row)):
+            upto = int(end[i]) + 1
+            torch.testing.assert_close(hidden[i, :upto], full.hidden[i, :upto], atol=2e-5, rtol=1e-4)
+            if temperature < 1e-3:  # each sampled token is the full pass's argmax at the position before
+                s0 = int(start[i])
+                want = full.logits[i, s0 - 1 : upto - 1].argmax(-1)
+                assert ids[i, s0:upto].tolist() == want.tolist()
+        assert not torch.equal(ids, batch.input_ids[row])  # it did write samples
+
+
 def test_stage3_rollouts_sample_blocks_and_label_them(world: dict[str, Path]) -> None:
     from pdt.bus import teacher_windows
     from pdt.train.rollouts import rollout_examples

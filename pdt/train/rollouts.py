@@ -163,14 +163,13 @@ def _sample_blocks(
         nxt = _sample(logits, temperature, gen).to(ids.device)
         fed = torch.where(live, nxt, torch.zeros_like(nxt))  # a finished row: a placeholder slot
         ids[n[live], pos[live]] = fed[live]
+        at = pos.clamp(max=sub.visible.shape[1] - 1)  # (a finished row's placeholder: any window)
         step_ctx = SidecarContext(
             stream_ids=batch.row_stream[row],
             notes=sub.notes,
             producer=sub.producer,
             rounds=sub.rounds,
-            visible=sub.visible[
-                n, pos.clamp(max=sub.visible.shape[1] - 1)
-            ],  # [n, N] at each row's position  # [n, N] at each row's position
+            visible=sub.visible[n, at],  # [n, N] each row's teacher window at its position
             g=1.0,
         )
         logits, step_hidden = decoder.step(state, fed.cpu(), live.cpu(), step_ctx)

@@ -169,7 +169,7 @@ def _sample_blocks(
             notes=sub.notes,
             producer=sub.producer,
             rounds=sub.rounds,
-            visible=sub.visible[n, at],  # [n, N] each row's teacher window at its position
+            visible=sub.visible[n, at][:, None],  # [n, 1, N] each row's teacher window there, as in training
             g=1.0,
         )
         logits, step_hidden = decoder.step(state, fed.cpu(), live.cpu(), step_ctx)

@@ -36,7 +36,9 @@ modes of a record (PDT, sequential, independent) run on that record's engine.
 Knobs: PDT_BENCH_KS (e.g. "1,3"), PDT_BENCH_ENGINES ("cuda_graph"), PDT_BENCH_PROMPTS (how many
 validation prompts, 8 by default: the quality figures of 3–4 prompts swung run to run; the K
 without trained sidecars time the first 4 only),
-PDT_BENCH_TRUNK=random, PDT_BENCH_SEED (the sampling seed, 0 by default).
+PDT_BENCH_TRUNK=random, PDT_BENCH_SEED (the sampling seed, 0 by default), PDT_BENCH_STAGE (the
+stage-3 preset whose sidecars the demo loads, e.g. a variant trained beside the shipped one),
+PDT_BENCH_GAMMA (decode at this γ rather than the calibrated one).
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -96,6 +98,8 @@ def _prompts(session: Any, count: int, random_trunk: bool) -> tuple[list[str], s
 def _session(device: torch.device, demo: str) -> Session:
     data = json.loads(load_preset_file(ROOT / "presets" / f"{demo}.json").model_dump_json())
     data["device"] = device.type
+    if os.environ.get("PDT_BENCH_STAGE"):
+        data["sidecars"] = {"preset": os.environ["PDT_BENCH_STAGE"]}
     preset = validate_preset(data, source=demo)
     ctx = JobContext(preset=preset, run_dir=Path("/tmp"), checkpoints_dir=Path("/tmp"), emit=lambda e: None)
     return Session(ctx, preset)
@@ -232,6 +236,8 @@ def main() -> None:
     prompts, prompt_source = _prompts(session, n_prompts, random_trunk)
     seed = int(os.environ.get("PDT_BENCH_SEED") or 0)  # the sampling seed: another draw of every answer
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=seed)
+    if os.environ.get("PDT_BENCH_GAMMA"):  # another readiness threshold than the calibrated one
+        base = dataclasses.replace(base, gamma=float(os.environ["PDT_BENCH_GAMMA"]))
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("eager",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
     if only:
@@ -276,7 +282,9 @@ def main() -> None:
                 "code_version": pdt.code_version(),
                 "k": k,
                 "mode": decoder.engine,
-                "sidecars": "trained (stage 3)" if trained else "untrained, gates opened (timing only)",
+                "sidecars": f"trained ({os.environ.get('PDT_BENCH_STAGE') or 'stage 3'})"
+                if trained
+                else "untrained, gates opened (timing only)",
                 "tau": settings.tau,
                 "gamma": settings.gamma,
                 "sampling_seed": settings.seed,

@@ -9,7 +9,10 @@
 #   call 2: bash bench/device_124m.sh poll 560             # poll (prints the log's tail)
 #   call 3: bash bench/device_124m.sh measure                # decode, NLL breakdown, curriculum -> $OUT
 #   or calls 2+3 as one: bash bench/device_124m.sh finish 300  # poll up to 300 s, then measure
-#   SET="preset:field.path=json ..." with launch: change the copied presets (e.g. fewer steps)
+#   SET="preset:field.path=json ..." with launch: change the copied presets (e.g. fewer steps); a
+#       preset that does not exist is created, so a variant trains beside the shipped one:
+#       SET='stage3_124m_h3:extends="stage3_124m.json" stage3_124m_h3:train.heads_lr_scale=3'
+#       then `launch ... stage3_124m stage3_124m_h3` and `STAGES="stage3_124m stage3_124m_h3" measure`
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
 set -uo pipefail
@@ -41,7 +44,7 @@ from pathlib import Path
 name, rest = sys.argv[2].split(":", 1)
 dotted, value = rest.split("=", 1)
 path = Path(sys.argv[1]) / f"{name}.json"
-data = json.loads(path.read_text())
+data = json.loads(path.read_text()) if path.exists() else {"name": name}  # new: a variant
 node = data
 *parents, leaf = dotted.split(".")
 for key in parents:
@@ -74,14 +77,19 @@ PY
     cat $W/pipeline.log; echo "--- done: $(cat $W/pipeline.done 2>/dev/null || echo running)" ;;
   measure)
     cp $W/pipeline.log "$OUT/" 2>/dev/null
-    for s in stage3_124m; do
-      grep -E "auc|gamma|coverage|lm_ce|readiness|_gain" "$W/$s.log" | tail -25 > "$OUT/$s.tail.txt" 2>/dev/null
+    cp $W/src/presets/*.json presets/  # the presets as launched (SET changes, variants)
+    first=1
+    for s in ${STAGES:-stage3_124m}; do  # each stage's metrics, γ and decode (the first to $OUT itself)
+      dir=$OUT; [ $first = 1 ] || dir=$OUT/$s; mkdir -p "$dir"
+      grep -E "auc|gamma|coverage|lm_ce|readiness|_gain" "$W/$s.log" | tail -25 > "$dir/$s.tail.txt" 2>/dev/null
+      for f in report.json calibration.json; do  # the stage-3 export's metrics and γ
+        src=$(find $W/checkpoints/$s -name "$f" | head -1)
+        [ -n "$src" ] && cp "$src" "$dir/${s}_$f"
+      done
+      echo "=== decode: $s"
+      OUT=$dir PDT_BENCH_STAGE=$s python3 bench/decode_speedup.py 2>&1 | tail -30
+      first=0
     done
-    for f in report.json calibration.json; do  # the stage-3 export's metrics and γ
-      src=$(find $W/checkpoints -path "*stage3_124m*" -name "$f" | head -1)
-      [ -n "$src" ] && cp "$src" "$OUT/stage3_$f"
-    done
-    python3 bench/decode_speedup.py 2>&1 | tail -30
     [ "${SKIP_NLL:-0}" = 1 ] || python3 bench/nll_breakdown.py 2>&1 | grep -E "nats|wrote"
     [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8
     [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1

@@ -31,8 +31,10 @@ their gates opened and γ = 0 (no rollbacks): their speed is real, their quality
 meaningful and are reported as null.
 CPU: the tiny pipeline (pretrain_tiny + stage3, fp32). GPU: pretrain_124m + stage3_124m, bf16.
 On CUDA each K runs with both decode-step engines, recorded as `mode`: `eager` (HF forward per
-token) and `cuda_graph` (the step captured once and replayed: `pdt.model.graph_decode`); all three
-modes of a record (PDT, sequential, independent) run on that record's engine.
+token) and `cuda_graph` (the step captured once and replayed: `pdt.model.graph_decode`); on the CPU
+`static` (the same static buffers without a graph: what `auto` runs there; `eager` when
+PDT_BENCH_ENGINES asks); all three modes of a record (PDT, sequential, independent) run on that
+record's engine.
 Knobs: PDT_BENCH_KS (e.g. "1,3"), PDT_BENCH_ENGINES ("cuda_graph"), PDT_BENCH_PROMPTS (how many
 validation prompts, 8 by default: the quality figures of 3–4 prompts swung run to run; the K
 without trained sidecars time the first 4 only),
@@ -238,10 +240,12 @@ def main() -> None:
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=seed)
     if os.environ.get("PDT_BENCH_GAMMA"):  # another readiness threshold than the calibrated one
         base = dataclasses.replace(base, gamma=float(os.environ["PDT_BENCH_GAMMA"]))
-    engines = ("eager", "cuda_graph") if device.type == "cuda" else ("eager",)
+    # CUDA: both engines; the CPU: `static` (what `auto` runs there), `eager` when asked for
+    engines = ("eager", "cuda_graph") if device.type == "cuda" else ("static",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
     if only:
-        engines = tuple(e for e in engines if e in only.split(","))
+        allowed = ("eager", "cuda_graph") if device.type == "cuda" else ("eager", "static")
+        engines = tuple(e for e in allowed if e in only.split(","))
     records = []
     only_ks = os.environ.get("PDT_BENCH_KS")  # e.g. "1,3"
     ks = tuple(int(k) for k in only_ks.split(",")) if only_ks else KS

@@ -70,24 +70,30 @@ from pdt.telemetry.events import (
 NOTE_TOKENS: int = CurriculumTrain.model_fields["note_tokens"].default
 
 MODES = ("pdt", "sequential", "independent")
-FAST_PATHS = ("auto", "eager", "cuda_graph")
+FAST_PATHS = ("auto", "eager", "static", "cuda_graph")
 SECTION_SEPARATOR = "\n\n"  # between the sections of a merged answer
 
 
 def make_decoder(model: PDTModel, settings: DecodeSettings) -> tuple[StreamDecoder, str]:
     """The step engine `settings.fast_path` asks for, and a line saying why when "auto" fell back to
-    eager. An explicit "cuda_graph" that cannot run is an error naming the reason."""
+    eager. "auto": `cuda_graph` on CUDA, `static` (the same static buffers, no graph) elsewhere,
+    each where it can run. An explicit engine that cannot run is an error naming the reason."""
     if settings.fast_path not in FAST_PATHS:
         raise ValueError(f"decode.fast_path {settings.fast_path!r}: one of {', '.join(FAST_PATHS)}")
     if settings.fast_path == "eager":
         return StreamDecoder(model), "eager (asked for)"
-    reason = graph_unsupported(model)
+    on_cuda = next(model.trunk.parameters()).device.type == "cuda"
+    graphs = settings.fast_path == "cuda_graph" or (settings.fast_path == "auto" and on_cuda)
+    reason = graph_unsupported(model, graphs=graphs)
     if reason is None and settings.alpha < 1.0:
         reason = "alpha < 1 decodes a second, plain state beside each answer"
     if reason is None:
-        return GraphStreamDecoder(model), "cuda_graph"
-    if settings.fast_path == "cuda_graph":
-        raise ValueError(f"decode.fast_path 'cuda_graph' cannot run here: {reason}; use 'auto' or 'eager'")
+        decoder = GraphStreamDecoder(model, graphs=graphs)
+        return decoder, decoder.engine
+    if settings.fast_path != "auto":
+        raise ValueError(
+            f"decode.fast_path {settings.fast_path!r} cannot run here: {reason}; use 'auto' or 'eager'"
+        )
     return StreamDecoder(model), f"eager ({reason})"
 
 
@@ -123,8 +129,10 @@ class DecodeSettings:
     ignore_eos: bool = False
     """Streams write exactly their budget (benchmarks: the same token count in every mode)."""
     fast_path: str = "auto"
-    """The decode-step engine: "eager" (`StreamDecoder`), "cuda_graph" (`GraphStreamDecoder`: one
-    captured graph per step kind, replayed), or "auto" (cuda_graph where it can run, else eager)."""
+    """The decode-step engine: "eager" (`StreamDecoder`), "static" (`GraphStreamDecoder` without
+    graphs: static buffers, eager steps), "cuda_graph" (`GraphStreamDecoder`: one captured graph per
+    step kind, replayed), or "auto" (cuda_graph on CUDA, static elsewhere, where it can run; else
+    eager)."""
 
     def prefix(self, stream: int) -> str:
         if self.prefixes:

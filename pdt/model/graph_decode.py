@@ -35,6 +35,11 @@ from pdt.model.pdt_model import PDTModel
 from pdt.model.sidecars.snc import FoldedWindow, gated_out_weights, project_notes_all
 
 ENGINE = "cuda_graph"
+#: The same static-buffer step run eagerly (no graph): the CPU's default engine. On the 2-core CPU
+#: machine, tiny pipeline, K = 3, 10 validation prompts × 2 sampling seeds, against `StreamDecoder`
+#: (whose HF cache concatenates every layer's K/V each token): PDT steps 584 / 577 → 508 / 503 ms an
+#: answer, sequential 863 / 826 → 721 / 718 ms (2026-12-07, `bench/decode_speedup.py`).
+STATIC = "static"
 _ROUND = 256  # capacities are multiples of this: answers of similar length share buffers and graphs
 #: Rows whose LM head runs `pdt.kernels.skinny_linear` (one read of the weight) rather than cuBLAS —
 #: every decode mode alike, `sequential` included: H100, 124M head, inside a graph, 3 rows 28.4 µs
@@ -46,11 +51,12 @@ class GraphCaptureError(RuntimeError):
     """The step could not be captured as a CUDA graph (an op that syncs with the host, say)."""
 
 
-def unsupported(model: PDTModel) -> str | None:
-    """Why this engine cannot run `model` (None: it can)."""
+def unsupported(model: PDTModel, graphs: bool = True) -> str | None:
+    """Why this engine cannot run `model` (None: it can); `graphs=False`: the static-buffer step
+    run eagerly (any device), without a captured graph."""
     trunk = model.trunk
     device = next(trunk.parameters()).device
-    if device.type != "cuda":
+    if graphs and device.type != "cuda":
         return f"CUDA graphs need a CUDA device (the trunk is on {device.type})"
     config = trunk.config
     impl = getattr(config, "_attn_implementation", None)
@@ -111,6 +117,7 @@ class GraphStreamDecoder(StreamDecoder):
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.engine = ENGINE if self.graphs else STATIC
         self._buffers: dict[int, _Buffers] = {}
         self.captures = 0  # graphs captured so far (tests, benchmarks)
 

@@ -84,10 +84,11 @@ class DecodeConfig(StrictModel):
     """Token budget per stream (the sequential baseline gets K × this)."""
     stream_prefixes: list[str] | None = None
     """What each stream reads after the prompt before it writes; None: " Part n of K:" as trained."""
-    fast_path: Literal["auto", "eager", "cuda_graph"] = "auto"
-    """Decode-step engine: eager runs the HF forward per token; cuda_graph captures the step once and
-    replays it (CUDA; not with α < 1 or sliding-window trunks); auto (default): cuda_graph where it
-    can run, else eager (the CPU always runs eager)."""
+    fast_path: Literal["auto", "eager", "static", "cuda_graph"] = "auto"
+    """Decode-step engine: eager runs the HF forward per token on its growing cache; static runs the
+    same forward on K/V buffers allocated once (no per-token concatenation); cuda_graph captures the
+    static step once and replays it (CUDA). static and cuda_graph: not with α < 1 or sliding-window
+    trunks. auto (default): cuda_graph on CUDA, static on the CPU, eager where neither can run."""
 
 
 class InferencePreset(PresetBase):

@@ -27,7 +27,7 @@ def _model(model_type: str, device: str = "cpu") -> PDTModel:
 
 
 def _pair(model: PDTModel, graphs: bool, **over) -> tuple[ParallelDecoder, ParallelDecoder]:  # noqa: ANN003
-    eager = ParallelDecoder(model, CharTok(), settings(**over))
+    eager = ParallelDecoder(model, CharTok(), settings(**{"fast_path": "eager", **over}))
     static = ParallelDecoder(model, CharTok(), settings(**over))
     static.decoder = GraphStreamDecoder(model, graphs=graphs)
     static.engine = static.decoder.engine
@@ -61,7 +61,7 @@ def test_static_engine_equals_eager_engine_in_every_mode(model_type: str, over: 
     eager, static = _pair(model, graphs=False, **over)
     for mode in ("pdt", "independent", "sequential"):
         a, b = eager.decode(PROMPT, mode), static.decode(PROMPT, mode)
-        assert b.engine == "cuda_graph" and a.engine == "eager"
+        assert b.engine == "static" and a.engine == "eager"
         _same(a, b)
         assert b.steps == a.steps > 0
     rolled = eager.decode(PROMPT, "pdt")
@@ -117,8 +117,16 @@ def test_a_superseded_state_may_not_step() -> None:
 def test_engine_choice_and_its_errors() -> None:
     model = _model("llama")
     decoder, note = make_decoder(model, settings(fast_path="auto"))
-    assert isinstance(decoder, StreamDecoder) and not isinstance(decoder, GraphStreamDecoder)
-    assert note.startswith("eager (") and "CUDA" in note  # auto on the CPU: eager, and it says why
+    assert isinstance(decoder, GraphStreamDecoder) and not decoder.graphs  # auto on the CPU: static buffers
+    assert decoder.engine == note == "static"
+    decoder, note = make_decoder(model, settings(fast_path="static"))
+    assert isinstance(decoder, GraphStreamDecoder) and not decoder.graphs and note == "static"
+    decoder, note = make_decoder(model, settings(fast_path="eager"))
+    assert type(decoder) is StreamDecoder and note == "eager (asked for)"
+    decoder, note = make_decoder(model, settings(fast_path="auto", alpha=0.5))
+    assert type(decoder) is StreamDecoder and note.startswith("eager (alpha < 1")  # and it says why
+    with pytest.raises(ValueError, match="'static' cannot run here: alpha < 1"):
+        make_decoder(model, settings(fast_path="static", alpha=0.5))
     with pytest.raises(ValueError, match="cannot run here: CUDA graphs need a CUDA device"):
         make_decoder(model, settings(fast_path="cuda_graph"))
     with pytest.raises(ValueError, match="decode.fast_path 'turbo'"):

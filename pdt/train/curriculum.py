@@ -589,6 +589,10 @@ def _gamma_capped_note(ready: dict[str, Any], cap: float) -> str | None:
             "of the model's own text to learn from; a looser `readiness_max_rollback` keeps more of "
             "the ROC's γ"
         )
+        looser = {s: g for s, g in (ready.get("gamma_by_max_rollback") or {}).items() if float(s) > cap}
+        if looser:
+            out += " (" + ", ".join(f"{s}: γ {g:.3g}" for s, g in looser.items()) + ")"
+        out += "; or set the demo's `decode.gamma` (calibration.json lists every own block's score)"
     return out
 
 

@@ -178,6 +178,15 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             # where the cap put γ: the own good blocks' scores beside the labelled good blocks'
             "own_good_quantiles": _quantiles(good),
             "labelled_good_quantiles": _quantiles(ready_s[~own & (ready_y >= 0.5)]),
+            # every own block's score (ascending), so another cap can be judged without retraining,
+            # and the γ that a looser cap would keep (`readiness_max_rollback` at each share)
+            "own_good_scores": sorted(float(x) for x in good),
+            "own_violation_scores": sorted(float(x) for x in bad),
+            "gamma_by_max_rollback": {
+                f"{share:g}": C.capped_gamma(youden, good, share) for share in GAMMA_SHARES
+            }
+            if len(good)
+            else None,
             "rule": f"max Youden J = TPR - FPR over the ROC points with TPR >= {min_tpr:g}; "
             "ties -> highest threshold; then lowered until at most "
             f"{cap:g} of the model's own rollout blocks with no violation score below it; "
@@ -199,6 +208,10 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             "distinct scores; ties -> highest threshold; covered if score >= threshold",
         }
     return out
+
+
+#: The own-block shares `calibration.json` lists the capped γ for (beside the preset's own).
+GAMMA_SHARES = (0.01, 0.02, 0.05, 0.1)
 
 
 def _quantiles(scores: Any) -> dict[str, float] | None:

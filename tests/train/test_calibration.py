@@ -141,11 +141,15 @@ def test_a_lowered_gamma_is_said_with_the_scores_that_lowered_it() -> None:
         "own_violations": 0,
         "own_good_quantiles": {"min": 1e-6, "p10": 0.2, "p50": 0.5, "p90": 0.8},
         "labelled_good_quantiles": {"min": 0.01, "p10": 0.3, "p50": 0.6, "p90": 0.9},
+        "gamma_by_max_rollback": {"0.01": 1.1e-6, "0.02": 0.031, "0.05": 0.2, "0.1": 0.342},
     }
     assert _gamma_capped_note(ready, 0.01) is None  # the ROC's γ kept: nothing to say
     note = _gamma_capped_note({**ready, "gamma": 1.1e-6}, 0.01)
     assert note is not None
     assert "0.342" in note and "1.1e-06" in note and "own 48 rollout blocks" in note
     assert "min 1e-06" in note and "hardly ever roll back" in note and "readiness_max_rollback" in note
+    # what each looser cap would keep, and not the cap that was used
+    assert "0.02: γ 0.031" in note and "0.05: γ 0.2" in note and "0.1: γ 0.342" in note
+    assert "0.01: γ" not in note and "decode.gamma" in note
     mild = _gamma_capped_note({**ready, "gamma": 0.25}, 0.01)  # lowered, still a working γ
     assert mild is not None and "0.25" in mild and "hardly ever" not in mild

@@ -22,6 +22,7 @@ from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import STAGE_GROUPS
 from pdt.runs import checkpoints_root
 from pdt.telemetry.events import Event, Log, Metric
+from pdt.train import calibration as C
 from pdt.train.checkpoint import CheckpointManager
 from pdt.train.curriculum import CurriculumError, run_curriculum
 from pdt.train.curriculum_data import CurriculumBatch, CurriculumDataError, collate, open_dataset
@@ -263,6 +264,14 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     own_q, lab_q = ready["own_good_quantiles"], ready["labelled_good_quantiles"]  # where the cap put γ
     assert own_q["min"] <= own_q["p10"] <= own_q["p50"] <= own_q["p90"] and lab_q["min"] <= lab_q["p90"]
     assert ready["gamma"] <= max(own_q["min"], 0.0) or ready["gamma"] == ready["gamma_youden"]
+    scores = ready["own_good_scores"]  # every own good block's score, ascending: the quantiles' source
+    assert len(scores) == good and scores == sorted(scores) and scores[0] == pytest.approx(own_q["min"])
+    assert len(ready["own_violation_scores"]) == ready["own_violations"]
+    by_share = ready["gamma_by_max_rollback"]  # the γ each cap keeps: the preset's own is the γ used
+    assert by_share[f"{preset.readiness_max_rollback:g}"] == pytest.approx(ready["gamma"])
+    gammas = [by_share[k] for k in sorted(by_share, key=float)]
+    assert gammas == sorted(gammas) and gammas[-1] <= ready["gamma_youden"]
+    assert by_share["0.1"] == pytest.approx(C.capped_gamma(ready["gamma_youden"], scores, 0.1))
     cov = cal["coverage"]
     assert 0.0 <= cov["threshold"] <= 1.0 and 0.0 <= cov["macro_f1"] <= 1.0
     assert cov["f1_all_covered"] == pytest.approx(2 * cov["base_rate"] / (1 + cov["base_rate"]))

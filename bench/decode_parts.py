@@ -6,10 +6,14 @@ What it measures, at the 124M preset's decode shape (3 rows × 1 token, D 768, b
   [3, 768] × [768, 50257] product gets decides ~30 µs of a ~2 ms step (bench/profile_gpu.py,
   2026-12-06);
 - `skinny_linear` at 3 rows over its launch settings (module knobs);
+- the trunk's own linear layers (124M llama: q/k/v/o 768 → 768, gate/up 768 → 2048, down 2048 →
+  768) at 1 and 3 rows, `F.linear` against `skinny_linear`: a K = 3 step costs ~0.19 ms more than
+  the sequential one (H100, 2026-12-07: 1.925 vs 1.735 ms), of which the sidecar kernels are ~0.09;
+  these 84 products are where the rest may go;
 - `snc_folded` (the SNC layer of a decode round) and the row adapter's decode kernels over their
   launch settings (module knobs), each against the reference of the same call for correctness.
 Per variant: 50 calls captured in one graph, replayed 20 times; microseconds per call (median of 5).
-PDT_PARTS=lm_head,skinny,snc,adapter picks parts (default all).
+PDT_PARTS=lm_head,skinny,linears,snc,adapter picks parts (default all).
 Writes $OUT/decode_parts.json (else bench/results/decode_parts.json); a table last. Needs CUDA.
 """
 
@@ -78,6 +82,38 @@ def lm_head_variants() -> list[dict[str, Any]]:
         got = fn()
         err = None if got.shape[0] != 3 else float((got.float() - expect.float()).abs().max())
         out.append({"part": "lm_head", "variant": name, "us": graph_us(fn), "max_abs_diff_vs_linear": err})
+    return out
+
+
+def trunk_linear_variants() -> list[dict[str, Any]]:
+    """Each trunk linear shape at 1 and 3 rows: cuBLAS (`F.linear`) against `skinny_linear`."""
+    from pdt.kernels.skinny_linear_triton import skinny_linear_triton
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = []
+    for name, (n_out, n_in) in {
+        "qkvo 768x768": (768, 768),
+        "gate/up 2048x768": (2048, 768),
+        "down 768x2048": (768, 2048),
+    }.items():
+        w = torch.randn(n_out, n_in, device="cuda", generator=gen).bfloat16() * 0.02
+        x = torch.randn(3, n_in, device="cuda", generator=gen).bfloat16()
+        for rows in (1, 3):
+            h = x[:rows]
+            expect = F.linear(h, w)
+            for kind, fn in (
+                ("F.linear", lambda h=h, w=w: F.linear(h, w)),
+                ("skinny_linear", lambda h=h, w=w: skinny_linear_triton(h, w)),
+            ):
+                err = float((fn().float() - expect.float()).abs().max())
+                out.append(
+                    {
+                        "part": "linears",
+                        "variant": f"{name} {kind} rows={rows}",
+                        "us": graph_us(fn),
+                        "max_abs_diff_vs_linear": err,
+                    }
+                )
     return out
 
 
@@ -183,6 +219,7 @@ def main() -> None:
     parts = {
         "lm_head": lm_head_variants,
         "skinny": skinny_variants,
+        "linears": trunk_linear_variants,
         "snc": snc_variants,
         "adapter": adapter_variants,
     }

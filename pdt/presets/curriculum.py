@@ -139,7 +139,13 @@ class RolloutConfig(StrictModel):
     eval_rows: int = Field(16, ge=0)
     """Blocks rolled out per validation batch at each evaluation and for the calibration (0: none;
     only when `every` > 0): the report's `readiness_auc_rollouts` — the head scored on the model's own
-    blocks, the kind of block the decoder commits or rolls back."""
+    blocks, sampled against teacher windows."""
+    calibration_prompts: int = Field(10, ge=0)
+    """Validation prompts the decoder itself answers at the calibration (γ = 0, the demo's sampling):
+    γ is capped on the readiness of those blocks, which read the model's own notes as at decode
+    (0: capped on the rollout blocks instead; only when `every` > 0)."""
+    calibration_tokens: int = Field(128, ge=1)
+    """Tokens each stream writes in those answers (the demo's `decode.max_new_tokens`)."""
 
 
 class CurriculumPreset(PresetBase):

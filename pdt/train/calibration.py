@@ -15,9 +15,10 @@ tiny-trunk head with AUC 0.59 whose γ rolled back every block of every answer).
 is plain Youden. With only one class present there is no ROC: γ = 0.5.
 
 Then the cap from the decoder's own blocks (`capped_gamma`, the curriculum's
-`readiness_max_rollback`, 0.01 by default): where the stage rolls out the model's own blocks, γ is
-lowered, if need be, until at most that share of those blocks with no violation event score below
-it. The labelled set is half corruptions the decoder never writes, so its operating point says
+`readiness_max_rollback`, 0.01 by default): γ is lowered, if need be, until at most that share of
+the blocks the decoder itself writes on validation prompts score below it
+(`pdt.train.decode_calibration`; without them, the rollout blocks with no violation event). The
+labelled set is half corruptions the decoder never writes, so its operating point says
 little about how often γ rolls back at decode: on the 124M pipeline (2026-12-06) the TPR-0.9 point
 rolled back 1.8 blocks an answer (15% of all blocks) while 0 of 48 own validation blocks had a
 violation — every rollback re-decoded a good block (K = 3 step ratio 2.07× against 2.76× for

@@ -570,7 +570,17 @@ def _gamma_capped_note(ready: dict[str, Any], cap: float) -> str | None:
     gamma, youden = ready["gamma"], ready["gamma_youden"]
     if gamma >= youden:
         return None
-    own, lab = ready.get("own_good_quantiles") or {}, ready.get("labelled_good_quantiles") or {}
+    lab = ready.get("labelled_good_quantiles") or {}
+    if ready.get("decoded_blocks"):  # capped on the decoder's own answers
+        own = ready.get("decoded_quantiles") or {}
+        blocks = (
+            f"the {ready['decoded_blocks']} blocks the decoder wrote on {ready['decoded_prompts']} "
+            "validation prompts"
+        )
+    else:
+        own = ready.get("own_good_quantiles") or {}
+        good = ready["own_blocks"] - ready["own_violations"]
+        blocks = f"the model's own {good} rollout blocks with no violation"
     scores = ""
     if own and lab:
         scores = (
@@ -579,8 +589,7 @@ def _gamma_capped_note(ready: dict[str, Any], cap: float) -> str | None:
         )
     out = (
         f"readiness γ lowered from {youden:.3f} (the ROC rule) to {gamma:.3g} so that at most {cap:g} of "
-        f"the model's own {ready['own_blocks'] - ready['own_violations']} rollout blocks with no violation "
-        f"roll back{scores}"
+        f"{blocks} roll back{scores}"
     )
     if gamma < 0.01:
         out += (

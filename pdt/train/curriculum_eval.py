@@ -22,6 +22,7 @@ import torch
 from pdt.data.build.notes import CORRUPTIONS
 from pdt.train import calibration as C
 from pdt.train import runtime as R
+from pdt.train.decode_calibration import TEMPERATURE, TOP_P, decoded_readiness
 
 #: Readiness example sources (`curriculum_step._readiness`): dataset corruptions, speculation notes
 #: (own vs a sibling's), own rollouts.
@@ -162,7 +163,12 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
         youden = C.youden_threshold(ready_s, ready_y, min_tpr)
         own = sc["readiness_kinds"] == 2  # the model's own blocks (rollouts), good or violating
         good, bad = ready_s[own & (ready_y >= 0.5)], ready_s[own & (ready_y < 0.5)]
-        gamma = C.capped_gamma(youden, good, cap)
+        # the cap's blocks: those the decoder itself writes (reading its own notes), else the rollouts'
+        decoded = decoded_readiness(st) if st.preset.rollouts.every > 0 else []
+        capped_on = np.asarray([x for answer in decoded for x in answer], dtype=np.float64)
+        if not len(capped_on):
+            capped_on = good
+        gamma = C.capped_gamma(youden, capped_on, cap)
         out["readiness"] = {
             "gamma": gamma,
             "gamma_youden": youden,
@@ -182,15 +188,27 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             # and the γ that a looser cap would keep (`readiness_max_rollback` at each share)
             "own_good_scores": sorted(float(x) for x in good),
             "own_violation_scores": sorted(float(x) for x in bad),
+            # the decoder's own answers (γ = 0): each block's readiness, per prompt, and where γ falls
+            "decoded_prompts": len(decoded),
+            "decoded_blocks": sum(len(a) for a in decoded),
+            "decoded_scores": decoded,
+            "decoded_quantiles": _quantiles(np.asarray([x for a in decoded for x in a])),
+            "decoded_rollback_rate": float((capped_on < gamma).mean()) if decoded else None,
+            "decoded_rollback_rate_at_youden": float((capped_on < youden).mean()) if decoded else None,
             "gamma_by_max_rollback": {
-                f"{share:g}": C.capped_gamma(youden, good, share) for share in GAMMA_SHARES
+                f"{share:g}": C.capped_gamma(youden, capped_on, share) for share in GAMMA_SHARES
             }
-            if len(good)
+            if len(capped_on)
             else None,
             "rule": f"max Youden J = TPR - FPR over the ROC points with TPR >= {min_tpr:g}; "
             "ties -> highest threshold; then lowered until at most "
-            f"{cap:g} of the model's own rollout blocks with no violation score below it; "
-            "commit if readiness >= gamma",
+            + (
+                f"{cap:g} of the blocks the decoder itself writes on {len(decoded)} validation prompts "
+                f"(gamma 0, temperature {TEMPERATURE:g}, top-p {TOP_P:g}) score below it; "
+                if decoded
+                else f"{cap:g} of the model's own rollout blocks with no violation score below it; "
+            )
+            + "commit if readiness >= gamma",
         }
     if cov_s is not None:
         threshold = C.best_macro_f1_threshold(cov_s, cov_y)

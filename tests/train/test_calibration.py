@@ -153,3 +153,14 @@ def test_a_lowered_gamma_is_said_with_the_scores_that_lowered_it() -> None:
     assert "0.01: γ" not in note and "decode.gamma" in note
     mild = _gamma_capped_note({**ready, "gamma": 0.25}, 0.01)  # lowered, still a working γ
     assert mild is not None and "0.25" in mild and "hardly ever" not in mild
+    decoded = {  # capped on the decoder's own answers: the note names those blocks and their scores
+        **ready,
+        "gamma": 0.36,
+        "gamma_youden": 0.431,
+        "decoded_blocks": 60,
+        "decoded_prompts": 10,
+        "decoded_quantiles": {"min": 0.355, "p10": 0.41, "p50": 0.641, "p90": 0.9},
+    }
+    note = _gamma_capped_note(decoded, 0.01)
+    assert note is not None and "the 60 blocks the decoder wrote on 10 validation prompts" in note
+    assert "min 0.355, median 0.641" in note and "rollout blocks" not in note

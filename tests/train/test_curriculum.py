@@ -251,27 +251,33 @@ def test_heads_lr_scale_speeds_the_heads_and_leaves_the_lm_path_alone(world: dic
 
 
 def test_export_calibration_and_report(world: dict[str, Path]) -> None:
-    preset = stage_preset(3, world["trunk"], init_from=None, rollouts={"every": 2, "rows": 2, "eval_rows": 4})
+    rollouts = {"every": 2, "rows": 2, "eval_rows": 4, "calibration_prompts": 3, "calibration_tokens": 32}
+    preset = stage_preset(3, world["trunk"], init_from=None, rollouts=rollouts)
     assert run(preset)[0] == "finished"
     folder = checkpoints_root() / "stage3" / "export"
     cal = json.loads((folder / "calibration.json").read_text())
     ready = cal["readiness"]
     assert 0.0 <= ready["gamma"] <= ready["gamma_youden"] <= 1.0 and ready["n"] > 0
-    # γ is capped on the model's own validation blocks: at most ⌊share·n⌋ good ones roll back
-    good = ready["own_blocks"] - ready["own_violations"]
-    allowed = int(preset.readiness_max_rollback * good)
-    assert good > 0 and round(ready["own_good_rollback_rate"] * good) <= allowed
-    own_q, lab_q = ready["own_good_quantiles"], ready["labelled_good_quantiles"]  # where the cap put γ
+    # γ is capped on the blocks the decoder itself wrote (γ 0) on 3 validation prompts: at most
+    # ⌊share·n⌋ of them score below it
+    decoded = [x for answer in ready["decoded_scores"] for x in answer]
+    assert ready["decoded_prompts"] == 3 and len(decoded) == ready["decoded_blocks"] > 0
+    below = sum(x < ready["gamma"] for x in decoded)
+    assert below <= int(preset.readiness_max_rollback * len(decoded))
+    assert ready["decoded_rollback_rate"] == pytest.approx(below / len(decoded))
+    assert ready["decoded_rollback_rate_at_youden"] >= ready["decoded_rollback_rate"]
+    assert "the decoder itself writes on 3 validation prompts" in ready["rule"]
+    own_q, lab_q = ready["own_good_quantiles"], ready["labelled_good_quantiles"]  # the rollouts, beside
     assert own_q["min"] <= own_q["p10"] <= own_q["p50"] <= own_q["p90"] and lab_q["min"] <= lab_q["p90"]
-    assert ready["gamma"] <= max(own_q["min"], 0.0) or ready["gamma"] == ready["gamma_youden"]
-    scores = ready["own_good_scores"]  # every own good block's score, ascending: the quantiles' source
+    scores = ready["own_good_scores"]  # every own good rollout block's score, ascending
+    good = ready["own_blocks"] - ready["own_violations"]
     assert len(scores) == good and scores == sorted(scores) and scores[0] == pytest.approx(own_q["min"])
     assert len(ready["own_violation_scores"]) == ready["own_violations"]
     by_share = ready["gamma_by_max_rollback"]  # the γ each cap keeps: the preset's own is the γ used
     assert by_share[f"{preset.readiness_max_rollback:g}"] == pytest.approx(ready["gamma"])
     gammas = [by_share[k] for k in sorted(by_share, key=float)]
     assert gammas == sorted(gammas) and gammas[-1] <= ready["gamma_youden"]
-    assert by_share["0.1"] == pytest.approx(C.capped_gamma(ready["gamma_youden"], scores, 0.1))
+    assert by_share["0.1"] == pytest.approx(C.capped_gamma(ready["gamma_youden"], decoded, 0.1))
     cov = cal["coverage"]
     assert 0.0 <= cov["threshold"] <= 1.0 and 0.0 <= cov["macro_f1"] <= 1.0
     assert cov["f1_all_covered"] == pytest.approx(2 * cov["base_rate"] / (1 + cov["base_rate"]))
@@ -295,6 +301,21 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     model.load_sidecars(folder)
     saved = CheckpointManager(checkpoints_root() / "stage3").load().tensors["sidecars"]
     assert all(torch.equal(v, saved[k]) for k, v in model.sidecar_state_dict().items())
+    # The calibration's answers are the decoder's: the exported sidecars answer the first validation
+    # prompt alike (same settings, fp32 on the CPU as the demo) and score the same blocks.
+    from pdt.data.tokenizer import load_tokenizer
+    from pdt.infer.orchestrator import DecodeSettings, ParallelDecoder
+    from pdt.train.decode_calibration import TEMPERATURE, TOP_P
+
+    tok = load_tokenizer(world["trunk"])
+    settings = DecodeSettings(
+        num_streams=3, tau=16, bus=preset.bus, gamma=0.0, max_retries=0, temperature=TEMPERATURE,
+        top_p=TOP_P, max_new_tokens=32, seed=0, fast_path="eager",
+    )  # fmt: skip
+    prompt = tok.decode(open_dataset("ds_curr").splits["validation"][0]["prompt_ids"])
+    again = ParallelDecoder(model, tok, settings).decode(prompt, "pdt", emit_tokens=False)
+    scores0 = [a.readiness for s in again.streams for b in s.blocks for a in b if a.readiness is not None]
+    assert scores0 == pytest.approx(ready["decoded_scores"][0], abs=1e-5)
 
 
 # --------------------------------------------------------------------------- one step

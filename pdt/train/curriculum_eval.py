@@ -164,7 +164,7 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
         own = sc["readiness_kinds"] == 2  # the model's own blocks (rollouts), good or violating
         good, bad = ready_s[own & (ready_y >= 0.5)], ready_s[own & (ready_y < 0.5)]
         # the cap's blocks: those the decoder itself writes (reading its own notes), else the rollouts'
-        decoded = decoded_readiness(st) if st.preset.rollouts.every > 0 else []
+        decoded = _decoded_or_none(st) if st.preset.rollouts.every > 0 else []
         capped_on = np.asarray([x for answer in decoded for x in answer], dtype=np.float64)
         if not len(capped_on):
             capped_on = good
@@ -226,6 +226,20 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             "distinct scores; ties -> highest threshold; covered if score >= threshold",
         }
     return out
+
+
+def _decoded_or_none(st: Any) -> list[list[float]]:
+    """`decoded_readiness`, or [] with a warning when decoding fails at the end of a run (the cap
+    then falls back to the rollout blocks; the trained sidecars are saved either way)."""
+    try:
+        return decoded_readiness(st)
+    except (RuntimeError, ValueError) as exc:  # CUDA OOM included: a long run must not end here
+        st.ctx.log(
+            f"the calibration could not decode validation prompts ({exc}); γ is capped on the rollout "
+            "blocks instead (set rollouts.calibration_prompts to 0 to skip the decode)",
+            level="warning",
+        )
+        return []
 
 
 #: The own-block shares `calibration.json` lists the capped γ for (beside the preset's own).

@@ -318,6 +318,25 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     assert scores0 == pytest.approx(ready["decoded_scores"][0], abs=1e-5)
 
 
+def test_a_calibration_decode_that_fails_falls_back_to_the_rollout_blocks(
+    world: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pdt.train.curriculum_eval as CE
+
+    def fail(_st: object) -> list:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(CE, "decoded_readiness", fail)
+    rollouts = {"every": 2, "rows": 2, "eval_rows": 4, "calibration_prompts": 3, "calibration_tokens": 32}
+    status, events = run(stage_preset(3, world["trunk"], init_from=None, rollouts=rollouts))
+    assert status == "finished"  # the run ends with its sidecars exported and a γ
+    cal = json.loads((checkpoints_root() / "stage3" / "export" / "calibration.json").read_text())
+    ready = cal["readiness"]
+    assert ready["decoded_blocks"] == 0 and "rollout blocks with no violation" in ready["rule"]
+    warnings = [e.message for e in events if isinstance(e, Log) and e.level == "warning"]
+    assert any("could not decode validation prompts (CUDA out of memory" in w for w in warnings)
+
+
 # --------------------------------------------------------------------------- one step
 
 

@@ -14,6 +14,7 @@
 #       SET='stage3_124m_h3:extends="stage3_124m.json" stage3_124m_h3:train.heads_lr_scale=3'
 #       then `launch ... stage3_124m stage3_124m_h3` and `STAGES="stage3_124m stage3_124m_h3" measure`
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
+#   PARTS=linears with finish/measure: then bench/decode_parts.py for those parts
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
 set -uo pipefail
 W=/tmp/pdt
@@ -93,6 +94,8 @@ PY
     [ "${SKIP_NLL:-0}" = 1 ] || python3 bench/nll_breakdown.py 2>&1 | grep -E "nats|wrote"
     [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8
     [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1
+    # PARTS=linears (or lm_head,skinny,...): decode-step parts in a graph, bench/decode_parts.py
+    [ -n "${PARTS:-}" ] && PDT_PARTS=$PARTS python3 bench/decode_parts.py 2>&1 | tail -20
     [ "${COMPARE:-0}" = 1 ] && bash "$0" compare
     true ;;
   finish)  # poll, then measure once the pipeline is done

@@ -92,6 +92,7 @@ class _Buffers:
     ids: torch.Tensor  # [R, 1] long
     pos: torch.Tensor  # [R, 1] long
     slot: torch.Tensor  # [1] long: the physical slot the step writes
+    seen: list  # [n or None]: without graphs, attention reads the first n slots (those written so far)
     mask: torch.Tensor  # [R, 1, 1, capacity]: a view of `valid` (sdpa) or an additive float buffer
     window: dict[str, torch.Tensor] = field(default_factory=dict)  # notes window buffers, by field
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
@@ -180,7 +181,8 @@ class GraphStreamDecoder(StreamDecoder):
             for _, v in prompt_kv
         ]
         slot = torch.zeros(1, dtype=torch.long, device=self.device)
-        cache = _slot_cache(template, keys, values, slot)
+        seen: list = [None]
+        cache = _slot_cache(template, keys, values, slot, seen)
         valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
         impl = getattr(self.model.trunk.config, "_attn_implementation", None)
         if impl == "eager":
@@ -199,6 +201,7 @@ class GraphStreamDecoder(StreamDecoder):
             ids=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
             pos=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
             slot=slot,
+            seen=seen,
             mask=mask,
             generation=old.generation if old is not None else 0,
         )
@@ -343,6 +346,9 @@ class GraphStreamDecoder(StreamDecoder):
         rows = buf.ids.shape[0] * buf.ids.shape[1]
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.graphs:  # eager steps: attention over the slots written so far, not the capacity
+                buf.seen[0] = int(buf.slot) + 1
+                kwargs["attention_mask"] = buf.mask[..., : buf.seen[0]]
             with decode_attention(), lm_head_kernel(trunk, rows):
                 if ctx is None:
                     out = trunk(**kwargs)
@@ -424,11 +430,14 @@ def _round_up(n: int) -> int:
 
 
 def _slot_cache(
-    template: Any, keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor
+    template: Any, keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor, seen: list
 ) -> Any:
     """A transformers DynamicCache (the class the trunk already decodes with) whose layers hold the
     static buffers and write each step's K/V at physical slot `slot` (a device tensor, so the write
-    is part of the graph) — returning the whole buffer; the mask hides the slots a row does not own."""
+    is part of the graph) — returning the whole buffer (a graph's shapes are fixed), or with
+    `seen[0]` = n (eager steps) its first n slots: attention then costs what the answer has written,
+    not the capacity (CPU, tiny pipeline, 10 K = 3 answers under cProfile: attention 0.63 → 0.37 s,
+    the steps 5.53 → 5.26 s). The mask hides the slots a row does not own."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
@@ -445,7 +454,10 @@ def _slot_cache(
         ) -> Any:
             self.keys.index_copy_(2, slot, key_states)
             self.values.index_copy_(2, slot, value_states)
-            return self.keys, self.values
+            n = seen[0]
+            if n is None:
+                return self.keys, self.values
+            return self.keys[:, :, :n], self.values[:, :, :n]
 
         layer.update = types.MethodType(update, layer)
         cache.layers.append(layer)

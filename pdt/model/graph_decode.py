@@ -243,6 +243,8 @@ class GraphStreamDecoder(StreamDecoder):
         buf.ids.copy_(tokens.to(self.device).view(-1, 1))
         buf.pos.copy_(position.view(-1, 1))
         buf.slot.fill_(slot)
+        if not self.graphs:  # eager steps: attention over the slots written so far, not the capacity
+            buf.seen[0] = slot + 1
         if buf.mask.dtype != torch.bool:  # eager attention: additive mask
             buf.mask.copy_(torch.where(buf.valid, 0.0, torch.finfo(buf.mask.dtype).min)[:, None, None, :])
         key = self._load(buf, context)
@@ -346,8 +348,7 @@ class GraphStreamDecoder(StreamDecoder):
         rows = buf.ids.shape[0] * buf.ids.shape[1]
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.graphs:  # eager steps: attention over the slots written so far, not the capacity
-                buf.seen[0] = int(buf.slot) + 1
+            if buf.seen[0] is not None:  # eager steps read the slots written so far (`step`)
                 kwargs["attention_mask"] = buf.mask[..., : buf.seen[0]]
             with decode_attention(), lm_head_kernel(trunk, rows):
                 if ctx is None:

@@ -192,7 +192,7 @@ def calibrate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, Any]:
             "decoded_prompts": len(decoded),
             "decoded_blocks": sum(len(a) for a in decoded),
             "decoded_scores": decoded,
-            "decoded_quantiles": _quantiles(np.asarray([x for a in decoded for x in a])),
+            "decoded_quantiles": _quantiles(capped_on) if decoded else None,
             "decoded_rollback_rate": float((capped_on < gamma).mean()) if decoded else None,
             "decoded_rollback_rate_at_youden": float((capped_on < youden).mean()) if decoded else None,
             "gamma_by_max_rollback": {

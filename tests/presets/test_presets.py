@@ -68,6 +68,14 @@ BAD = {
         ["data.sources[0].extnsions", 'did you mean "extensions"'],
     ),
     "bad_kind": ({"name": "bad_kind", "kind": "pretrian"}, ["unknown kind", 'did you mean "pretrain"']),
+    "calibration_tokens_zero": (
+        {"name": "calibration_tokens_zero", "extends": "stage3.json", "rollouts": {"calibration_tokens": 0}},
+        ["rollouts.calibration_tokens", "greater than or equal to 1", "(got 0)"],
+    ),
+    "unknown_fast_path": (
+        {"name": "unknown_fast_path", "extends": "demo_tiny.json", "decode": {"fast_path": "statc"}},
+        ["decode.fast_path", "'static'", '(got "statc")'],
+    ),
     "trunk_tokenizer_without_folder": (
         {"name": "trunk_tokenizer_without_folder", "kind": "pretrain", "tokenizer": {"type": "trunk"}},
         ['tokenizer.type "trunk" needs a folder with a tokenizer', "tokenizer.path"],

@@ -86,7 +86,9 @@ def lm_head_variants() -> list[dict[str, Any]]:
 
 
 def trunk_linear_variants() -> list[dict[str, Any]]:
-    """Each trunk linear shape at 1 and 3 rows: cuBLAS (`F.linear`) against `skinny_linear`."""
+    """Each trunk linear shape at 1 and 3 rows: cuBLAS (`F.linear`) against `skinny_linear` at
+    several output-block widths."""
+    from pdt.kernels import skinny_linear_triton as mod
     from pdt.kernels.skinny_linear_triton import skinny_linear_triton
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -101,16 +103,24 @@ def trunk_linear_variants() -> list[dict[str, Any]]:
         for rows in (1, 3):
             h = x[:rows]
             expect = F.linear(h, w)
-            for kind, fn in (
-                ("F.linear", lambda h=h, w=w: F.linear(h, w)),
-                ("skinny_linear", lambda h=h, w=w: skinny_linear_triton(h, w)),
-            ):
-                err = float((fn().float() - expect.float()).abs().max())
+            variants = [("F.linear", {}, lambda h=h, w=w: F.linear(h, w))]
+            # BLOCK_V 64 gives a 768-wide output only 12 programs: narrower blocks spread the read
+            for block_v in (16, 32, 64):
+                variants.append(
+                    (
+                        f"skinny_linear BLOCK_V={block_v}",
+                        {"BLOCK_V": block_v},
+                        lambda h=h, w=w: skinny_linear_triton(h, w),
+                    )
+                )
+            for kind, setting, fn in variants:
+                err = float(_with(mod, setting, fn).float().sub(expect.float()).abs().max())
+                us = _with(mod, setting, lambda fn=fn: graph_us(fn))
                 out.append(
                     {
                         "part": "linears",
                         "variant": f"{name} {kind} rows={rows}",
-                        "us": graph_us(fn),
+                        "us": us,
                         "max_abs_diff_vs_linear": err,
                     }
                 )

@@ -40,7 +40,9 @@ validation prompts, 8 by default: the quality figures of 3–4 prompts swung run
 without trained sidecars time the first 4 only),
 PDT_BENCH_TRUNK=random, PDT_BENCH_SEED (the sampling seed, 0 by default), PDT_BENCH_STAGE (the
 stage-3 preset whose sidecars the demo loads, e.g. a variant trained beside the shipped one),
-PDT_BENCH_GAMMA (decode at this γ rather than the calibrated one).
+PDT_BENCH_GAMMA (decode at this γ rather than the calibrated one), PDT_BENCH_TRUNK_KERNEL=1 (the
+graph step's decoder-block linears run `skinny_linear` as its LM head does: graph_decode's
+TRUNK_KERNEL_ROWS, recorded as `trunk_linears`).
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -67,6 +69,7 @@ from pdt.infer.job import Session  # noqa: E402
 from pdt.infer.orchestrator import DecodeResult, ParallelDecoder  # noqa: E402
 from pdt.infer.quality import answer_nll, redundancy  # noqa: E402
 from pdt.jobs import JobContext  # noqa: E402
+from pdt.model import graph_decode  # noqa: E402
 from pdt.model.pdt_model import PDTModel  # noqa: E402
 from pdt.presets.loader import load_preset_file, validate_preset  # noqa: E402
 
@@ -240,6 +243,8 @@ def main() -> None:
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=seed)
     if os.environ.get("PDT_BENCH_GAMMA"):  # another readiness threshold than the calibrated one
         base = dataclasses.replace(base, gamma=float(os.environ["PDT_BENCH_GAMMA"]))
+    if os.environ.get("PDT_BENCH_TRUNK_KERNEL") == "1":
+        graph_decode.TRUNK_KERNEL_ROWS = graph_decode.LM_HEAD_KERNEL_ROWS
     # CUDA: both engines; the CPU: `static` (what `auto` runs there), `eager` when asked for
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("static",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
@@ -286,6 +291,9 @@ def main() -> None:
                 "code_version": pdt.code_version(),
                 "k": k,
                 "mode": decoder.engine,
+                "trunk_linears": "skinny_linear"
+                if len(graph_decode.TRUNK_KERNEL_ROWS) and decoder.engine == "cuda_graph"
+                else "F.linear",
                 "sidecars": f"trained ({os.environ.get('PDT_BENCH_STAGE') or 'stage 3'})"
                 if trained
                 else "untrained, gates opened (timing only)",

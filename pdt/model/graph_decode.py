@@ -45,6 +45,8 @@ _ROUND = 256  # capacities are multiples of this: answers of similar length shar
 #: every decode mode alike, `sequential` included: H100, 124M head, inside a graph, 3 rows 28.4 µs
 #: against cuBLAS's 64.0 µs, 1 row 28.0 µs against its gemv's 32.6 µs (bench/decode_parts.py).
 LM_HEAD_KERNEL_ROWS = range(1, 17)
+#: Rows whose decoder-block linear layers (attention and MLP projections) run `skinny_linear` too.
+TRUNK_KERNEL_ROWS: range = range(0)
 
 
 class GraphCaptureError(RuntimeError):
@@ -377,27 +379,32 @@ def lm_head_kernel(trunk: torch.nn.Module, rows: int) -> Iterator[None]:
     """While active, the trunk's LM head (an `nn.Linear`) computes a step of `rows` tokens with
     `pdt.kernels.skinny_linear` — the same product, bias and dtype as `F.linear` — when the head is
     on CUDA (or `PDT_KERNELS=triton` forces the kernel: the interpreter tests) and `rows` is in
-    LM_HEAD_KERNEL_ROWS; otherwise nothing changes. Only the linear map is replaced: what the model
-    does around it (soft-capping, scaling) stays the model's own."""
+    LM_HEAD_KERNEL_ROWS; and so do the decoder blocks' own `nn.Linear` layers when `rows` is in
+    TRUNK_KERNEL_ROWS. Otherwise nothing changes. Only the linear maps are replaced: what the model
+    does around them (soft-capping, scaling) stays the model's own."""
     head = trunk.get_output_embeddings()
-    wanted = head is not None and (head.weight.is_cuda or kernels.kernel_mode() == "triton")
-    if type(head) is not torch.nn.Linear or not wanted or rows not in LM_HEAD_KERNEL_ROWS:
-        yield
-        return
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        flat = kernels.skinny_linear(x.reshape(-1, x.shape[-1]), head.weight, head.bias)
-        return flat.view(*x.shape[:-1], flat.shape[-1])
-
-    previous = vars(head).get("forward")  # an instance forward already there (pdt.model.cpu_linear)
-    head.forward = forward  # an instance attribute: shadows nn.Linear.forward until restored
+    layers: list[torch.nn.Linear] = []
+    if type(head) is torch.nn.Linear and rows in LM_HEAD_KERNEL_ROWS:
+        layers.append(head)
+    if rows in TRUNK_KERNEL_ROWS:
+        layers += [m for m in trunk.modules() if type(m) is torch.nn.Linear and m is not head]
+    wanted = [m for m in layers if m.weight.is_cuda or kernels.kernel_mode() == "triton"]
+    previous = [vars(m).get("forward") for m in wanted]  # instance forwards already there (cpu_linear)
+    for m in wanted:
+        m.forward = types.MethodType(_skinny_forward, m)  # shadows nn.Linear.forward until restored
     try:
         yield
     finally:
-        if previous is None:
-            del head.forward
-        else:
-            head.forward = previous
+        for m, old in zip(wanted, previous, strict=True):
+            if old is None:
+                del m.forward
+            else:
+                m.forward = old
+
+
+def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    flat = kernels.skinny_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+    return flat.view(*x.shape[:-1], flat.shape[-1])
 
 
 def capture_graph(fn: Callable[[], Any], warmup: int = 2) -> tuple[Any, Any]:

@@ -410,3 +410,36 @@ def test_lm_head_kernel_inside_a_trunk_forward(
         torch.testing.assert_close(got, expect, **FP32)
         assert vars(head).get("forward") is before  # the override is gone, an earlier one is back
     assert calls == [torch.Size([3, trunk.config.hidden_size]), torch.Size([6, trunk.config.hidden_size])]
+
+
+def test_trunk_linears_run_skinny_linear_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRUNK_KERNEL_ROWS: a 3-row decode forward of a llama trunk computes every decoder-block
+    projection (q/k/v/o, gate/up/down) and the head with `skinny_linear` and gets `F.linear`'s
+    logits; at the default (empty) range only the head does; afterwards no forward is left patched."""
+    import pdt.kernels.skinny_linear_triton as kern
+    from pdt.model import graph_decode
+    from tests.model.test_pdt_model import tiny_trunk
+
+    trunk = tiny_trunk("llama")
+    linears = [m for m in trunk.modules() if type(m) is torch.nn.Linear]
+    calls = []
+    real = kern.skinny_linear_triton
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(w.shape)
+        return real(x, w, b)
+
+    monkeypatch.setattr(kern, "skinny_linear_triton", counted)
+    ids = torch.randint(1, trunk.config.vocab_size, (3, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expect = trunk(input_ids=ids).logits
+        with graph_decode.lm_head_kernel(trunk, rows=3):
+            trunk(input_ids=ids)
+        assert len(calls) == 1  # the head only
+        monkeypatch.setattr(graph_decode, "TRUNK_KERNEL_ROWS", range(1, 17))
+        calls.clear()
+        with graph_decode.lm_head_kernel(trunk, rows=3):
+            got = trunk(input_ids=ids).logits
+    torch.testing.assert_close(got, expect, **FP32)
+    assert len(calls) == len(linears) and len(linears) > trunk.config.num_hidden_layers * 7
+    assert all("forward" not in vars(m) for m in linears)

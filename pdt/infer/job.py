@@ -30,7 +30,14 @@ from pdt.infer.manifest import build_manifest, write_manifest
 from pdt.infer.orchestrator import DecodeResult, DecodeSettings, ParallelDecoder, plain_trunk
 from pdt.infer.quality import answer_nll, redundancy
 from pdt.jobs import JobContext
-from pdt.model.pdt_model import COVERAGE_KEYS, PLAN_NAMES, SIDECAR_META, PDTModel, trunk_identity
+from pdt.model.pdt_model import (
+    COVERAGE_KEYS,
+    PLAN_NAMES,
+    PLAN_VECTORS,
+    SIDECAR_META,
+    PDTModel,
+    trunk_identity,
+)
 from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import CurriculumPreset, CurriculumTrunk
 from pdt.presets.inference import InferencePreset
@@ -69,6 +76,7 @@ class Session:
         self.calibration = _read_json(self.folder / "calibration.json")
         names = _read_json(self.folder / PLAN_NAMES) or {}
         self.plan_names = {int(i): str(t) for i, t in names.items() if str(i).isdigit()}
+        self.item_vectors = _item_vectors(ctx, self.folder, cfg.d_notes)
         self.training = _training_defaults(self.folder, stage)
         # Sidecars exported by stage 3 before the coverage head read plan items by their text
         # embedding say nothing of it: their head scores the plan-id embeddings it was trained on.
@@ -183,6 +191,7 @@ class Session:
                 self.settings,
                 plan_names=self.plan_names,
                 coverage_text=self.coverage_text,
+                item_vectors=self.item_vectors,
             )
         return self._parallel
 
@@ -393,6 +402,23 @@ def _trunk_folder(trunk: CurriculumTrunk) -> Path:
 
 def _wants_bf16(trunk: CurriculumTrunk, device: torch.device) -> bool:
     return trunk.dtype == "bf16" or (trunk.dtype == "auto" and device.type == "cuda")
+
+
+def _item_vectors(ctx: JobContext, folder: Path, d_notes: int) -> tuple[list[str], torch.Tensor] | None:
+    """The export's plan-item embeddings, or None: sidecars exported before they were written, or a
+    file that does not fit (a warning: the demo then embeds a plan's items when it first meets
+    them, as before — slower, the same keys)."""
+    from pdt.infer.orchestrator import NOTE_TOKENS
+    from pdt.train.curriculum_data import read_item_vectors
+
+    path = folder / PLAN_VECTORS
+    if not path.exists():
+        return None
+    try:
+        return read_item_vectors(path, d_notes, NOTE_TOKENS)
+    except ValueError as exc:
+        ctx.log(f"{exc}; the plan items are embedded as prompts name them instead", level="warning")
+        return None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -366,11 +366,14 @@ class ParallelDecoder:
         emit: Callable[[Event], None] | None = None,
         plan_names: dict[int, str] | None = None,
         coverage_text: bool = True,
+        item_vectors: tuple[list[str], torch.Tensor] | None = None,
     ) -> None:
         """`plan_names`: plan id → the item text it stands for (the training set's, exported with
         the sidecars), so the planner's plan reads as words; ids without one show as "plan id N".
         `coverage_text`: the coverage head reads each item's text embedding (`coverage_keys`, how
-        the curriculum trains it); False for sidecars trained on the plan-id embeddings alone."""
+        the curriculum trains it); False for sidecars trained on the plan-id embeddings alone.
+        `item_vectors`: (texts, [n, d_n]) those embeddings already made (the export's
+        `plan_item_vectors.safetensors`); other texts are embedded when a plan first names them."""
         if settings.num_streams != model.cfg.num_streams:
             raise ValueError(
                 f"the sidecars were trained for K = {model.cfg.num_streams} streams, "
@@ -386,11 +389,15 @@ class ParallelDecoder:
         self.s = settings
         self.emit = emit or (lambda _e: None)
         self.plan_names = dict(plan_names or {})
-        self._text_vectors: dict[str, torch.Tensor] = {}  # plan-item text → its embedding (once)
         self.coverage_text = coverage_text
         self.decoder, self.engine_note = make_decoder(model, settings)
         self.engine = self.decoder.engine
         self.device = self.decoder.device
+        # plan-item text → its row of `_item_table` [n + 1, d_n] (the last row: zeros, for no text)
+        self._item_rows: dict[str, int] = {}
+        self._item_table = torch.zeros(1, model.cfg.d_notes, device=self.device)
+        if item_vectors is not None:
+            self._add_item_vectors(*item_vectors)
         self.eos = getattr(tokenizer, "eot_id", None)
 
     # ------------------------------------------------------------------ public
@@ -883,21 +890,28 @@ class ParallelDecoder:
             else [self.plan_names.get(i) for i in plan.item_ids[k]]
             for k in ids
         ]
-        wanted = sorted({t for row in per for t in row if t and t not in self._text_vectors})
+        wanted = sorted({t for row in per for t in row if t and t not in self._item_rows})
         if wanted:
-            from pdt.train.curriculum_data import embed_note_texts  # the curriculum's own embedding
+            from pdt.train.curriculum_data import embed_item_texts  # the curriculum's own embedding
 
-            def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-                return self.model.embed_texts(ids, mask, centred=False)  # coverage keys: never centred
+            self._add_item_vectors(
+                wanted, embed_item_texts(self.model, wanted, self.tokenizer, NOTE_TOKENS, self.device)
+            )
+        none = len(self._item_rows)  # the zero row
+        index = [
+            [self._item_rows[t] if t else none for t in row] + [none] * (width - len(row)) for row in per
+        ]
+        return self._item_table[torch.tensor(index, device=self.device)]  # [R, width, d_n]
 
-            vec = embed_note_texts(wanted, self.tokenizer, embed, NOTE_TOKENS, self.device)
-            self._text_vectors.update(zip(wanted, vec.to(self.device), strict=True))
-        out = torch.zeros(len(ids), width, self.model.cfg.d_notes, device=self.device)
-        for r, row in enumerate(per):
-            for j, t in enumerate(row):
-                if t:
-                    out[r, j] = self._text_vectors[t]
-        return out
+    def _add_item_vectors(self, texts: list[str], vectors: torch.Tensor) -> None:
+        """Append embedded plan-item texts to the table (the zero row stays last)."""
+        new = [i for i, t in enumerate(texts) if t not in self._item_rows]
+        if not new:
+            return
+        for t in (texts[i] for i in new):
+            self._item_rows[t] = len(self._item_rows)
+        rows = vectors[torch.tensor(new)].to(self._item_table)  # [m, d_n]
+        self._item_table = torch.cat([self._item_table[:-1], rows, self._item_table[-1:]])
 
     def _labels(self, r: int, ids: list[int]) -> list[str]:
         return self._plan_labels[ids[r]]

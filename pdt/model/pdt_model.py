@@ -31,6 +31,7 @@ from pdt.presets.schema import SidecarConfig
 SIDECAR_WEIGHTS = "sidecars.safetensors"
 SIDECAR_META = "sidecars.json"
 PLAN_NAMES = "plan_items.json"  # beside them: plan id → the training item text it stands for
+PLAN_VECTORS = "plan_item_vectors.safetensors"  # and those texts' coverage-key embeddings
 FORMAT_VERSION = 1
 
 #: Curriculum groups → sidecar attributes (SPEC §2 "Stages freeze/unfreeze groups").

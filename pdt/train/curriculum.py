@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pdt
 from pdt.data import check_identity
 from pdt.data.tokenizer import TokenizerError, load_tokenizer
 from pdt.jobs import JobContext
-from pdt.model.pdt_model import COVERAGE_KEYS, PLAN_NAMES, PDTModel, SidecarLoadError
+from pdt.model.pdt_model import COVERAGE_KEYS, PLAN_NAMES, PLAN_VECTORS, PDTModel, SidecarLoadError
 from pdt.model.trunk import load_trunk
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.presets.loader import preset_hash
@@ -75,6 +74,7 @@ class Stage:
     history: list[dict[str, Any]] = field(default_factory=list)
     calibration: dict[str, Any] | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
+    item_vectors: tuple[list[str], torch.Tensor] | None = None  # plan-item text keys, once (export)
 
 
 def run_curriculum(ctx: JobContext) -> str:
@@ -700,15 +700,16 @@ def _save(st: Stage, finished: bool) -> None:
     D.barrier(st.dist)
 
 
-def plan_names(records: list[dict[str, Any]]) -> dict[str, str]:
-    """Plan id → the item text it stands for in these records (the commonest, when texts collide
-    in the hash), for the demo to show the planner's plan as words."""
-    counts: dict[int, Counter[str]] = {}
-    for record in records:
-        for ids, texts in zip(record["plan_item_ids"], record["plan_item_texts"], strict=True):
-            for i, text in zip(ids, texts, strict=True):
-                counts.setdefault(int(i), Counter())[str(text)] += 1
-    return {str(i): c.most_common(1)[0][0] for i, c in sorted(counts.items())}
+def _export_item_vectors(st: Stage, folder: Path) -> None:
+    """The plan items' texts embedded as the demo embeds them (`decode_calibration.item_vectors`:
+    the calibration's answers used these), so the demo reads them instead of running the trunk over
+    a prompt's plan items before its first token (on the CPU tiny demo ~8 ms of each answer's
+    ~15 ms plan phase, 2026-12-07)."""
+    from pdt.infer.orchestrator import NOTE_TOKENS
+    from pdt.train.decode_calibration import item_vectors
+
+    texts, vectors = item_vectors(st)
+    CD.write_item_vectors(folder / PLAN_VECTORS, texts, vectors, NOTE_TOKENS)
 
 
 def _export(st: Stage) -> None:
@@ -735,7 +736,8 @@ def _export(st: Stage) -> None:
         if st.preset.lora is not None:  # what the demo needs to rebuild the adapted trunk
             training["lora"] = st.preset.lora.model_dump(mode="json")
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
-        names = plan_names(st.ds.splits["train"])
+        names = CD.plan_names(st.ds.splits["train"])
         (folder / PLAN_NAMES).write_text(json.dumps(names, indent=0, sort_keys=True) + "\n", encoding="utf-8")
+        _export_item_vectors(st, folder)
         st.ctx.log(f"exported the stage-{st.preset.stage} sidecars: {folder}")
     write_report(st, [st.ctx.run_dir / "report.json"] + ([folder / "report.json"] if folder.exists() else []))

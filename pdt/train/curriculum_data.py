@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,61 @@ def embed_note_texts(
             out = torch.zeros(len(texts), vec.shape[-1])
         out[torch.tensor(chunk)] = vec
     return out if out is not None else torch.zeros(0, 0)
+
+
+def plan_names(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Plan id → the item text it stands for in these records (the commonest, when texts collide
+    in the hash), for the demo to show the planner's plan as words."""
+    counts: dict[int, Counter[str]] = {}
+    for record in records:
+        for ids, texts in zip(record["plan_item_ids"], record["plan_item_texts"], strict=True):
+            for i, text in zip(ids, texts, strict=True):
+                counts.setdefault(int(i), Counter())[str(text)] += 1
+    return {str(i): c.most_common(1)[0][0] for i, c in sorted(counts.items())}
+
+
+def embed_item_texts(
+    model: Any, texts: list[str], tokenizer: Any, note_tokens: int, device: torch.device, batch: int = 64
+) -> torch.Tensor:
+    """[len(texts), d_n] fp32 (CPU): plan-item texts as the coverage head reads them — the frozen
+    trunk's pooled embedding, never centred (the curriculum's coverage keys; the demo's too)."""
+
+    def embed(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return model.embed_texts(ids, mask, centred=False)
+
+    return embed_note_texts(texts, tokenizer, embed, note_tokens, device, batch)
+
+
+def write_item_vectors(path: Path, texts: list[str], vectors: torch.Tensor, note_tokens: int) -> None:
+    """The plan items' text embeddings beside an export: the vectors [n, d_n] fp32, the texts (same
+    order) and the token budget they were embedded with in the safetensors metadata."""
+    from safetensors.torch import save
+
+    meta = {"texts": json.dumps(texts), "note_tokens": str(note_tokens)}
+    write_atomic(path, save({"vectors": vectors.float().contiguous().cpu()}, metadata=meta))
+
+
+def read_item_vectors(path: Path, d_notes: int, note_tokens: int) -> tuple[list[str], torch.Tensor]:
+    """(texts, vectors [n, d_n]) from `write_item_vectors`; ValueError naming the file when it is
+    damaged or was embedded for other sidecars (another d_n or token budget)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            vectors = f.get_tensor("vectors")
+        texts = json.loads(meta["texts"])
+        tokens = int(meta["note_tokens"])
+    except Exception as exc:  # noqa: BLE001 - a damaged file of any kind is one message
+        raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(texts, list) or vectors.dim() != 2 or len(texts) != vectors.shape[0]:
+        raise ValueError(f"{path}: {len(texts)} texts for vectors of shape {tuple(vectors.shape)}")
+    if vectors.shape[1] != d_notes or tokens != note_tokens:
+        raise ValueError(
+            f"{path}: embedded for d_n {vectors.shape[1]} over {tokens} tokens; "
+            f"these sidecars have d_n {d_notes} and the demo embeds {note_tokens} tokens"
+        )
+    return [str(t) for t in texts], vectors.float()
 
 
 def load_or_build_notes(

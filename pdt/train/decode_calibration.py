@@ -20,9 +20,37 @@ from typing import Any
 import torch
 
 from pdt.train import runtime as R
+from pdt.train.curriculum_data import embed_item_texts, plan_names
 
 #: The demo presets' sampling (`demo_tiny`, `demo_124m`): the blocks γ will be applied to.
 TEMPERATURE, TOP_P = 0.7, 0.9
+
+
+def _demo_precision(st: Any) -> Any:
+    """The demo's precision: fp32 on the CPU (the training's bf16 autocast would round the scores to
+    bf16 steps, and a demo block could fall below a γ set at one); bf16 on a GPU, as there."""
+    cast = st.autocast_dtype if st.dist.device.type == "cuda" else None
+    return R.autocast(cast, st.dist.device)
+
+
+@torch.no_grad()
+def item_vectors(st: Any) -> tuple[list[str], torch.Tensor]:
+    """(texts, [n, d_n]): every plan item text of the training split embedded as the demo's coverage
+    keys (`embed_item_texts`, the demo's token budget and precision, the model as it decodes), once
+    per stage (`st.item_vectors`)."""
+    if st.item_vectors is None:
+        from pdt.infer.orchestrator import NOTE_TOKENS
+
+        texts = sorted(set(plan_names(st.ds.splits["train"]).values()))
+        was_training = st.model.training
+        st.model.eval()
+        try:
+            with _demo_precision(st):
+                vectors = embed_item_texts(st.model, texts, st.tokenizer, NOTE_TOKENS, st.dist.device)
+        finally:
+            st.model.train(was_training)
+        st.item_vectors = (texts, vectors)
+    return st.item_vectors
 
 
 @torch.no_grad()
@@ -48,13 +76,14 @@ def decoded_readiness(st: Any) -> list[list[float]]:
         fast_path="eager",  # the reference engine: the training process's mixed precision, no graphs
     )
     was_training = st.model.training
-    decoder = ParallelDecoder(st.model, st.tokenizer, settings)  # (puts the model in eval mode)
+    # as the demo decodes: the planner's ids read as their training texts, whose embeddings are the
+    # coverage keys (the same vectors the export writes for the demo)
+    names = {int(i): t for i, t in plan_names(st.ds.splits["train"]).items()}
+    vectors = item_vectors(st)
+    decoder = ParallelDecoder(st.model, st.tokenizer, settings, plan_names=names, item_vectors=vectors)
     out: list[list[float]] = []
     try:
-        # the demo's precision: fp32 on the CPU (the training's bf16 autocast would round the scores
-        # to bf16 steps, and a demo block could fall below a γ set at one); bf16 on a GPU, as there
-        cast = st.autocast_dtype if st.dist.device.type == "cuda" else None
-        with R.autocast(cast, st.dist.device):
+        with _demo_precision(st):
             for record in records:
                 result = decoder.decode(st.tokenizer.decode(record["prompt_ids"]), "pdt", emit_tokens=False)
                 out.append(

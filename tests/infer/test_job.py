@@ -184,6 +184,44 @@ def test_plan_names_label_the_planners_plan_and_a_damaged_file_is_a_message(
     assert manifest.plan["items"][0] == [f"item {i}" for i in manifest.plan["slot_ids"]]
 
 
+def test_a_damaged_item_vectors_file_is_a_warning_and_the_demo_embeds_instead(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    """plan_item_vectors.safetensors only saves work: damaged, the demo warns (naming the file) and
+    answers anyway; intact, the session holds its texts and vectors for the decoder."""
+    folder = tmp_path / "sidecars"
+    shutil.copytree(world["sidecars"], folder)
+    (folder / "plan_item_vectors.safetensors").write_bytes(b"not a safetensors file")
+    p = preset(world, sidecars={"path": str(folder)}, plan_items=None)
+    assert run_job(p, tmp_path / "bad", console=False) == 0
+    warnings = [
+        e for e in read_events(tmp_path / "bad" / "events.jsonl") if e.kind == "log" and e.level == "warning"
+    ]
+    assert any("plan_item_vectors.safetensors" in e.message and "unreadable" in e.message for e in warnings)
+    # intact: the session hands the file's texts and vectors to its decoder; for other sidecars
+    # (another d_n) it is a warning again
+    from pdt.infer.job import Session
+    from pdt.infer.orchestrator import NOTE_TOKENS
+    from pdt.jobs import JobContext
+    from pdt.train.curriculum_data import write_item_vectors
+
+    vectors = torch.randn(2, SIDECARS.d_notes)
+    write_item_vectors(folder / "plan_item_vectors.safetensors", ["Moon", "Apollo"], vectors, NOTE_TOKENS)
+    events: list = []
+    session = Session(JobContext(preset=p, run_dir=tmp_path, checkpoints_dir=tmp_path, emit=events.append), p)
+    assert session.item_vectors is not None and session.item_vectors[0] == ["Moon", "Apollo"]
+    torch.testing.assert_close(session._decoder()._item_table[:2], vectors)
+    write_item_vectors(folder / "plan_item_vectors.safetensors", ["Moon"], torch.randn(1, 7), NOTE_TOKENS)
+    events.clear()
+    assert (
+        Session(
+            JobContext(preset=p, run_dir=tmp_path, checkpoints_dir=tmp_path, emit=events.append), p
+        ).item_vectors
+        is None
+    )
+    assert any("d_n 7" in getattr(e, "message", "") for e in events)
+
+
 def test_a_mismatched_counterfactual_is_a_message(world: dict[str, Path], tmp_path: Path) -> None:
     p = preset(world, counterfactual={"swap": [0, 7]})
     assert run_job(p, tmp_path / "run", console=False) == 1

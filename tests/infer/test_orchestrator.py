@@ -331,3 +331,18 @@ def test_coverage_reads_each_plan_items_text_embedding(
     torch.testing.assert_close(seen[0][0, 0], text_key("Apollo 11"), atol=1e-5, rtol=1e-5)
     learned = model.planner.item_embeddings(torch.tensor(slots[1:]))
     torch.testing.assert_close(seen[0][0, 1 : len(slots)], learned)
+
+    # Embeddings handed over (the export's file) are read, not recomputed: given "Luna 2"'s vector
+    # for the text "Apollo 11", the head sees it, and the trunk embeds nothing for the plan.
+    ids = torch.tensor([tok.encode("Luna 2")])
+    given = (["Apollo 11"], model.embed_texts(ids, torch.ones_like(ids), centred=False).detach())
+    embedded = []
+    real_embed = model.embed_texts
+    expect = text_key("Luna 2")
+    monkeypatch.setattr(model, "embed_texts", lambda *a, **k: embedded.append(1) or real_embed(*a, **k))
+    seen.clear()
+    ParallelDecoder(
+        model, tok, settings(max_new_tokens=4), plan_names={slots[0]: "Apollo 11"}, item_vectors=given
+    ).decode(PROMPT, "pdt")
+    torch.testing.assert_close(seen[0][0, 0], expect, atol=1e-5, rtol=1e-5)
+    assert not embedded

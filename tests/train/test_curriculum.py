@@ -304,7 +304,8 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     # The calibration's answers are the decoder's: the exported sidecars answer the first validation
     # prompt alike (same settings, fp32 on the CPU as the demo) and score the same blocks.
     from pdt.data.tokenizer import load_tokenizer
-    from pdt.infer.orchestrator import DecodeSettings, ParallelDecoder
+    from pdt.infer.orchestrator import NOTE_TOKENS, DecodeSettings, ParallelDecoder
+    from pdt.train.curriculum_data import embed_item_texts, read_item_vectors
     from pdt.train.decode_calibration import TEMPERATURE, TOP_P
 
     tok = load_tokenizer(world["trunk"])
@@ -312,8 +313,20 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
         num_streams=3, tau=16, bus=preset.bus, gamma=0.0, max_retries=0, temperature=TEMPERATURE,
         top_p=TOP_P, max_new_tokens=32, seed=0, fast_path="eager",
     )  # fmt: skip
+    # as the demo loads them: the planner's ids named by their training texts, whose exported
+    # embeddings are what the decoder would compute itself (fp32 on the CPU)
+    names = {int(i): t for i, t in json.loads((folder / "plan_items.json").read_text()).items()}
+    texts, vectors = read_item_vectors(
+        folder / "plan_item_vectors.safetensors", preset.sidecars.d_notes, NOTE_TOKENS
+    )
+    assert texts == sorted(set(names.values())) and len(texts) > 3
+    model.eval()
+    with torch.no_grad():
+        fresh = embed_item_texts(model, texts[:3], tok, NOTE_TOKENS, torch.device("cpu"))
+    torch.testing.assert_close(vectors[:3], fresh, atol=1e-5, rtol=1e-5)
     prompt = tok.decode(open_dataset("ds_curr").splits["validation"][0]["prompt_ids"])
-    again = ParallelDecoder(model, tok, settings).decode(prompt, "pdt", emit_tokens=False)
+    demo = ParallelDecoder(model, tok, settings, plan_names=names, item_vectors=(texts, vectors))
+    again = demo.decode(prompt, "pdt", emit_tokens=False)
     scores0 = [a.readiness for s in again.streams for b in s.blocks for a in b if a.readiness is not None]
     assert scores0 == pytest.approx(ready["decoded_scores"][0], abs=1e-5)
 
@@ -697,7 +710,7 @@ def test_torchrun_two_processes_train_one_stage(world: dict[str, Path], tmp_path
 
 
 def test_plan_names_take_the_commonest_text_of_each_id() -> None:
-    from pdt.train.curriculum import plan_names
+    from pdt.train.curriculum_data import plan_names
 
     records = [
         {"plan_item_ids": [[5, 7], [9]], "plan_item_texts": [["Moon", "Apollo"], ["Luna"]]},

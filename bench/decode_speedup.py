@@ -111,11 +111,13 @@ def _session(device: torch.device, demo: str) -> Session:
 
 
 def decoder_kwargs(session: Any) -> dict[str, Any]:
-    """What the demo's decoder gets from its session besides the settings: the plan ids' texts and
-    how its coverage head reads plan items (a random session has neither)."""
+    """What the demo's decoder gets from its session besides the settings: the plan ids' texts, how
+    its coverage head reads plan items and those texts' exported embeddings (a random session has
+    none of them)."""
     return {
         "plan_names": getattr(session, "plan_names", {}),
         "coverage_text": getattr(session, "coverage_text", True),
+        "item_vectors": getattr(session, "item_vectors", None),
     }
 
 

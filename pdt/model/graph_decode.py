@@ -45,7 +45,11 @@ _ROUND = 256  # capacities are multiples of this: answers of similar length shar
 #: every decode mode alike, `sequential` included: H100, 124M head, inside a graph, 3 rows 28.4 µs
 #: against cuBLAS's 64.0 µs, 1 row 28.0 µs against its gemv's 32.6 µs (bench/decode_parts.py).
 LM_HEAD_KERNEL_ROWS = range(1, 17)
-#: Rows whose decoder-block linear layers (attention and MLP projections) run `skinny_linear` too.
+#: Rows whose decoder-block linear layers (attention and MLP projections) run `skinny_linear` too:
+#: none. On the H100 at the 124M's shapes inside a graph, every such product costs ~3 µs either way
+#: (768×768 and 2048×768: cuBLAS 3.2 µs at 1 and 3 rows, skinny_linear 3.0–3.6; 768×2048: cuBLAS
+#: 4.8, skinny_linear 5.3–6.5), and K = 3 decode ran 2.71 / 2.65× with cuBLAS against 2.64 / 2.68×
+#: with the kernel (alternated, one call; bench/results/decode_trunk_kernel_ab.json, 2026-12-07).
 TRUNK_KERNEL_ROWS: range = range(0)
 
 

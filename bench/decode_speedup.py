@@ -42,7 +42,8 @@ PDT_BENCH_TRUNK=random, PDT_BENCH_SEED (the sampling seed, 0 by default), PDT_BE
 stage-3 preset whose sidecars the demo loads, e.g. a variant trained beside the shipped one),
 PDT_BENCH_GAMMA (decode at this γ rather than the calibrated one), PDT_BENCH_TRUNK_KERNEL=1 (the
 graph step's decoder-block linears run `skinny_linear` as its LM head does: graph_decode's
-TRUNK_KERNEL_ROWS, recorded as `trunk_linears`).
+TRUNK_KERNEL_ROWS, recorded as `trunk_linears`), PDT_BENCH_ROUND_GRAPH=0|1 (graph_decode's ROUND_GRAPH:
+each round's window fold replayed as a graph, recorded as `round_graph`).
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -247,6 +248,8 @@ def main() -> None:
         base = dataclasses.replace(base, gamma=float(os.environ["PDT_BENCH_GAMMA"]))
     if os.environ.get("PDT_BENCH_TRUNK_KERNEL") == "1":
         graph_decode.TRUNK_KERNEL_ROWS = graph_decode.LM_HEAD_KERNEL_ROWS
+    if os.environ.get("PDT_BENCH_ROUND_GRAPH") in ("0", "1"):
+        graph_decode.ROUND_GRAPH = os.environ["PDT_BENCH_ROUND_GRAPH"] == "1"
     # CUDA: both engines; the CPU: `static` (what `auto` runs there), `eager` when asked for
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("static",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
@@ -293,6 +296,7 @@ def main() -> None:
                 "code_version": pdt.code_version(),
                 "k": k,
                 "mode": decoder.engine,
+                "round_graph": graph_decode.ROUND_GRAPH and decoder.engine == "cuda_graph",
                 "trunk_linears": "skinny_linear"
                 if len(graph_decode.TRUNK_KERNEL_ROWS) and decoder.engine == "cuda_graph"
                 else "F.linear",

@@ -155,18 +155,27 @@ def test_a_step_that_cannot_be_captured(monkeypatch: pytest.MonkeyPatch, fast_pa
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("round_graph", [False, True])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(model_type: str) -> None:
+def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(
+    model_type: str, round_graph: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every mode, rollbacks included, token for token; with ROUND_GRAPH each round's window fold is
+    a replay too (one capture per buffer set, reused by later rounds and answers)."""
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need CUDA")
+    monkeypatch.setattr(graph_decode, "ROUND_GRAPH", round_graph)
     model = _model(model_type, "cuda")
     over = dict(gamma=1.0, max_retries=1, max_new_tokens=10)
     eager, static = _pair(model, graphs=True, **over)
     for mode in ("pdt", "independent", "sequential"):
         _same(eager.decode(PROMPT, mode), static.decode(PROMPT, mode))
-    captures = static.decoder.captures
+    captures, folds = static.decoder.captures, static.decoder.round_captures
     assert 0 < captures <= 8  # one graph per step kind and window shape, not one per token
-    steps = static.decode(PROMPT, "pdt").steps
-    assert static.decoder.captures == captures < steps  # a second answer replays: nothing captured
+    assert (folds > 0) == round_graph and folds <= captures
+    again = static.decode(PROMPT, "pdt")
+    _same(eager.decode(PROMPT, "pdt"), again)
+    assert static.decoder.captures == captures < again.steps  # a second answer replays: nothing captured
+    assert static.decoder.round_captures == folds
     auto = ParallelDecoder(model, CharTok(), dataclasses.replace(settings(**over), fast_path="auto"))
     assert auto.engine == "cuda_graph"

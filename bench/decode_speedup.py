@@ -40,7 +40,8 @@ validation prompts, 8 by default: the quality figures of 3–4 prompts swung run
 without trained sidecars time the first 4 only),
 PDT_BENCH_TRUNK=random, PDT_BENCH_SEED (the sampling seed, 0 by default), PDT_BENCH_STAGE (the
 stage-3 preset whose sidecars the demo loads, e.g. a variant trained beside the shipped one),
-PDT_BENCH_GAMMA (decode at this γ rather than the calibrated one), PDT_BENCH_TRUNK_KERNEL=1 (the
+PDT_BENCH_GAMMA (decode at this γ rather than the calibrated one), PDT_BENCH_G (the external SNC
+gate g, 1 in the demos), PDT_BENCH_TRUNK_KERNEL=1 (the
 graph step's decoder-block linears run `skinny_linear` as its LM head does: graph_decode's
 TRUNK_KERNEL_ROWS, recorded as `trunk_linears`), PDT_BENCH_ROUND_GRAPH=0|1 (graph_decode's ROUND_GRAPH:
 each round's window fold replayed as a graph, recorded as `round_graph`).
@@ -246,6 +247,8 @@ def main() -> None:
     base = dataclasses.replace(session.settings, max_new_tokens=setup["tokens"], ignore_eos=True, seed=seed)
     if os.environ.get("PDT_BENCH_GAMMA"):  # another readiness threshold than the calibrated one
         base = dataclasses.replace(base, gamma=float(os.environ["PDT_BENCH_GAMMA"]))
+    if os.environ.get("PDT_BENCH_G"):  # another external SNC gate than the demo's
+        base = dataclasses.replace(base, g=float(os.environ["PDT_BENCH_G"]))
     if os.environ.get("PDT_BENCH_TRUNK_KERNEL") == "1":
         graph_decode.TRUNK_KERNEL_ROWS = graph_decode.LM_HEAD_KERNEL_ROWS
     if os.environ.get("PDT_BENCH_ROUND_GRAPH") in ("0", "1"):
@@ -305,6 +308,7 @@ def main() -> None:
                 else "untrained, gates opened (timing only)",
                 "tau": settings.tau,
                 "gamma": settings.gamma,
+                "g": settings.g,
                 "sampling_seed": settings.seed,
                 "tokens_per_stream": setup["tokens"],
                 "prompts": len(used),

@@ -199,7 +199,8 @@ def read_item_vectors(path: Path, d_notes: int, note_tokens: int) -> tuple[list[
     except Exception as exc:  # noqa: BLE001 - a damaged file of any kind is one message
         raise ValueError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
     if not isinstance(texts, list) or vectors.dim() != 2 or len(texts) != vectors.shape[0]:
-        raise ValueError(f"{path}: {len(texts)} texts for vectors of shape {tuple(vectors.shape)}")
+        count = len(texts) if isinstance(texts, list) else type(texts).__name__
+        raise ValueError(f"{path}: texts ({count}) do not match vectors of shape {tuple(vectors.shape)}")
     if vectors.shape[1] != d_notes or tokens != note_tokens:
         raise ValueError(
             f"{path}: embedded for d_n {vectors.shape[1]} over {tokens} tokens; "

@@ -718,3 +718,23 @@ def test_plan_names_take_the_commonest_text_of_each_id() -> None:
         {"plan_item_ids": [[5]], "plan_item_texts": [["Mond"]]},  # a hash collision: 5 is mostly Moon
     ]
     assert plan_names(records) == {"5": "Moon", "7": "Apollo", "9": "Luna"}
+
+
+def test_item_vectors_round_trip_and_a_file_that_does_not_fit_is_a_message(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from pdt.train.curriculum_data import read_item_vectors, write_item_vectors
+
+    path = tmp_path / "plan_item_vectors.safetensors"
+    vectors = torch.randn(3, 8)
+    write_item_vectors(path, ["Moon", "Apollo", "Luna"], vectors, 16)
+    texts, got = read_item_vectors(path, 8, 16)
+    assert texts == ["Moon", "Apollo", "Luna"] and torch.equal(got, vectors)
+    with pytest.raises(ValueError, match="d_n 8 over 16 tokens.*d_n 4 and the demo embeds 32"):
+        read_item_vectors(path, 4, 32)
+    save_file({"vectors": vectors}, str(path), metadata={"texts": json.dumps(["Moon"]), "note_tokens": "16"})
+    with pytest.raises(ValueError, match=r"texts \(1\) do not match vectors of shape \(3, 8\)"):
+        read_item_vectors(path, 8, 16)
+    save_file({"other": vectors}, str(path))
+    with pytest.raises(ValueError, match="plan_item_vectors.safetensors: unreadable"):
+        read_item_vectors(path, 8, 16)

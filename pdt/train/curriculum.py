@@ -38,6 +38,7 @@ from pdt.train import runtime as R
 from pdt.train.checkpoint import CheckpointManager, LoadedCheckpoint
 from pdt.train.curriculum_eval import calibrate, evaluate, write_report
 from pdt.train.curriculum_step import StepPlan, step_losses
+from pdt.train.decode_calibration import item_vectors
 from pdt.train.lora import LoraError
 from pdt.train.optim import adamw, lr_at, param_groups
 
@@ -700,20 +701,10 @@ def _save(st: Stage, finished: bool) -> None:
     D.barrier(st.dist)
 
 
-def _export_item_vectors(st: Stage, folder: Path) -> None:
-    """The plan items' texts embedded as the demo embeds them (`decode_calibration.item_vectors`:
-    the calibration's answers used these), so the demo reads them instead of running the trunk over
-    a prompt's plan items before its first token (on the CPU tiny demo ~8 ms of each answer's
-    ~15 ms plan phase, 2026-12-07)."""
-    from pdt.infer.orchestrator import NOTE_TOKENS
-    from pdt.train.decode_calibration import item_vectors
-
-    texts, vectors = item_vectors(st)
-    CD.write_item_vectors(folder / PLAN_VECTORS, texts, vectors, NOTE_TOKENS)
-
-
 def _export(st: Stage) -> None:
     """checkpoints/<preset>/export: sidecars (+ LoRA) with their meta, the calibration, the report."""
+    from pdt.infer.orchestrator import NOTE_TOKENS  # the demo's token budget for the item texts
+
     folder = st.ctx.checkpoints_dir / "export"
     if st.preset.checkpoint.export:
         st.model.save_sidecars(folder)
@@ -738,6 +729,10 @@ def _export(st: Stage) -> None:
         (folder / "training.json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
         names = CD.plan_names(st.ds.splits["train"])
         (folder / PLAN_NAMES).write_text(json.dumps(names, indent=0, sort_keys=True) + "\n", encoding="utf-8")
-        _export_item_vectors(st, folder)
+        # and their embeddings as the calibration's answers used them, so the demo reads them rather
+        # than running the trunk over a prompt's plan items before its first token (the CPU tiny
+        # demo: ~8 ms of each answer's ~15 ms plan phase, 2026-12-07)
+        texts, vectors = item_vectors(st, names)
+        CD.write_item_vectors(folder / PLAN_VECTORS, texts, vectors, NOTE_TOKENS)
         st.ctx.log(f"exported the stage-{st.preset.stage} sidecars: {folder}")
     write_report(st, [st.ctx.run_dir / "report.json"] + ([folder / "report.json"] if folder.exists() else []))

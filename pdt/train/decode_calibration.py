@@ -15,6 +15,8 @@ of `pdt.train.rollouts` still label readiness in training and in the evaluation'
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -26,29 +28,32 @@ from pdt.train.curriculum_data import embed_item_texts, plan_names
 TEMPERATURE, TOP_P = 0.7, 0.9
 
 
-def _demo_precision(st: Any) -> Any:
-    """The demo's precision: fp32 on the CPU (the training's bf16 autocast would round the scores to
-    bf16 steps, and a demo block could fall below a γ set at one); bf16 on a GPU, as there."""
+@contextlib.contextmanager
+def _as_demo(st: Any) -> Iterator[None]:
+    """The model in eval mode at the demo's precision — fp32 on the CPU (the training's bf16
+    autocast would round the scores to bf16 steps, and a demo block could fall below a γ set at
+    one); bf16 on a GPU, as there — and back in its training mode afterwards."""
+    was_training = st.model.training
+    st.model.eval()
     cast = st.autocast_dtype if st.dist.device.type == "cuda" else None
-    return R.autocast(cast, st.dist.device)
+    try:
+        with R.autocast(cast, st.dist.device):
+            yield
+    finally:
+        st.model.train(was_training)
 
 
 @torch.no_grad()
-def item_vectors(st: Any) -> tuple[list[str], torch.Tensor]:
-    """(texts, [n, d_n]): every plan item text of the training split embedded as the demo's coverage
-    keys (`embed_item_texts`, the demo's token budget and precision, the model as it decodes), once
-    per stage (`st.item_vectors`)."""
+def item_vectors(st: Any, names: dict[str, str]) -> tuple[list[str], torch.Tensor]:
+    """(texts, [n, d_n]): the plan items' texts (`names`: `plan_names` of the training split)
+    embedded as the demo's coverage keys (`embed_item_texts`, the demo's token budget and precision,
+    the model as it decodes), once per stage (`st.item_vectors`)."""
     if st.item_vectors is None:
         from pdt.infer.orchestrator import NOTE_TOKENS
 
-        texts = sorted(set(plan_names(st.ds.splits["train"]).values()))
-        was_training = st.model.training
-        st.model.eval()
-        try:
-            with _demo_precision(st):
-                vectors = embed_item_texts(st.model, texts, st.tokenizer, NOTE_TOKENS, st.dist.device)
-        finally:
-            st.model.train(was_training)
+        texts = sorted(set(names.values()))
+        with _as_demo(st):
+            vectors = embed_item_texts(st.model, texts, st.tokenizer, NOTE_TOKENS, st.dist.device)
         st.item_vectors = (texts, vectors)
     return st.item_vectors
 
@@ -75,26 +80,28 @@ def decoded_readiness(st: Any) -> list[list[float]]:
         seed=0,
         fast_path="eager",  # the reference engine: the training process's mixed precision, no graphs
     )
-    was_training = st.model.training
     # as the demo decodes: the planner's ids read as their training texts, whose embeddings are the
     # coverage keys (the same vectors the export writes for the demo)
-    names = {int(i): t for i, t in plan_names(st.ds.splits["train"]).items()}
-    vectors = item_vectors(st)
-    decoder = ParallelDecoder(st.model, st.tokenizer, settings, plan_names=names, item_vectors=vectors)
+    names = plan_names(st.ds.splits["train"])
+    vectors = item_vectors(st, names)
     out: list[list[float]] = []
-    try:
-        with _demo_precision(st):
-            for record in records:
-                result = decoder.decode(st.tokenizer.decode(record["prompt_ids"]), "pdt", emit_tokens=False)
-                out.append(
-                    [
-                        float(a.readiness)
-                        for stream in result.streams
-                        for block in stream.blocks
-                        for a in block
-                        if a.readiness is not None
-                    ]
-                )
-    finally:
-        st.model.train(was_training)
+    with _as_demo(st):
+        decoder = ParallelDecoder(
+            st.model,
+            st.tokenizer,
+            settings,
+            plan_names={int(i): t for i, t in names.items()},
+            item_vectors=vectors,
+        )
+        for record in records:
+            result = decoder.decode(st.tokenizer.decode(record["prompt_ids"]), "pdt", emit_tokens=False)
+            out.append(
+                [
+                    float(a.readiness)
+                    for stream in result.streams
+                    for block in stream.blocks
+                    for a in block
+                    if a.readiness is not None
+                ]
+            )
     return out

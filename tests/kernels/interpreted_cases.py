@@ -375,6 +375,21 @@ def test_skinny_linear_refuses_what_it_cannot_run() -> None:
         kernels.skinny_linear(torch.randn(2, 8, requires_grad=True), w)
 
 
+def _skinny_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Every `skinny_linear_triton` call from now on, as (x's shape, the weight's shape)."""
+    import pdt.kernels.skinny_linear_triton as kern
+
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    real = kern.skinny_linear_triton
+
+    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append((tuple(x.shape), tuple(w.shape)))
+        return real(x, w, b)
+
+    monkeypatch.setattr(kern, "skinny_linear_triton", counted)
+    return calls
+
+
 @pytest.mark.parametrize(("model_type", "cpu_linear"), [("gpt2", False), ("llama", True)])
 def test_lm_head_kernel_inside_a_trunk_forward(
     model_type: str, cpu_linear: bool, monkeypatch: pytest.MonkeyPatch
@@ -383,7 +398,6 @@ def test_lm_head_kernel_inside_a_trunk_forward(
     `skinny_linear` (called once, [3, D] rows) and gets `F.linear`'s logits; afterwards the head's
     forward is what it was (the class's, or `pdt.model.cpu_linear`'s instance forward). 1 token a
     row (a decode step) and a prompt of 2 tokens a row."""
-    import pdt.kernels.skinny_linear_triton as kern
     from pdt.model import cpu_linear as small
     from pdt.model.graph_decode import lm_head_kernel
     from tests.model.test_pdt_model import tiny_trunk
@@ -392,14 +406,7 @@ def test_lm_head_kernel_inside_a_trunk_forward(
     if cpu_linear:
         small.install(trunk)
     before = vars(trunk.get_output_embeddings()).get("forward")
-    calls = []
-    real = kern.skinny_linear_triton
-
-    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        calls.append(x.shape)
-        return real(x, w, b)
-
-    monkeypatch.setattr(kern, "skinny_linear_triton", counted)
+    calls = _skinny_calls(monkeypatch)
     head = trunk.get_output_embeddings()
     for shape in ((3, 1), (3, 2)):
         ids = torch.randint(1, trunk.config.vocab_size, shape, generator=torch.Generator().manual_seed(0))
@@ -409,27 +416,19 @@ def test_lm_head_kernel_inside_a_trunk_forward(
                 got = trunk(input_ids=ids).logits
         torch.testing.assert_close(got, expect, **FP32)
         assert vars(head).get("forward") is before  # the override is gone, an earlier one is back
-    assert calls == [torch.Size([3, trunk.config.hidden_size]), torch.Size([6, trunk.config.hidden_size])]
+    assert [x for x, _ in calls] == [(3, trunk.config.hidden_size), (6, trunk.config.hidden_size)]
 
 
 def test_trunk_linears_run_skinny_linear_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     """TRUNK_KERNEL_ROWS: a 3-row decode forward of a llama trunk computes every decoder-block
     projection (q/k/v/o, gate/up/down) and the head with `skinny_linear` and gets `F.linear`'s
     logits; at the default (empty) range only the head does; afterwards no forward is left patched."""
-    import pdt.kernels.skinny_linear_triton as kern
     from pdt.model import graph_decode
     from tests.model.test_pdt_model import tiny_trunk
 
     trunk = tiny_trunk("llama")
     linears = [m for m in trunk.modules() if type(m) is torch.nn.Linear]
-    calls = []
-    real = kern.skinny_linear_triton
-
-    def counted(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-        calls.append(w.shape)
-        return real(x, w, b)
-
-    monkeypatch.setattr(kern, "skinny_linear_triton", counted)
+    calls = _skinny_calls(monkeypatch)
     ids = torch.randint(1, trunk.config.vocab_size, (3, 1), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expect = trunk(input_ids=ids).logits

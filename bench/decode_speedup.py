@@ -44,7 +44,9 @@ PDT_BENCH_GAMMA (decode at this γ rather than the calibrated one), PDT_BENCH_G 
 gate g, 1 in the demos), PDT_BENCH_TRUNK_KERNEL=1 (the
 graph step's decoder-block linears run `skinny_linear` as its LM head does: graph_decode's
 TRUNK_KERNEL_ROWS, recorded as `trunk_linears`), PDT_BENCH_ROUND_GRAPH=0|1 (graph_decode's ROUND_GRAPH:
-each round's window fold replayed as a graph, recorded as `round_graph`).
+each round's window fold replayed as a graph, recorded as `round_graph`), PDT_BENCH_SPAN=n
+(graph_decode's SPAN: the graphs attend over the written slots rounded up to n; 0: over the whole
+buffer; recorded as `attention_span`).
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -253,6 +255,8 @@ def main() -> None:
         graph_decode.TRUNK_KERNEL_ROWS = graph_decode.LM_HEAD_KERNEL_ROWS
     if os.environ.get("PDT_BENCH_ROUND_GRAPH") in ("0", "1"):
         graph_decode.ROUND_GRAPH = os.environ["PDT_BENCH_ROUND_GRAPH"] == "1"
+    if os.environ.get("PDT_BENCH_SPAN"):
+        graph_decode.SPAN = int(os.environ["PDT_BENCH_SPAN"])
     # CUDA: both engines; the CPU: `static` (what `auto` runs there), `eager` when asked for
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("static",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
@@ -300,6 +304,7 @@ def main() -> None:
                 "k": k,
                 "mode": decoder.engine,
                 "round_graph": graph_decode.ROUND_GRAPH and decoder.engine == "cuda_graph",
+                "attention_span": graph_decode.SPAN if decoder.engine == "cuda_graph" else "written slots",
                 "trunk_linears": "skinny_linear"
                 if len(graph_decode.TRUNK_KERNEL_ROWS) and decoder.engine == "cuda_graph"
                 else "F.linear",
@@ -334,6 +339,8 @@ def main() -> None:
                 "pdt_s": mean["pdt_s"],
                 "sequential_s": mean["sequential_s"],
                 "kv_cache_bytes": int(mean["kv_cache_bytes"]),
+                "graph_captures": getattr(decoder.decoder, "captures", 0),  # step graphs, all answers
+                "cuda_reserved_mib": torch.cuda.memory_reserved() / 2**20 if device.type == "cuda" else None,
                 # where each answer's wall clock went (ms, mean over the prompts): see
                 # DecodeResult.phase_seconds; `other` is sampling and the host's per-token work
                 "phases_ms": {

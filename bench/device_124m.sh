@@ -16,6 +16,7 @@
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 #   PARTS=linears with finish/measure: then bench/decode_parts.py for those parts
 #   AB=PDT_BENCH_ROUND_GRAPH bash bench/device_124m.sh ab: that knob 0 / 1 alternated, ROUNDS times
+#       (AB_VALUES="0 128" for other values)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
 set -uo pipefail
 W=/tmp/pdt
@@ -114,10 +115,10 @@ PY
       (cd .device/old && OUT=$OUT/old PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph \
         python3 bench/decode_speedup.py 2>&1 | grep -E "^K=3" | sed 's/^/old: /')
     done ;;
-  ab)  # random-weight 124M, K = 3, cuda_graph: a 0/1 bench knob alternated (AB=PDT_BENCH_ROUND_GRAPH)
-    knob=${AB:?AB=<a PDT_BENCH_ knob taking 0 or 1>}
+  ab)  # random-weight 124M, K = 3, cuda_graph: a bench knob alternated (AB=PDT_BENCH_ROUND_GRAPH)
+    knob=${AB:?AB=<a PDT_BENCH_ knob, taking 0 or 1 unless AB_VALUES says>}
     for i in $(seq "${ROUNDS:-2}"); do
-      for v in 0 1; do
+      for v in ${AB_VALUES:-0 1}; do
         mkdir -p "$OUT/ab$i-$v"
         env "$knob=$v" OUT="$OUT/ab$i-$v" PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph \
           python3 bench/decode_speedup.py 2>&1 | grep -E "^K=3|Error" | sed "s/^/$knob=$v: /"

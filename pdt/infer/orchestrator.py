@@ -271,28 +271,40 @@ class DecodeResult:
 
 class _ContentSums:
     """The readiness head's content input at decode, as `heads.content_means` computes it in
-    training: running sums of each row's hidden states (the step that feeds a token gives its
-    position's state) over the block being written and over the row's committed blocks. A rolled-
-    back block's sums are dropped with it. One in-place add a step on the device (a step of the
-    124M trunk is ~1 ms, so each extra kernel shows); the counts are host integers."""
+    training: sums of each row's hidden states (the step that feeds a token gives its position's
+    state) over the block being written and over the row's committed blocks. A rolled-back block's
+    sums are dropped with it. A step only keeps a reference to its hidden states (the step's own
+    copy); the block's are summed once, when they are read: a device op a step costs a launch on
+    the step's clock, PDT's alone (a 124M step is ~2 ms on the H100, ~2 µs a kernel). The counts
+    are host integers."""
 
     def __init__(self, rows: int, d_model: int, device: torch.device) -> None:
         self.sums = torch.zeros(rows, 2, d_model, device=device)  # [R, 2, D]: this block, committed
         self.counts = [[0, 0] for _ in range(rows)]  # per row: this block, committed
+        self._steps: list[torch.Tensor] = []  # this block's steps not yet summed: [R, D] each
+        self._live: list[list[bool]] = []  # their fed rows
 
     def add(self, hidden: torch.Tensor, live: list[bool]) -> None:
-        """hidden [R, D] of one step; `live` [R]: the rows it fed."""
-        if all(live):
-            self.sums[:, 0].add_(hidden)
-        else:
-            rows = [r for r, a in enumerate(live) if a]
-            idx = torch.tensor(rows, device=self.sums.device)
-            self.sums[idx, 0] += hidden[idx].float()
+        """hidden [R, D] of one step (kept, not copied: the caller never writes it); `live` [R]: the
+        rows it fed."""
+        self._steps.append(hidden)
+        self._live.append(list(live))
         for r, a in enumerate(live):
             self.counts[r][0] += int(a)
 
+    def _sum_steps(self) -> None:
+        if not self._steps:
+            return
+        steps = torch.stack(self._steps)  # [S, R, D]
+        if not all(all(live) for live in self._live):
+            fed = torch.tensor(self._live, device=steps.device)[..., None]  # [S, R, 1]
+            steps = torch.where(fed, steps, torch.zeros((), dtype=steps.dtype, device=steps.device))
+        self.sums[:, 0] += steps.sum(dim=0, dtype=torch.float32)
+        self._steps, self._live = [], []
+
     def means(self) -> torch.Tensor:
         """[R, 2, D]: the mean over the block, and over the committed blocks and this one."""
+        self._sum_steps()
         n = torch.tensor([[b, b + c] for b, c in self.counts], dtype=torch.float32).clamp_min(1)  # [R, 2]
         n = n.to(self.sums.device)
         block = self.sums[:, 0] / n[:, :1]
@@ -301,6 +313,7 @@ class _ContentSums:
 
     def end_block(self, committed: list[int]) -> None:
         """Every row's block ended: the committed rows add it to their section; all start afresh."""
+        self._sum_steps()
         if committed:
             idx = torch.tensor(committed, device=self.sums.device)
             self.sums[idx, 1] += self.sums[idx, 0]
@@ -528,11 +541,11 @@ class ParallelDecoder:
         phases["prefill"], phases["plan"] = t_plan - t0, self._sync_time() - t_plan
         phases["block_ends"] = 0.0
         next_logits = last_logits.clone()  # [R, V] the logits each row samples its next token from
-        last_hidden = torch.zeros(rows, model.d_model, device=self.device)
+        last_hidden = torch.zeros(rows, model.d_model, device=self.device)  # rebound by each step
         content: _ContentSums | None = None  # from the first sampled token on, with the bus
 
         def forward(tokens: list[int], active: list[bool], ctx: SidecarContext) -> None:
-            nonlocal next_logits
+            nonlocal next_logits, last_hidden
             t = time.perf_counter()
             # host tensors: the decoders read the token ids on the host without waiting for the GPU
             tok, live = torch.tensor(tokens), torch.tensor(active)
@@ -540,13 +553,12 @@ class ParallelDecoder:
             if base is not None:
                 base_logits, _ = self.decoder.step(base[0], tok, live, None)
                 logits = blend_logits(logits, base_logits, s.alpha)
-            if all(active):
-                next_logits = logits
-                last_hidden.copy_(hidden)
+            if all(active):  # the step's outputs are its own copies: kept, not copied again
+                next_logits, last_hidden = logits, hidden
             else:
                 keep = live.to(self.device)[:, None]
                 next_logits = torch.where(keep, logits, next_logits)
-                last_hidden.copy_(torch.where(keep, hidden.to(last_hidden.dtype), last_hidden))
+                last_hidden = torch.where(keep, hidden, last_hidden.to(hidden.dtype))
             if content is not None:
                 content.add(hidden, active)
             result.steps += 1
@@ -688,7 +700,7 @@ class ParallelDecoder:
         scores: dict[int, float] = {}
         notes = cov = None
         if use_bus and judged:
-            state_vec = last_hidden  # [R, D] the hidden state at each block's last token
+            state_vec = last_hidden.float()  # [R, D] the hidden state at each block's last token
             notes = model.speculation_head(state_vec)  # [R, d_n]
             cov_logits = model.coverage_head(state_vec, items, item_mask)  # [R, P]
             vis = window.mask.to(window.notes.dtype)[..., None]  # [R, W, 1]

@@ -6,8 +6,8 @@ per row count and reused by every answer: the K/V of each layer are [R, H_kv, ca
 tensors written at one physical slot per step (all rows share the slot, as in `StreamDecoder`);
 the attention mask is a view of the per-row validity bits; the notes window of a round is copied
 into fixed buffers. With fixed addresses the whole trunk forward — the SNC and adapter hooks and
-their Triton kernels included — is captured as one CUDA graph per (rows, sidecar setting) and a
-step is a replay: a small trunk decoding a token is paced by the host launching ~20 kernels a
+their Triton kernels included — is captured as one CUDA graph per (rows, sidecar setting,
+attention span: `SPAN`) and a step is a replay: a small trunk decoding a token is paced by the host launching ~20 kernels a
 layer (eager HF GPT-2 124M: ~10 ms a token on the H100 machine for ~1 ms of GPU work), which the
 graph removes. On the CPU (`graphs=False`) the same static-buffer step runs eagerly; that is
 what the CPU tests check against `StreamDecoder`, and the GPU tests check the captured graph.
@@ -57,6 +57,15 @@ TRUNK_KERNEL_ROWS: range = range(0)
 #: eagerly the fold is ~90 host-paced launches at a round's first step (~0.8 ms on the H100 host, a
 #: PDT-only cost: `independent` has no SNC to fold), ~25 µs of each step at τ = 32.
 ROUND_GRAPH = False
+#: Graph steps attend over the slots written so far rounded up to a span of this many, not over the
+#: whole capacity: one graph a span, all of a step kind's spans captured together at its first step
+#: (so no capture lands mid-answer later), at most MAX_SPANS a buffer (longer spans for longer
+#: buffers). 0: every step attends over the whole capacity. The eager static step (CPU) attends
+#: over exactly the slots written. Why: a decode step's attention runs one query a row against every
+#: key it is handed, a latency-bound loop over key blocks, so its time follows the key count.
+#: Off (0) until measured on a GPU.
+SPAN = 0
+MAX_SPANS = 8
 
 
 class GraphCaptureError(RuntimeError):
@@ -104,7 +113,7 @@ class _Buffers:
     ids: torch.Tensor  # [R, 1] long
     pos: torch.Tensor  # [R, 1] long
     slot: torch.Tensor  # [1] long: the physical slot the step writes
-    seen: list  # [n or None]: without graphs, attention reads the first n slots (those written so far)
+    seen: list  # [n or None]: attention reads the first n slots (eager: those written; graphs: a span)
     mask: torch.Tensor  # [R, 1, 1, capacity]: a view of `valid` (sdpa) or an additive float buffer
     window: dict[str, torch.Tensor] = field(default_factory=dict)  # notes window buffers, by field
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
@@ -256,14 +265,20 @@ class GraphStreamDecoder(StreamDecoder):
         buf.ids.copy_(tokens.to(self.device).view(-1, 1))
         buf.pos.copy_(position.view(-1, 1))
         buf.slot.fill_(slot)
-        if not self.graphs:  # eager steps: attention over the slots written so far, not the capacity
-            buf.seen[0] = slot + 1
         if buf.mask.dtype != torch.bool:  # eager attention: additive mask
             buf.mask.copy_(torch.where(buf.valid, 0.0, torch.finfo(buf.mask.dtype).min)[:, None, None, :])
         key = self._load(buf, context)
-        run = buf.graphs.get(key)
-        if run is None:
-            run = buf.graphs[key] = self._capture(buf, context)
+        if self.graphs:  # attention over the written slots rounded up to a span: one graph a span
+            spans = attention_spans(buf.capacity)
+            key = (*key, next(s for s in spans if s > slot))
+            if key not in buf.graphs:
+                self._capture_spans(buf, context, key[:-1], spans)
+            run = buf.graphs[key]
+        else:  # eager steps: attention over the slots written so far, not the capacity
+            buf.seen[0] = slot + 1
+            run = buf.graphs.get(key)
+            if run is None:
+                run = buf.graphs[key] = self._capture(buf, context)
         if run.graph is not None:
             run.graph.replay()
             logits, hidden = run.logits, run.hidden
@@ -348,6 +363,17 @@ class GraphStreamDecoder(StreamDecoder):
             _hold(buf, f"fv{i}", folded.values)
             _hold(buf, f"fb{i}", folded.bias)
 
+    def _capture_spans(
+        self, buf: _Buffers, context: SidecarContext | None, key: tuple, spans: list[int]
+    ) -> None:
+        """One graph per attention span for this step kind, all now. Each capture's warm-up writes
+        this step's K/V at `slot` (from attention over that span: wrong for a shorter one), and the
+        replay that follows, of this step's span, writes them again from the right attention."""
+        for span in spans:
+            buf.seen[0] = span
+            buf.graphs[(*key, span)] = self._capture(buf, context)
+        buf.seen[0] = None
+
     def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
         ctx = None
         if context is not None:
@@ -382,7 +408,7 @@ class GraphStreamDecoder(StreamDecoder):
         rows = buf.ids.shape[0] * buf.ids.shape[1]
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
-            if buf.seen[0] is not None:  # eager steps read the slots written so far (`step`)
+            if buf.seen[0] is not None:  # the slots written so far, or a graph's span (`step`)
                 kwargs["attention_mask"] = buf.mask[..., : buf.seen[0]]
             with decode_attention(), lm_head_kernel(trunk, rows):
                 if ctx is None:
@@ -465,6 +491,15 @@ def _hold(buf: _Buffers, name: str, value: torch.Tensor) -> None:
     held.copy_(value)
 
 
+def attention_spans(capacity: int) -> list[int]:
+    """The key counts the graphs of a buffer of `capacity` slots attend over, ascending; the last is
+    the capacity. SPAN-slot steps, longer (a multiple of SPAN) where MAX_SPANS would not cover it."""
+    if SPAN <= 0:
+        return [capacity]
+    step = -(-max(SPAN, -(-capacity // MAX_SPANS)) // SPAN) * SPAN
+    return [min(end, capacity) for end in range(step, capacity + step, step)]
+
+
 def _round_up(n: int) -> int:
     return -(-n // _ROUND) * _ROUND
 
@@ -474,10 +509,10 @@ def _slot_cache(
 ) -> Any:
     """A transformers DynamicCache (the class the trunk already decodes with) whose layers hold the
     static buffers and write each step's K/V at physical slot `slot` (a device tensor, so the write
-    is part of the graph) — returning the whole buffer (a graph's shapes are fixed), or with
-    `seen[0]` = n (eager steps) its first n slots: attention then costs what the answer has written,
-    not the capacity (CPU, tiny pipeline, 10 K = 3 answers under cProfile: attention 0.63 → 0.37 s,
-    the steps 5.53 → 5.26 s). The mask hides the slots a row does not own."""
+    is part of the graph) — returning the whole buffer, or with `seen[0]` = n its first n slots
+    (eager steps: those written; a graph: its span, fixed at capture): attention then costs what
+    the answer has written, not the capacity (CPU, tiny pipeline, 10 K = 3 answers under cProfile:
+    attention 0.63 → 0.37 s, the steps 5.53 → 5.26 s). The mask hides the slots a row does not own."""
     from transformers import DynamicCache
 
     cache = DynamicCache()

@@ -154,24 +154,43 @@ def test_a_step_that_cannot_be_captured(monkeypatch: pytest.MonkeyPatch, fast_pa
     _same(eager.decode(PROMPT, "pdt"), out)
 
 
+def test_attention_spans_cover_the_capacity_in_at_most_max_spans(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(graph_decode, "SPAN", 128)
+    assert graph_decode.attention_spans(512) == [128, 256, 384, 512]
+    assert graph_decode.attention_spans(100) == [100]
+    assert graph_decode.attention_spans(2048) == [256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+    assert graph_decode.attention_spans(1100) == [256, 512, 768, 1024, 1100]  # 138 a span → 256
+    monkeypatch.setattr(graph_decode, "SPAN", 0)
+    assert graph_decode.attention_spans(512) == [512]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("round_graph", [False, True])
+@pytest.mark.parametrize(("round_graph", "span"), [(False, 0), (True, 0), (False, 8)])
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
 def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(
-    model_type: str, round_graph: bool, monkeypatch: pytest.MonkeyPatch
+    model_type: str, round_graph: bool, span: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every mode, rollbacks included, token for token; with ROUND_GRAPH each round's window fold is
-    a replay too (one capture per buffer set, reused by later rounds and answers)."""
+    a replay too (one capture per buffer set, reused by later rounds and answers); with 8-slot
+    attention spans, the steps cross spans (each span's graph attends over its first slots)."""
     if not torch.cuda.is_available():
         pytest.fail("the gpu tests need CUDA")
     monkeypatch.setattr(graph_decode, "ROUND_GRAPH", round_graph)
+    monkeypatch.setattr(graph_decode, "SPAN", span)
     model = _model(model_type, "cuda")
     over = dict(gamma=1.0, max_retries=1, max_new_tokens=10)
     eager, static = _pair(model, graphs=True, **over)
     for mode in ("pdt", "independent", "sequential"):
         _same(eager.decode(PROMPT, mode), static.decode(PROMPT, mode))
     captures, folds = static.decoder.captures, static.decoder.round_captures
-    assert 0 < captures <= 8  # one graph per step kind and window shape, not one per token
+    for buf in static.decoder._buffers.values():  # every step kind has a graph for each span
+        steps = [key for key in buf.graphs if key[0] != "fold"]
+        kinds = {key[:-1] for key in steps}
+        assert 0 < len(kinds) <= 8  # one graph per step kind and window shape (and span), not per token
+        assert sorted(steps, key=str) == sorted(
+            [(*kind, s) for kind in kinds for s in graph_decode.attention_spans(buf.capacity)], key=str
+        )
+        assert (len(graph_decode.attention_spans(buf.capacity)) > 1) == (span > 0)
     assert (folds > 0) == round_graph and folds <= captures
     again = static.decode(PROMPT, "pdt")
     _same(eager.decode(PROMPT, "pdt"), again)

@@ -7,10 +7,11 @@ tensors written at one physical slot per step (all rows share the slot, as in `S
 the attention mask is a view of the per-row validity bits; the notes window of a round is copied
 into fixed buffers. With fixed addresses the whole trunk forward — the SNC and adapter hooks and
 their Triton kernels included — is captured as one CUDA graph per (rows, sidecar setting,
-attention span: `SPAN`) and a step is a replay: a small trunk decoding a token is paced by the host launching ~20 kernels a
-layer (eager HF GPT-2 124M: ~10 ms a token on the H100 machine for ~1 ms of GPU work), which the
-graph removes. On the CPU (`graphs=False`) the same static-buffer step runs eagerly; that is
-what the CPU tests check against `StreamDecoder`, and the GPU tests check the captured graph.
+attention span: `SPAN`) and a step is a replay: a small trunk decoding a token is paced by the
+host launching ~20 kernels a layer (eager HF GPT-2 124M: ~10 ms a token on the H100 machine for
+~1 ms of GPU work), which the graph removes. On the CPU (`graphs=False`) the same static-buffer
+step runs eagerly; that is what the CPU tests check against `StreamDecoder`, and the GPU tests
+check the captured graph.
 
 What it is not: the orchestrator (`pdt.infer.orchestrator` picks this engine or the eager one:
 `fast_path`), nor a general static cache — trunks with sliding-window layers, attention kernels
@@ -134,11 +135,14 @@ class GraphStreamDecoder(StreamDecoder):
 
     engine = ENGINE
 
-    def __init__(self, model: PDTModel, graphs: bool | None = None) -> None:
+    def __init__(self, model: PDTModel, graphs: bool | None = None, spans: bool | None = None) -> None:
+        """`spans`: step over attention spans (`SPAN`) as the graphs do — by default with graphs
+        only; `graphs=False, spans=True` runs the graphs' span logic eagerly (the CPU tests)."""
         super().__init__(model)
         self.graphs = self.device.type == "cuda" if graphs is None else graphs
         if self.graphs and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.spans = self.graphs if spans is None else spans
         self.engine = ENGINE if self.graphs else STATIC
         self._buffers: dict[int, _Buffers] = {}
         self.captures = 0  # step graphs captured so far (tests, benchmarks)
@@ -268,12 +272,13 @@ class GraphStreamDecoder(StreamDecoder):
         if buf.mask.dtype != torch.bool:  # eager attention: additive mask
             buf.mask.copy_(torch.where(buf.valid, 0.0, torch.finfo(buf.mask.dtype).min)[:, None, None, :])
         key = self._load(buf, context)
-        if self.graphs:  # attention over the written slots rounded up to a span: one graph a span
+        if self.spans:  # attention over the written slots rounded up to a span: one graph a span
             spans = attention_spans(buf.capacity)
             key = (*key, next(s for s in spans if s > slot))
             if key not in buf.graphs:
                 self._capture_spans(buf, context, key[:-1], spans)
             run = buf.graphs[key]
+            buf.seen[0] = key[-1]  # what an eager run reads (a graph fixed its span at capture)
         else:  # eager steps: attention over the slots written so far, not the capacity
             buf.seen[0] = slot + 1
             run = buf.graphs.get(key)
@@ -372,7 +377,6 @@ class GraphStreamDecoder(StreamDecoder):
         for span in spans:
             buf.seen[0] = span
             buf.graphs[(*key, span)] = self._capture(buf, context)
-        buf.seen[0] = None
 
     def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
         ctx = None

@@ -26,10 +26,12 @@ def _model(model_type: str, device: str = "cpu") -> PDTModel:
     return m.to(device).eval()
 
 
-def _pair(model: PDTModel, graphs: bool, **over) -> tuple[ParallelDecoder, ParallelDecoder]:  # noqa: ANN003
+def _pair(
+    model: PDTModel, graphs: bool, spans: bool | None = None, **over: object
+) -> tuple[ParallelDecoder, ParallelDecoder]:
     eager = ParallelDecoder(model, CharTok(), settings(**{"fast_path": "eager", **over}))
     static = ParallelDecoder(model, CharTok(), settings(**over))
-    static.decoder = GraphStreamDecoder(model, graphs=graphs)
+    static.decoder = GraphStreamDecoder(model, graphs=graphs, spans=spans)
     static.engine = static.decoder.engine
     return eager, static
 
@@ -67,6 +69,34 @@ def test_static_engine_equals_eager_engine_in_every_mode(model_type: str, over: 
     rolled = eager.decode(PROMPT, "pdt")
     if over.get("gamma") == 1.0:
         assert rolled.rollbacks > 0  # the rollback case really rolls back
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_attention_spans_give_the_eager_engines_tokens(
+    model_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graphs' span logic run eagerly: each step attends over the first `span` slots (written
+    ones and masked ones past them); every mode, rollbacks and buffer growth included, gives the eager
+    engine's tokens, and every step kind has one run per span of its buffer."""
+    monkeypatch.setattr(graph_decode, "SPAN", 8)
+    model = _model(model_type)
+    eager, static = _pair(model, graphs=False, spans=True, gamma=1.0, max_retries=1, max_new_tokens=10)
+    seen: list[int] = []
+    step = GraphStreamDecoder.step
+
+    def spy(self, state, *args):  # noqa: ANN001, ANN202
+        out = step(self, state, *args)
+        seen.append(state.buffers.seen[0])
+        return out
+
+    monkeypatch.setattr(GraphStreamDecoder, "step", spy)
+    for mode in ("pdt", "independent", "sequential"):
+        _same(eager.decode(PROMPT, mode), static.decode(PROMPT, mode))
+    assert len(set(seen)) > 2 and all(n % 8 == 0 for n in seen)  # several spans, each of 8 slots
+    for buf in static.decoder._buffers.values():
+        kinds = {key[:-1] for key in buf.graphs}
+        assert {key[-1] for key in buf.graphs} == set(graph_decode.attention_spans(buf.capacity))
+        assert len(buf.graphs) == len(kinds) * len(graph_decode.attention_spans(buf.capacity))
 
 
 def test_buffers_grow_mid_answer_with_rollbacks_step_for_step() -> None:

@@ -9,19 +9,24 @@ __version__ = "0.1.0"
 
 
 def code_version() -> str:
-    """The package version plus the git commit when running from a checkout (for manifests)."""
+    """The package version plus the git commit when running from a checkout (for manifests), with
+    `.dirty` when tracked files differ from that commit: the figures then came from other code."""
     import subprocess
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        sha = ""
-    return f"{__version__}+{sha}" if sha else __version__
+
+    def git(*args: str) -> str:
+        try:
+            run = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=5, check=False
+            )
+        except (OSError, subprocess.SubprocessError):
+            return ""
+        return run.stdout.strip() if run.returncode == 0 else ""
+
+    sha = git("rev-parse", "--short", "HEAD")
+    if not sha:
+        return __version__
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{__version__}+{sha}{'.dirty' if dirty else ''}"

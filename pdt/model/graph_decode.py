@@ -54,18 +54,21 @@ LM_HEAD_KERNEL_ROWS = range(1, 17)
 TRUNK_KERNEL_ROWS: range = range(0)
 
 
-#: Capture each round's window fold (`_prepare_round`) as a graph too. Off until measured on a GPU:
-#: eagerly the fold is ~90 host-paced launches at a round's first step (~0.8 ms on the H100 host, a
-#: PDT-only cost: `independent` has no SNC to fold), ~25 µs of each step at τ = 32.
-ROUND_GRAPH = False
+#: Capture each round's window fold (`_prepare_round`) as a graph too: eagerly the fold is ~90
+#: host-paced launches at a round's first step, a PDT-only cost (`independent` has no SNC to fold).
+#: H100, random-weight 124M, K = 3, 128-slot spans, alternated in one machine's calls (2026-12-07):
+#: step ratio 2.68× / 2.68× / 2.67× eager → 2.83× / 2.84× / 2.82× captured, e2e 2.27× / 2.25× /
+#: 2.26× → 2.37× / 2.41× / 2.36×.
+ROUND_GRAPH = True
 #: Graph steps attend over the slots written so far rounded up to a span of this many, not over the
 #: whole capacity: one graph a span, all of a step kind's spans captured together at its first step
 #: (so no capture lands mid-answer later), at most MAX_SPANS a buffer (longer spans for longer
 #: buffers). 0: every step attends over the whole capacity. The eager static step (CPU) attends
 #: over exactly the slots written. Why: a decode step's attention runs one query a row against every
-#: key it is handed, a latency-bound loop over key blocks, so its time follows the key count.
-#: Off (0) until measured on a GPU.
-SPAN = 0
+#: key it is handed, a latency-bound loop over key blocks, so its time follows the key count. H100,
+#: random-weight 124M, K = 3, alternated in one call (2026-12-07): step ratio 2.58× / 2.59× over the
+#: whole buffer (512 slots) → 2.72× / 2.72× with 128-slot spans, e2e 2.18× / 2.15× → 2.29× / 2.30×.
+SPAN = 128
 MAX_SPANS = 8
 
 

@@ -256,7 +256,7 @@ class NotesCrossAttention(nn.Module):
         w_o = w_out.view(heads, dh, d) if w_out.dim() == 2 else w_out.view(rows, heads, dh, d)
         seen = visible.any(dim=-1)  # [R]
         values = torch.matmul(v.to(w_o.dtype), w_o)  # [R, H, N, dh] @ [(R,) H, dh, D] → [R, H, N, D]
-        values = torch.where(seen[:, None, None, None], values, torch.zeros((), dtype=values.dtype))
+        values = values.masked_fill(~seen[:, None, None, None], 0.0)  # (no host tensor: graph-capturable)
         bias = torch.zeros(visible.shape, dtype=keys.dtype, device=keys.device)  # [R, N]
         # An empty window scores 0 everywhere (a harmless uniform softmax, times values of 0): never
         # a softmax over −inf only (SPEC §2b.2).

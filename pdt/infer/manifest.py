@@ -87,7 +87,7 @@ class TimingRecord(_Strict):
     tokens_per_s: float
     per_token_s: list[float]
     engine: str = "eager"  # the decode-step engine: eager | cuda_graph (manifests before it: eager)
-    # where `seconds` went (prefill, plan, steps, block_ends, other): DecodeResult.phase_seconds
+    # where `seconds` went (prefill, plan, steps, block_ends, capture, other): DecodeResult.phase_seconds
     phase_seconds: dict[str, float] = {}
 
 

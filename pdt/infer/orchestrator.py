@@ -236,7 +236,8 @@ class DecodeResult:
     prefix_steps: int = 0  # the first `prefix_steps` steps fed the stream prefixes (no sampling)
     engine: str = "eager"  # the decode-step engine that ran it: eager | cuda_graph
     # where the wall-clock `seconds` went: prefill, plan, steps (the batched trunk forwards, prefixes
-    # included), block_ends (notes, coverage, readiness, commit / rollback); `other` is the rest —
+    # included), block_ends (notes, coverage, readiness, commit / rollback), capture (CUDA graphs
+    # captured by this answer's steps: a step kind's first answer only); `other` is the rest —
     # sampling and the host's per-token work (detokenising, events)
     phase_seconds: dict[str, float] = field(default_factory=dict)
 
@@ -539,14 +540,14 @@ class ParallelDecoder:
         result = DecodeResult(mode, prompt, prompt_ids, records, 0.0, 0, [], 0, plan, engine=self.engine)
         phases = result.phase_seconds
         phases["prefill"], phases["plan"] = t_plan - t0, self._sync_time() - t_plan
-        phases["block_ends"] = 0.0
+        phases["block_ends"] = phases["capture"] = 0.0
         next_logits = last_logits.clone()  # [R, V] the logits each row samples its next token from
         last_hidden = torch.zeros(rows, model.d_model, device=self.device)  # rebound by each step
         content: _ContentSums | None = None  # from the first sampled token on, with the bus
 
         def forward(tokens: list[int], active: list[bool], ctx: SidecarContext) -> None:
             nonlocal next_logits, last_hidden
-            t = time.perf_counter()
+            t, captured = time.perf_counter(), self.decoder.capture_seconds
             # host tensors: the decoders read the token ids on the host without waiting for the GPU
             tok, live = torch.tensor(tokens), torch.tensor(active)
             logits, hidden = self.decoder.step(state, tok, live, ctx)
@@ -562,7 +563,7 @@ class ParallelDecoder:
             if content is not None:
                 content.add(hidden, active)
             result.steps += 1
-            result.step_seconds.append(self._step_done(t))
+            result.step_seconds.append(self._step_done(t, captured, phases))
 
         # prefixes: round 0, snapshot 0 only (as in training, the prefix reads round 0's window)
         window0 = self._window(bus, recorded, ids, 0, use_bus)
@@ -800,13 +801,17 @@ class ParallelDecoder:
         phases["steps"] = sum(result.step_seconds)
         phases["other"] = max(0.0, result.seconds - sum(phases.values()))
 
-    def _step_done(self, start: float) -> float:
+    def _step_done(self, start: float, captured: float, phases: dict[str, float]) -> float:
         """Seconds since `start` once the step's outputs exist: on CUDA the step's kernels are
         waited for (the sampler would wait for them next anyway), so a step's time is its real
-        cost in every mode and engine, not the time to queue it."""
+        cost in every mode and engine, not the time to queue it. Graphs the step captured (the
+        decoder's `capture_seconds` past `captured`: a step kind's first step, once per session) are
+        booked as the `capture` phase, not as the step's."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return time.perf_counter() - start
+        capture = self.decoder.capture_seconds - captured
+        phases["capture"] += capture
+        return time.perf_counter() - start - capture
 
     def _finish(self, rec: StreamRecord, r: int, reason: str, done: list[bool], tail: str = "") -> None:
         """`tail`: the live text still held back (a character cut off by the stream's end)."""
@@ -942,6 +947,7 @@ class ParallelDecoder:
         rec.blocks.append([attempt])
         result = DecodeResult("sequential", prompt, prompt_ids, [rec], 0.0, 0, [], 0, engine=self.engine)
         result.phase_seconds["prefill"] = self._sync_time() - t0
+        result.phase_seconds["capture"] = 0.0
         gen = torch.Generator().manual_seed(s.seed * 1009 + 997)
         ban_eos = total is not None or s.ignore_eos
         live = torch.ones(1, dtype=torch.bool)
@@ -965,10 +971,10 @@ class ParallelDecoder:
             attempt.token_times.append(time.perf_counter() - t0)
             if len(attempt.tokens) >= budget:
                 break
-            t = time.perf_counter()
+            t, captured = time.perf_counter(), self.decoder.capture_seconds
             logits, _ = self.decoder.step(state, torch.tensor([token]), live, None)
             result.steps += 1
-            result.step_seconds.append(self._step_done(t))
+            result.step_seconds.append(self._step_done(t, captured, result.phase_seconds))
         rec.done_reason = rec.done_reason or "budget"
         attempt.decision = "commit"
         attempt.text = self.tokenizer.decode(attempt.tokens) if attempt.tokens else ""

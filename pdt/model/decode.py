@@ -53,6 +53,9 @@ class StreamDecoder:
     """Prefill once, then step all rows together; sidecars read the window given per step."""
 
     engine = "eager"
+    #: Seconds spent capturing CUDA graphs so far (a one-time cost the orchestrator books apart from
+    #: its steps: `GraphStreamDecoder`); an eager decoder captures nothing.
+    capture_seconds = 0.0
 
     def __init__(self, model: PDTModel) -> None:
         self.model = model

@@ -21,6 +21,7 @@ other than sdpa/eager, or a second state at once (α < 1) use `StreamDecoder` (`
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -150,6 +151,7 @@ class GraphStreamDecoder(StreamDecoder):
         self._buffers: dict[int, _Buffers] = {}
         self.captures = 0  # step graphs captured so far (tests, benchmarks)
         self.round_captures = 0  # round-fold graphs (ROUND_GRAPH)
+        self.capture_seconds = 0.0  # their capture time, warm-ups included
 
     # ------------------------------------------------------------------ prefill
 
@@ -352,7 +354,8 @@ class GraphStreamDecoder(StreamDecoder):
         self._fold(buf, g)  # eagerly: allocates the folded buffers on a round's first shape
         if self.graphs and ROUND_GRAPH:
             try:  # same shapes now: the captured fold writes in place
-                graph, _ = capture_graph(lambda: self._fold(buf, g))
+                with self._timed_capture():
+                    graph, _ = capture_graph(lambda: self._fold(buf, g))
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - as the step's capture (`_capture`)
@@ -377,9 +380,23 @@ class GraphStreamDecoder(StreamDecoder):
         """One graph per attention span for this step kind, all now. Each capture's warm-up writes
         this step's K/V at `slot` (from attention over that span: wrong for a shorter one), and the
         replay that follows, of this step's span, writes them again from the right attention."""
-        for span in spans:
-            buf.seen[0] = span
-            buf.graphs[(*key, span)] = self._capture(buf, context)
+        with self._timed_capture():
+            for span in spans:
+                buf.seen[0] = span
+                buf.graphs[(*key, span)] = self._capture(buf, context)
+
+    @contextlib.contextmanager
+    def _timed_capture(self) -> Iterator[None]:
+        """Adds the block's time, its queued GPU work done, to `capture_seconds` (graphs only)."""
+        if not self.graphs:
+            yield
+            return
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            torch.cuda.synchronize(self.device)
+            self.capture_seconds += time.perf_counter() - t0
 
     def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
         ctx = None

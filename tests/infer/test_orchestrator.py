@@ -219,8 +219,9 @@ def test_sequential_writes_the_total_it_is_given_and_independent_has_no_bus(mode
 def test_the_phases_account_for_the_answers_wall_clock(model: PDTModel, mode: str) -> None:
     res = ParallelDecoder(model, CharTok(), settings(max_new_tokens=8)).decode(PROMPT, mode)
     phases = res.phase_seconds
-    want = {"prefill", "steps", "other"} | ({"plan", "block_ends"} if mode == "pdt" else set())
+    want = {"prefill", "steps", "capture", "other"} | ({"plan", "block_ends"} if mode == "pdt" else set())
     assert set(phases) == want
+    assert phases["capture"] == 0.0  # the eager engine captures no graph
     assert all(v >= 0.0 for v in phases.values())
     assert phases["steps"] == pytest.approx(sum(res.step_seconds))
     assert phases["prefill"] > 0.0 and phases["steps"] > 0.0

@@ -211,8 +211,12 @@ def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(
     over = dict(gamma=1.0, max_retries=1, max_new_tokens=10)
     eager, static = _pair(model, graphs=True, **over)
     for mode in ("pdt", "independent", "sequential"):
-        _same(eager.decode(PROMPT, mode), static.decode(PROMPT, mode))
+        out = static.decode(PROMPT, mode)
+        _same(eager.decode(PROMPT, mode), out)
+        # a first answer captures: booked as its own phase, not as steps
+        assert out.phase_seconds["capture"] > 0.0 and out.phase_seconds["steps"] == sum(out.step_seconds)
     captures, folds = static.decoder.captures, static.decoder.round_captures
+    captured = static.decoder.capture_seconds
     for buf in static.decoder._buffers.values():  # every step kind has a graph for each span
         steps = [key for key in buf.graphs if key[0] != "fold"]
         kinds = {key[:-1] for key in steps}
@@ -226,5 +230,6 @@ def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(
     _same(eager.decode(PROMPT, "pdt"), again)
     assert static.decoder.captures == captures < again.steps  # a second answer replays: nothing captured
     assert static.decoder.round_captures == folds
+    assert static.decoder.capture_seconds == captured and again.phase_seconds["capture"] == 0.0
     auto = ParallelDecoder(model, CharTok(), dataclasses.replace(settings(**over), fast_path="auto"))
     assert auto.engine == "cuda_graph"

@@ -119,8 +119,9 @@ PY
     knob=${AB:?AB=<a PDT_BENCH_ knob, taking 0 or 1 unless AB_VALUES says>}
     for i in $(seq "${ROUNDS:-2}"); do
       for v in ${AB_VALUES:-0 1}; do
-        mkdir -p "$OUT/ab$i-$v"
-        env "$knob=$v" OUT="$OUT/ab$i-$v" PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph \
+        dir="$OUT/ab-${knob#PDT_BENCH_}-$i-$v"  # one folder per knob, round and value: none overwritten
+        mkdir -p "$dir"
+        env "$knob=$v" OUT="$dir" PDT_BENCH_TRUNK=random PDT_BENCH_KS=3 PDT_BENCH_ENGINES=cuda_graph \
           python3 bench/decode_speedup.py 2>&1 | grep -E "^K=3|Error" | sed "s/^/$knob=$v: /"
       done
     done ;;

@@ -104,6 +104,9 @@ class CurriculumTrain(OptimConfig):
     detached block states, so their rate leaves the LM's path as it was (its gradients change only
     through the shared clipping norm). Tiny stage 3, 120 steps (2026-12-07): 3 gives readiness AUC
     0.784 and coverage AUC 0.845 against 0.723 and 0.800 at 1, LM CE 5.274 both; 10 gives 0.767."""
+    gates_lr_scale: float = Field(1.0, gt=0)
+    """The SNC and adapter gate logits' learning rate as a multiple of `lr`. Adam moves a parameter
+    by about lr a step at most, so from its init of −4 a gate can open only so far in a short stage."""
 
     @model_validator(mode="after")
     def _check(self) -> CurriculumTrain:

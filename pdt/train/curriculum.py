@@ -174,14 +174,20 @@ def _optimizer(
     for g in groups:
         g["params"] = [p for p in g["params"] if id(p) not in lora_ids]
     groups = [g for g in groups if g["params"]]
-    if cfg.heads_lr_scale != 1.0:  # the coverage and readiness heads: groups of their own
-        heads = {id(p) for m in (model.coverage_head, model.agreement_head) for p in m.parameters()}
+    heads = (model.coverage_head, model.agreement_head)
+    owned = (
+        (cfg.heads_lr_scale, {id(p) for m in heads for p in m.parameters()}),
+        (cfg.gates_lr_scale, {id(m.gate) for m in (*model.snc, *model.adapters)}),
+    )
+    for scale, ids in owned:  # the coverage and readiness heads, the gates: groups of their own
+        if scale == 1.0:
+            continue
         split = []
         for g in groups:
-            own = [p for p in g["params"] if id(p) in heads]
+            own = [p for p in g["params"] if id(p) in ids]
             if own:
-                split.append({**g, "params": own, "lr_scale": cfg.heads_lr_scale})
-            g["params"] = [p for p in g["params"] if id(p) not in heads]
+                split.append({**g, "params": own, "lr_scale": scale})
+            g["params"] = [p for p in g["params"] if id(p) not in ids]
         groups = [g for g in groups if g["params"]] + split
     if lora_params:
         lr = preset.lora.lr if preset.lora and preset.lora.lr else cfg.lr

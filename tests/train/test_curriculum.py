@@ -250,6 +250,33 @@ def test_heads_lr_scale_speeds_the_heads_and_leaves_the_lm_path_alone(world: dic
     assert any(float(deltas[1.0][k].abs().sum()) > 0 for k in lm_path)  # the LM path did train
 
 
+def test_gates_lr_scale_speeds_the_gates_alone(world: dict[str, Path]) -> None:
+    """Two AdamW steps from the same fresh sidecars. The first moves no gate: W_o and the adapters'
+    up-projections start at zero, so a gate's gradient is 0 until they move. The second is the
+    gates' first update, a fixed multiple of lr per gate whatever its gradient's size, so the gates
+    move `gates_lr_scale` times as far; every other weight moves exactly as at scale 1."""
+    deltas = {}
+    for scale in (1.0, 20.0):
+        preset = stage_preset(
+            1,
+            world["trunk"],
+            name=f"gates_x{scale:g}",
+            init_from=None,
+            train={"steps": 2, "gates_lr_scale": scale},
+        )
+        torch.manual_seed(preset.train.seed)
+        fresh = PDTModel(load_trunk(world["trunk"]), preset.sidecars).sidecar_state_dict()
+        assert run(preset)[0] == "finished"
+        after = CheckpointManager(checkpoints_root() / preset.name).load().tensors["sidecars"]
+        deltas[scale] = {k: (after[k].float() - fresh[k].float()) for k in fresh}
+    gates = [k for k in deltas[1.0] if k.endswith(".gate") and k.split(".", 1)[0] in ("adapters", "snc")]
+    assert len(gates) == 2 * preset.sidecars.n_layers  # an SNC and an adapter gate a layer
+    moved = {s: sum(float(deltas[s][k].abs().sum()) for k in gates) for s in deltas}
+    assert moved[1.0] > 0 and moved[20.0] / moved[1.0] == pytest.approx(20.0, rel=0.02)
+    for k in set(deltas[1.0]) - set(gates):
+        torch.testing.assert_close(deltas[20.0][k], deltas[1.0][k], atol=1e-6, rtol=1e-4)
+
+
 def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     rollouts = {"every": 2, "rows": 2, "eval_rows": 4, "calibration_prompts": 3, "calibration_tokens": 32}
     preset = stage_preset(3, world["trunk"], init_from=None, rollouts=rollouts)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from pdt.data.build.notes import CORRUPTIONS
 from pdt.jobs import JobContext
 from pdt.model.pdt_model import GROUPS, PDTModel
 from pdt.model.trunk import load_trunk
-from pdt.presets.curriculum import STAGE_GROUPS
+from pdt.presets.curriculum import STAGE_GROUPS, CurriculumPreset
 from pdt.runs import checkpoints_root
 from pdt.telemetry.events import Event, Log, Metric
 from pdt.train import calibration as C
@@ -222,24 +223,26 @@ def test_resume_matches_an_uninterrupted_run(world: dict[str, Path]) -> None:
     assert losses(a) == losses(b) and len(losses(a)) == 6
 
 
+def _trained_deltas(
+    world: dict[str, Path], stage: int, name: str, train: dict[str, Any]
+) -> tuple[CurriculumPreset, dict[str, torch.Tensor]]:
+    """(the preset, each sidecar weight's change): a stage run `train` from fresh sidecars."""
+    preset = stage_preset(stage, world["trunk"], name=name, init_from=None, train=train)
+    torch.manual_seed(preset.train.seed)
+    fresh = PDTModel(load_trunk(world["trunk"]), preset.sidecars).sidecar_state_dict()
+    assert run(preset)[0] == "finished"
+    after = CheckpointManager(checkpoints_root() / preset.name).load().tensors["sidecars"]
+    return preset, {k: (after[k].float() - fresh[k].float()) for k in fresh}
+
+
 def test_heads_lr_scale_speeds_the_heads_and_leaves_the_lm_path_alone(world: dict[str, Path]) -> None:
     """One AdamW step from the same fresh sidecars: its first update is lr · g / (|g| + eps) per
     weight, so the coverage and readiness heads move `heads_lr_scale` times as far, and the LM's
     sidecars (which the heads' detached inputs send no gradient) move exactly as at scale 1."""
-    deltas = {}
-    for scale in (1.0, 4.0):
-        preset = stage_preset(
-            3,
-            world["trunk"],
-            name=f"heads_x{scale:g}",
-            init_from=None,
-            train={"steps": 1, "heads_lr_scale": scale},
-        )
-        torch.manual_seed(preset.train.seed)
-        fresh = PDTModel(load_trunk(world["trunk"]), preset.sidecars).sidecar_state_dict()
-        assert run(preset)[0] == "finished"
-        after = CheckpointManager(checkpoints_root() / preset.name).load().tensors["sidecars"]
-        deltas[scale] = {k: (after[k].float() - fresh[k].float()) for k in fresh}
+    deltas = {
+        scale: _trained_deltas(world, 3, f"heads_x{scale:g}", {"steps": 1, "heads_lr_scale": scale})[1]
+        for scale in (1.0, 4.0)
+    }
     heads = [k for k in deltas[1.0] if k.split(".", 1)[0] in ("coverage_head", "agreement_head")]
     lm_path = [k for k in deltas[1.0] if k.split(".", 1)[0] in ("adapters", "snc")]
     assert heads and lm_path
@@ -257,18 +260,9 @@ def test_gates_lr_scale_speeds_the_gates_alone(world: dict[str, Path]) -> None:
     move `gates_lr_scale` times as far; every other weight moves exactly as at scale 1."""
     deltas = {}
     for scale in (1.0, 20.0):
-        preset = stage_preset(
-            1,
-            world["trunk"],
-            name=f"gates_x{scale:g}",
-            init_from=None,
-            train={"steps": 2, "gates_lr_scale": scale},
+        preset, deltas[scale] = _trained_deltas(
+            world, 1, f"gates_x{scale:g}", {"steps": 2, "gates_lr_scale": scale}
         )
-        torch.manual_seed(preset.train.seed)
-        fresh = PDTModel(load_trunk(world["trunk"]), preset.sidecars).sidecar_state_dict()
-        assert run(preset)[0] == "finished"
-        after = CheckpointManager(checkpoints_root() / preset.name).load().tensors["sidecars"]
-        deltas[scale] = {k: (after[k].float() - fresh[k].float()) for k in fresh}
     gates = [k for k in deltas[1.0] if k.endswith(".gate") and k.split(".", 1)[0] in ("adapters", "snc")]
     assert len(gates) == 2 * preset.sidecars.n_layers  # an SNC and an adapter gate a layer
     moved = {s: sum(float(deltas[s][k].abs().sum()) for k in gates) for s in deltas}

@@ -2,7 +2,8 @@
 
 What it is: `redundancy(sections)` — how much K sections repeat each other: the mean, over stream
 pairs, of the Jaccard overlap of their word 3-grams and of their named entities (capitalised
-words and runs of them), averaged; 0 = nothing shared. `answer_nll(model, prompt_ids, ids)` — the
+words and runs of them, less the function words that are capitalised only because they start a
+sentence — "It", "The", "In"), averaged; 0 = nothing shared. `answer_nll(model, prompt_ids, ids)` — the
 mean negative log-likelihood per token of an answer given the prompt, under the plain trunk
 (sidecars off), the yardstick for "PDT writes as well as the trunk alone"; `merged_answer_ids`
 — the token ids it scores for a K-section answer; `headed_section_nlls` — each section scored after
@@ -26,8 +27,27 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
 
 
+#: English function words that start a capitalised run only because they start a sentence ("It",
+#: "The", "In 1905 Einstein"): dropped from the front of a run, so they never count as an entity.
+FUNCTION_WORDS = frozenset(
+    """a an the this that these those it its he his him she her hers they them their theirs we our
+    us you your i my me in on at of for from to by with as into onto upon about after before during
+    since until while when where which who whom whose what why how and but or nor so yet if then
+    than though although because also however there here some many most such each every all both
+    one not no""".split()
+)
+
+
 def _entities(text: str) -> set[str]:
-    return {m.group().lower() for m in _ENTITY.finditer(text)}
+    """Capitalised runs of words, lower-cased, less any function words at their front."""
+    out = set()
+    for m in _ENTITY.finditer(text):
+        words = m.group().split()
+        while words and words[0].lower() in FUNCTION_WORDS:
+            words.pop(0)
+        if words:
+            out.add(" ".join(words).lower())
+    return out
 
 
 def _jaccard(a: set, b: set) -> float:

@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from pdt.data.tokenizer import build_tokenizer
 from pdt.infer.orchestrator import SECTION_SEPARATOR
-from pdt.infer.quality import answer_nll, headed_section_nlls, merged_answer_ids, redundancy, token_nlls
+from pdt.infer.quality import (
+    _entities,
+    answer_nll,
+    headed_section_nlls,
+    merged_answer_ids,
+    redundancy,
+    token_nlls,
+)
 from pdt.presets.schema import TokenizerConfig
 from tests.model.test_pdt_model import tiny_trunk
 
@@ -20,6 +27,17 @@ def test_redundancy_orders_overlap() -> None:
     partial = redundancy([same, "The Moon orbits the Sun as well, said Carl Sagan."])
     assert 0.0 < partial < 1.0
     assert redundancy([same, ""]) == 0.0  # an empty section pairs with nothing
+
+
+def test_entities_are_names_not_sentence_starts() -> None:
+    """A capitalised word that only starts a sentence ("It", "The", "In") is no entity; runs keep
+    their names ("The United States" is "united states")."""
+    text = "It orbits. The Moon is near. In 1905 Einstein wrote. He met Carl Sagan in The United States."
+    assert _entities(text) == {"moon", "einstein", "carl sagan", "united states"}
+    # two sections that share only their sentence starts and no 3-gram do not repeat each other
+    assert redundancy(["It is big. The sky was red.", "It rains often. The sea stays calm."]) == 0.0
+    # the same name and no 3-gram: entity overlap 1, 3-gram overlap 0
+    assert redundancy(["It is big. The Moon was red.", "It rains often. The Moon stays calm."]) == 0.5
 
 
 def test_answer_nll_is_the_mean_ce_of_the_answer_tokens() -> None:

@@ -70,6 +70,10 @@ class LossWeights(StrictModel):
     """Readiness BCE: real blocks vs the dataset's corrupted notes (and, in stage 3, own rollouts)."""
     stream: float = Field(0.1, ge=0)
     """Stream classifier CE (auxiliary: keeps the streams' states distinguishable)."""
+    sibling_ul: float = Field(0.0, ge=0)
+    """Sibling-repeat unlikelihood: −log(1 − p) of the name-like tokens the stream's siblings already
+    wrote in rounds its notes window covers (and it does not write itself); rewards reading the bus.
+    0 (off) by default; see `pdt.train.sibling_repeats`."""
 
 
 class CurriculumTrain(OptimConfig):

@@ -41,6 +41,7 @@ from pdt.train.curriculum_step import StepPlan, step_losses
 from pdt.train.decode_calibration import item_vectors
 from pdt.train.lora import LoraError
 from pdt.train.optim import adamw, lr_at, param_groups
+from pdt.train.sibling_repeats import ContentVocab, content_vocab
 
 
 class CurriculumError(Exception):
@@ -76,6 +77,7 @@ class Stage:
     calibration: dict[str, Any] | None = None
     last_eval: dict[str, float] = field(default_factory=dict)
     item_vectors: tuple[list[str], torch.Tensor] | None = None  # plan-item text keys, once (export)
+    content: ContentVocab | None = None  # the name-like tokens, when the LM path trains (sibling repeats)
 
 
 def run_curriculum(ctx: JobContext) -> str:
@@ -153,6 +155,8 @@ def _setup(ctx: JobContext, preset: CurriculumPreset) -> Stage:
         R.autocast_dtype(preset.train.precision, dist.device),
         _total_steps(preset, ds, dist.world_size),
     )
+    if st.plan.trunk_grad:  # the sibling-repeat term: trained when weighed, evaluated in any case
+        st.content = content_vocab(tokenizer, tokenizer.vocab_size)
     loaded = _load_own(st)
     pooled_train_notes = None
     if loaded is None:
@@ -451,7 +455,9 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
 def _batch(st: Stage, split: str, indices: list[int]) -> CD.CurriculumBatch:
     records = [st.ds.splits[split][i] for i in indices]
     vectors = [st.vectors[split][i] for i in indices]
-    batch = CD.collate(records, vectors, st.preset, st.tokenizer.eot_id, st.ds.stride).to(st.dist.device)
+    content = st.content if split != "train" or st.plan.wants("sibling_ul") else None
+    batch = CD.collate(records, vectors, st.preset, st.tokenizer.eot_id, st.ds.stride, content)
+    batch = batch.to(st.dist.device)
     if st.trunk_cache is not None:
         from pdt.train.trunk_cache import attach
 

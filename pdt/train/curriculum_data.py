@@ -31,6 +31,7 @@ from pdt.data.build.layout import build_root, write_atomic
 from pdt.data.build.notes import CORRUPTIONS
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.train.losses import IGNORE
+from pdt.train.sibling_repeats import ContentVocab, sibling_negatives
 
 CACHE_VERSION = 2  # 2: the plan items' texts follow the variants
 COVERAGE_TARGET = {0: 0.0, 1: 0.5, 2: 1.0}  # missing, partial, covered
@@ -278,6 +279,9 @@ class CurriculumBatch:
     trunk_target_logp: torch.Tensor | None = None  # [N] trunk log-prob of the true token
     base_block_hidden: torch.Tensor | None = None  # [M, D] trunk state at each block end
     prompt_pool: torch.Tensor | None = None  # [B, D] pooled prompt state
+    # [N, C] name-like ids the siblings already wrote (-1 padded; pdt.train.sibling_repeats), only
+    # when the stage weighs the sibling-repeat loss
+    sibling_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> CurriculumBatch:
         moved = {
@@ -321,8 +325,10 @@ def collate(
     preset: CurriculumPreset,
     pad_id: int,
     stride: int,
+    content: ContentVocab | None = None,
 ) -> CurriculumBatch:
-    """Teacher-forced rows, rounds, notes, blocks and corrupted notes of B records (`stride` = B)."""
+    """Teacher-forced rows, rounds, notes, blocks and corrupted notes of B records (`stride` = B).
+    `content`: also the sibling-repeat negatives of every labelled position (`sibling_ids`)."""
     k, cap = preset.sidecars.num_streams, preset.train.max_stream_tokens
     rows = [rec["token_ids"][j][:cap] for rec in records for j in range(k)]
     section_start = [
@@ -350,6 +356,12 @@ def collate(
     var_block, var_note, var_kind = _variants(records, vectors, blocks["last_block"])
     labelled = labels != IGNORE  # [R, T]
     label_pos = labelled.nonzero()  # [N, 2] (row, t), row-major
+    sibling_ids = None
+    if content is not None:
+        bus = preset.bus
+        sibling_ids = sibling_negatives(
+            ids, start, lengths, label_pos, pos_round, k, stride, bus.lag, bus.topology, content
+        )
     return CurriculumBatch(
         input_ids=ids,
         attention_mask=attention,
@@ -385,6 +397,7 @@ def collate(
         last_blocks=torch.tensor(sorted(blocks["last_block"].values()), dtype=torch.long),
         spec_own=blocks["spec_own"],
         spec_sib=blocks["spec_sib"],
+        sibling_ids=sibling_ids,
     )
 
 

@@ -48,6 +48,7 @@ LOSS_GROUPS: dict[str, tuple[str, ...]] = {
     "coverage": ("coverage",),
     "readiness": ("agreement",),
     "stream": ("stream_classifier",),
+    "sibling_ul": ("adapters", "snc", "lora"),
 }
 
 
@@ -91,6 +92,7 @@ class StepResult:
     # evaluation only, per-row CE sums [R] when each example reads another example's "notes" (its
     # own snapshot 0 kept) or its whole "bus" (snapshot 0 and notes): `_foreign_ce`
     foreign_row_ce: dict[str, torch.Tensor] = field(default_factory=dict)
+    foreign_sibling_ul: dict[str, torch.Tensor] = field(default_factory=dict)  # the same, sibling-repeat term
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # coverage / readiness scores + labels
 
 
@@ -145,10 +147,15 @@ def step_losses(
             parts["kd"] = L.kd_kl(out.logits, base["logits"])
     if want["lm"]:
         parts["lm"] = lm
-    foreign_row_ce = {}
+    if want["sibling_ul"] and batch.sibling_ids is not None:  # the siblings' names, pushed down
+        logp = kernels.picked_logprobs(out.logits, batch.sibling_ids.clamp_min(0))  # [N, C]
+        parts["sibling_ul"] = L.sibling_unlikelihood(logp, batch.sibling_ids)
+    foreign_row_ce, foreign_ul = {}, {}
     if evaluate and notes.shape[0] > 1:
         for which in FOREIGN:
-            foreign_row_ce[which] = _foreign_ce(model, batch, plan, snapshot0, notes, notes_mask, which)
+            foreign_row_ce[which], ul = _foreign_ce(model, batch, plan, snapshot0, notes, notes_mask, which)
+            if ul is not None:
+                foreign_ul[which] = ul
     extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
     scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra, evaluate)
     if want["stream"]:
@@ -166,6 +173,7 @@ def step_losses(
         base_row_ce=base_row_ce,
         scores=scores,
         foreign_row_ce=foreign_row_ce,
+        foreign_sibling_ul=foreign_ul,
     )
 
 
@@ -181,15 +189,21 @@ def _foreign_ce(
     notes: torch.Tensor,
     notes_mask: torch.Tensor,
     which: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row LM CE sums [R] with every example reading the previous example's notes ("notes": its
     own snapshot 0 kept) or its snapshot 0 and notes ("bus"), under the same visibility rules: a bus
     of the same kind and shape about the wrong text. The gap to the real bus's CE is how much the
-    decoder uses what the bus says."""
+    decoder uses what the bus says. Also the sibling-repeat term under that bus when the batch has
+    its negatives (else None): above the real bus's, the decoder avoids its siblings' names by
+    reading what their notes say."""
     foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # example b reads b - 1's
     snap = snapshot0[foreign] if which == "bus" else snapshot0
     _, out = _read_bus(model, batch, plan, snap, notes[foreign], notes_mask[foreign])
-    return L.lm_ce_at(out.logits, *_label_index(batch))[1]
+    ul = None
+    if batch.sibling_ids is not None:
+        logp = kernels.picked_logprobs(out.logits, batch.sibling_ids.clamp_min(0))
+        ul = L.sibling_unlikelihood(logp, batch.sibling_ids)
+    return L.lm_ce_at(out.logits, *_label_index(batch))[1], ul
 
 
 def _read_bus(

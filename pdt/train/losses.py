@@ -86,6 +86,17 @@ def kd_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return F.kl_div(log_s, log_t, log_target=True, reduction="sum") / student.shape[0]
 
 
+def sibling_unlikelihood(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Token-level unlikelihood: logp [N, C] the student's log-probabilities at the negative ids
+    [N, C] (-1: padding) → the mean over positions of Σ −log(1 − p) over each position's negatives
+    (0 where there are none). p is capped just under 1 so a certain token costs a finite loss."""
+    if logp.shape[0] == 0:
+        return _zero(logp)
+    p = logp.float().exp().clamp(max=1.0 - 1e-6)
+    per = -torch.log1p(-p) * (ids >= 0)  # [N, C]
+    return per.sum() / logp.shape[0]
+
+
 def coverage_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """logits/targets [M, P] (targets in [0, 1]), mask [M, P] bool (real items) → mean BCE over real items."""
     real = mask.bool()

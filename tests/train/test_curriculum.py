@@ -26,7 +26,7 @@ from pdt.telemetry.events import Event, Log, Metric
 from pdt.train import calibration as C
 from pdt.train.checkpoint import CheckpointManager
 from pdt.train.curriculum import CurriculumError, run_curriculum
-from pdt.train.curriculum_data import CurriculumBatch, CurriculumDataError, collate, open_dataset
+from pdt.train.curriculum_data import CurriculumBatch, CurriculumDataError, collate, note_texts, open_dataset
 from pdt.train.curriculum_step import StepPlan, StepResult, step_losses
 from pdt.train.losses import IGNORE
 from tests.train.curriculum_setup import build_world, stage_preset
@@ -314,6 +314,9 @@ def test_export_calibration_and_report(world: dict[str, Path]) -> None:
     ev = report["final_eval"]  # the notes' worth: CE with another example's notes, less with the real ones
     assert ev["lm_ce_foreign_notes"] > 0 and ev["lm_ce_foreign_bus"] > 0
     assert math.isfinite(ev["notes_gain"]) and math.isfinite(ev["bus_gain"])
+    # the sibling-repeat term is evaluated (not trained: weight 0), with its worth under a foreign bus
+    assert ev["sibling_ul"] >= 0 and "sibling_ul" not in preset.losses.model_fields_set
+    assert math.isfinite(ev["sibling_ul_notes_gain"]) and math.isfinite(ev["sibling_ul_bus_gain"])
     assert report["parameters"]["sidecars"] > 0 and len(report["gates"]) == preset.sidecars.n_layers
     state = CheckpointManager(checkpoints_root() / "stage3").load().state
     assert state["calibration"] == cal
@@ -682,22 +685,34 @@ def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> Non
 
 
 def test_foreign_ce_reads_another_examples_notes_or_bus(world: dict[str, Path]) -> None:
+    from pdt.data.tokenizer import load_tokenizer
+    from pdt.train.sibling_repeats import content_vocab
     from tests.model.test_pdt_model import open_gates
 
-    preset, model, batch, _, _ = _model_and_batch(world, stage=3)
+    preset, model, batch, records, tok = _model_and_batch(world, stage=3)
+    vectors = [batch.notes.new_zeros(len(note_texts(r)), batch.notes.shape[-1]) for r in records]
+    collate_args = (records, vectors, preset, tok.eot_id, 16)
     plan = StepPlan.from_preset(preset)
 
     def run_eval(b: CurriculumBatch) -> StepResult:
         return step_losses(model, b, plan, torch.Generator().manual_seed(0), evaluate=True)
 
+    assert not run_eval(batch).foreign_sibling_ul  # no negatives in the batch: no such term
+    tok = load_tokenizer(world["trunk"])
+    batch = dataclasses.replace(
+        batch, sibling_ids=collate(*collate_args, content_vocab(tok, tok.vocab_size)).sibling_ids
+    )
     res = run_eval(batch)
-    assert set(res.foreign_row_ce) == {"notes", "bus"}
+    assert set(res.foreign_row_ce) == {"notes", "bus"} == set(res.foreign_sibling_ul)
     for ce in res.foreign_row_ce.values():  # identity sidecars: the bus changes nothing
         torch.testing.assert_close(ce, res.row_ce)
+    for ul in res.foreign_sibling_ul.values():
+        torch.testing.assert_close(ul, res.parts["sibling_ul"])
     open_gates(model, snc=True)  # SNC reads the bus now
     res = run_eval(batch)
     notes, bus = res.foreign_row_ce["notes"], res.foreign_row_ce["bus"]
     assert (notes - res.row_ce).abs().max() > 1e-3 and (bus - notes).abs().max() > 1e-3
+    assert abs(float(res.foreign_sibling_ul["notes"] - res.parts["sibling_ul"])) > 1e-6
     # every example holding example 0's notes: "another example's notes" are the same notes, and
     # the foreign bus differs from them by its snapshot 0 alone
     same = dataclasses.replace(
@@ -759,3 +774,44 @@ def test_item_vectors_round_trip_and_a_file_that_does_not_fit_is_a_message(tmp_p
     save_file({"other": vectors}, str(path))
     with pytest.raises(ValueError, match="plan_item_vectors.safetensors: unreadable"):
         read_item_vectors(path, 8, 16)
+
+
+def test_sibling_repeat_loss_reads_the_batch_negatives_and_trains_the_lm_path(world: dict[str, Path]) -> None:
+    """With `losses.sibling_ul` on, the batch carries each labelled position's negatives (name-like
+    ids a sibling wrote in a round its window covers, none of the row's own), the step reports the
+    term, and its gradient alone moves the SNC and adapters so that the term falls."""
+    from pdt.data.tokenizer import load_tokenizer
+    from pdt.train.sibling_repeats import content_vocab
+
+    preset, model, batch, records, tok = _model_and_batch(
+        world, stage=1, losses={"lm": 0.0, "kd": 0.0, "stream": 0.0, "sibling_ul": 1.0}
+    )
+    assert batch.sibling_ids is None  # collated without the vocabulary: no negatives
+    tok = load_tokenizer(world["trunk"])
+    vectors = [torch.zeros(len(note_texts(r)), 16) for r in records]
+    vocab = content_vocab(tok, tok.vocab_size)
+    batch = collate(records, vectors, preset, tok.eot_id, 16, vocab)
+    neg = batch.sibling_ids
+    assert neg is not None and neg.shape[0] == batch.label_targets.shape[0]
+    assert int((neg >= 0).sum()) > 0
+    k = 3
+    for i in range(neg.shape[0]):
+        row, ids = int(batch.label_rows[i]), [x for x in neg[i].tolist() if x >= 0]
+        own = set(batch.input_ids[row][batch.attention_mask[row].bool()].tolist())
+        siblings = {x for s in range(k) if s != row % k for x in batch.input_ids[row - row % k + s].tolist()}
+        assert all(vocab.name_like[x] and x not in own and x in siblings for x in ids)
+    plan = StepPlan.from_preset(preset)
+    params = model.set_trainable(list(preset.trained_groups))
+    with torch.no_grad():  # open the LM path so the one loss can move it within a few steps
+        for snc in model.snc:
+            snc.gate.fill_(0.0)
+    opt = torch.optim.Adam(params, lr=1e-2)
+    history = []
+    for _ in range(8):
+        opt.zero_grad()
+        res = step_losses(model, batch, plan, torch.Generator().manual_seed(0))
+        res.loss.backward()
+        opt.step()
+        history.append(float(res.parts["sibling_ul"]))
+    assert set(res.parts) >= {"sibling_ul"} and "lm" not in res.parts
+    assert history[-1] < 0.9 * history[0], history

@@ -1,0 +1,109 @@
+"""What a stream's siblings have already written: the negatives of the sibling-repeat loss.
+
+What it is: the curriculum's optional unlikelihood term (`losses.sibling_ul`): at each labelled
+position, the stream's probability of the name-like tokens its sibling streams have already written
+— in rounds whose notes that position can read under the bus's lag and topology, and that appear
+nowhere in its own row (prompt, stream prefix, section) — is pushed down by −log(1 − p) each (token-level
+unlikelihood, Welleck et al. 2019, "Neural Text Generation with Unlikelihood Training"). LM CE
+alone hardly rewards reading the notes (a sibling's notes barely help predict one's own section);
+this term can only be lowered selectively by knowing what the siblings said, which the stream
+learns only through the bus. Here: the vocabulary's name-like tokens (`ContentVocab`) and the
+per-position negative ids, built on the host at collation. What it is not: the loss itself
+(`pdt.train.losses.sibling_unlikelihood`) or the decode-time redundancy figure
+(`pdt.infer.quality.redundancy`), which it aims to lower.
+
+Name-like tokens: a token whose text, spaces stripped, starts with an upper-case letter followed by
+a letter, not right after a sentence end (so a sentence's first word — "The", "In" — is not one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: Negative ids kept per position (the newest rounds' first): [N, MAX_NEGATIVES], -1 padded.
+MAX_NEGATIVES = 64
+_SENTENCE_END = (".", "!", "?", "\n", ":")
+
+
+@dataclass(frozen=True)
+class ContentVocab:
+    name_like: torch.Tensor  # [V] bool: a token that starts a capitalised word
+    ends_sentence: torch.Tensor  # [V] bool: a token after which the next word starts a sentence
+
+
+def content_vocab(tokenizer: Any, vocab_size: int) -> ContentVocab:
+    """Classify every token id of `tokenizer` (decoded one by one) below `vocab_size`."""
+    name_like = torch.zeros(vocab_size, dtype=torch.bool)
+    ends = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(vocab_size):
+        try:
+            text = tokenizer.decode([i])
+        except (KeyError, ValueError):  # an id the encoding does not define (a gap in its ranks)
+            continue
+        word = text.lstrip()
+        name_like[i] = len(word) >= 2 and word[0].isupper() and word[1].isalpha()
+        ends[i] = text.rstrip(" ").endswith(_SENTENCE_END) or text == ""
+    return ContentVocab(name_like, ends)
+
+
+def sibling_negatives(
+    ids: torch.Tensor,
+    section_start: torch.Tensor,
+    lengths: torch.Tensor,
+    label_pos: torch.Tensor,
+    pos_round: torch.Tensor,
+    num_streams: int,
+    stride: int,
+    lag: int,
+    topology: str,
+    vocab: ContentVocab,
+) -> torch.Tensor:
+    """[N, MAX_NEGATIVES] long, -1 padded: for each labelled position (`label_pos` [N, 2] row, t of
+    rows [R, T] = example-major B·K), the name-like ids its siblings wrote in rounds r with
+    r ≤ v − Δ and r < v (v = the position's round: the notes it can read), newest round first,
+    minus every id of its own row (prompt, stream prefix and section)."""
+    k = num_streams
+    rows = ids.shape[0]
+    n_ids = len(vocab.name_like)
+    # per row: the name-like ids of each round of its section, in order of first occurrence
+    written: list[list[list[int]]] = []
+    own: list[set[int]] = []
+    for r in range(rows):
+        start, end = int(section_start[r]), int(lengths[r])
+        row = ids[r, :end].tolist()
+        section = row[start:]
+        before = ([-1] + row)[start:end]  # the token before each section token
+        by_round: list[list[int]] = [[] for _ in range((len(section) + stride - 1) // stride)]
+        for o, (tok, prev) in enumerate(zip(section, before, strict=True)):
+            starts_sentence = prev < 0 or (prev < n_ids and bool(vocab.ends_sentence[prev]))
+            if tok < n_ids and vocab.name_like[tok] and not starts_sentence:
+                bucket = by_round[o // stride]
+                if tok not in bucket:
+                    bucket.append(tok)
+        written.append(by_round)
+        own.append(set(row))
+    cache: dict[tuple[int, int], list[int]] = {}
+    out = torch.full((label_pos.shape[0], MAX_NEGATIVES), -1, dtype=torch.long)
+    rounds = pos_round[label_pos[:, 0], label_pos[:, 1]].tolist()
+    for i, (r, v) in enumerate(zip(label_pos[:, 0].tolist(), rounds, strict=True)):
+        key = (r, v)
+        if key not in cache:
+            last = min(v - lag, v - 1)  # the newest sibling round this position's window holds
+            b, j = divmod(r, k)
+            siblings = [s for s in range(k) if s != j and (topology == "all_to_all" or s < j)]
+            picked: list[int] = []
+            seen = set(own[r])
+            for u in range(last, -1, -1):  # newest first
+                for s in siblings:
+                    for tok in written[b * k + s][u] if u < len(written[b * k + s]) else ():
+                        if tok not in seen:
+                            seen.add(tok)
+                            picked.append(tok)
+            cache[key] = picked[:MAX_NEGATIVES]
+        neg = cache[key]
+        if neg:
+            out[i, : len(neg)] = torch.tensor(neg, dtype=torch.long)
+    return out

@@ -46,7 +46,8 @@ graph step's decoder-block linears run `skinny_linear` as its LM head does: grap
 TRUNK_KERNEL_ROWS, recorded as `trunk_linears`), PDT_BENCH_ROUND_GRAPH=0|1 (graph_decode's ROUND_GRAPH:
 each round's window fold replayed as a graph, recorded as `round_graph`), PDT_BENCH_SPAN=n
 (graph_decode's SPAN: the graphs attend over the written slots rounded up to n; 0: over the whole
-buffer; recorded as `attention_span`).
+buffer; recorded as `attention_span`), PDT_BENCH_WARMUP_STREAM=0|1 (graph_decode's
+SHARED_WARMUP_STREAM: the captures' warm-ups share one side stream; recorded as `shared_warmup_stream`).
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -257,6 +258,8 @@ def main() -> None:
         graph_decode.ROUND_GRAPH = os.environ["PDT_BENCH_ROUND_GRAPH"] == "1"
     if os.environ.get("PDT_BENCH_SPAN"):
         graph_decode.SPAN = int(os.environ["PDT_BENCH_SPAN"])
+    if os.environ.get("PDT_BENCH_WARMUP_STREAM") in ("0", "1"):  # one warm-up stream, or one a capture
+        graph_decode.SHARED_WARMUP_STREAM = os.environ["PDT_BENCH_WARMUP_STREAM"] == "1"
     # CUDA: both engines; the CPU: `static` (what `auto` runs there), `eager` when asked for
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("static",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
@@ -305,6 +308,9 @@ def main() -> None:
                 "mode": decoder.engine,
                 "round_graph": graph_decode.ROUND_GRAPH and decoder.engine == "cuda_graph",
                 "attention_span": graph_decode.SPAN if decoder.engine == "cuda_graph" else "written slots",
+                "shared_warmup_stream": graph_decode.SHARED_WARMUP_STREAM
+                if decoder.engine == "cuda_graph"
+                else None,
                 "trunk_linears": "skinny_linear"
                 if len(graph_decode.TRUNK_KERNEL_ROWS) and decoder.engine == "cuda_graph"
                 else "F.linear",

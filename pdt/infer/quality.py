@@ -8,13 +8,15 @@ mean negative log-likelihood per token of an answer given the prompt, under the 
 (sidecars off), the yardstick for "PDT writes as well as the trunk alone"; `merged_answer_ids`
 — the token ids it scores for a K-section answer; `headed_section_nlls` — each section scored after
 its stream header, the context it was written in (to compare PDT with the plain trunk writing the
-same sectioned layout). What it is not: a judge of factual quality.
+same sectioned layout); `shared` — the entities and 3-grams behind the redundancy figure. What it is
+not: a judge of factual quality.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections import Counter
 
 import torch
 
@@ -63,6 +65,17 @@ def redundancy(sections: list[str]) -> float:
     for a, b in pairs:
         total += 0.5 * (_jaccard(_trigrams(a), _trigrams(b)) + _jaccard(_entities(a), _entities(b)))
     return total / len(pairs)
+
+
+def shared(sections: list[str]) -> tuple[Counter, Counter]:
+    """What the section pairs share, the items behind `redundancy`: (entities, word 3-grams), each
+    counted once per pair of non-empty sections that both hold it."""
+    entities: Counter = Counter()
+    trigrams: Counter = Counter()
+    for a, b in itertools.combinations([s for s in sections if s.strip()], 2):
+        entities.update(_entities(a) & _entities(b))
+        trigrams.update(" ".join(t) for t in _trigrams(a) & _trigrams(b))
+    return entities, trigrams
 
 
 def merged_answer_ids(sections: list[list[int]], separator: list[int]) -> list[int]:

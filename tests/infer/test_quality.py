@@ -14,6 +14,7 @@ from pdt.infer.quality import (
     headed_section_nlls,
     merged_answer_ids,
     redundancy,
+    shared,
     token_nlls,
 )
 from pdt.presets.schema import TokenizerConfig
@@ -38,6 +39,10 @@ def test_entities_are_names_not_sentence_starts() -> None:
     assert redundancy(["It is big. The sky was red.", "It rains often. The sea stays calm."]) == 0.0
     # the same name and no 3-gram: entity overlap 1, 3-gram overlap 0
     assert redundancy(["It is big. The Moon was red.", "It rains often. The Moon stays calm."]) == 0.5
+    # what the pairs share, once a pair: all 3 pairs of non-empty sections hold "moon" and "moon was
+    # red", the first pair "the moon was" too
+    ents, grams = shared(["It is big. The Moon was red.", "The Moon was red too.", "", "Moon was red"])
+    assert ents == {"moon": 3} and grams == {"moon was red": 3, "the moon was": 1}
 
 
 def test_answer_nll_is_the_mean_ce_of_the_answer_tokens() -> None:

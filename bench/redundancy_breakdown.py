@@ -1,0 +1,146 @@
+"""Where cross-stream redundancy comes from: PDT against `independent`, with the bus taken apart.
+
+For the trained demo (demo_tiny on the CPU, demo_124m on CUDA) and its dataset's validation prompts,
+each prompt is answered (K streams, the demo's sampling, `ignore_eos`) by these variants:
+  pdt           — as shipped: snapshot 0 and the notes;
+  snapshot0     — every producer frozen from round 0 (`Counterfactual(freeze=all)`): snapshot 0 only;
+  empty_window  — every reader ablated: no window, so the SNC adds nothing; commit and rollback stay;
+  independent   — the baseline: bus off, g = 0.
+Per variant: mean redundancy (`pdt.infer.quality.redundancy`), its paired difference with
+`independent` (mean ± s.e. over prompts), rollbacks an answer, and the entities and word 3-grams
+the section pairs share most (`pdt.infer.quality.shared`). pdt − snapshot0 is the notes' part,
+snapshot0 − empty_window snapshot 0's, empty_window − independent the commit/rollback protocol's.
+
+Knobs: PDT_BENCH_PROMPTS (10), PDT_BENCH_SEEDS ("0,1": sampling seeds, each a draw of every answer),
+PDT_BENCH_STAGE (another stage-3 preset's sidecars). Writes bench/results/redundancy_breakdown.json
+(or $OUT/...) with a `records` list, one per seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import pdt  # noqa: E402
+from bench.decode_speedup import SETUPS, _prompts, _session, decoder_kwargs  # noqa: E402
+from pdt.bus import Counterfactual  # noqa: E402
+from pdt.infer.orchestrator import ParallelDecoder  # noqa: E402
+from pdt.infer.quality import redundancy, shared  # noqa: E402
+
+TOP = 12  # shared items listed per variant
+
+
+def _variants(k: int) -> dict[str, tuple[str, Counterfactual]]:
+    streams = frozenset(range(k))
+    return {
+        "pdt": ("pdt", Counterfactual()),
+        "snapshot0": ("pdt", Counterfactual(freeze=streams, freeze_round=0)),
+        "empty_window": ("pdt", Counterfactual(ablate=streams)),
+        "independent": ("independent", Counterfactual()),
+    }
+
+
+def _mean_se(values: list[float]) -> dict[str, float]:
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return {"mean": statistics.mean(values), "se": se}
+
+
+def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[str, Any]:
+    base = dataclasses.replace(
+        session.settings, max_new_tokens=tokens, ignore_eos=True, seed=seed, prefixes=()
+    )
+    k = base.num_streams
+    per: dict[str, dict[str, Any]] = {}
+    for name, (mode, cf) in _variants(k).items():
+        decoder = ParallelDecoder(
+            session.model,
+            session.tokenizer,
+            dataclasses.replace(base, counterfactual=cf),
+            **decoder_kwargs(session),
+        )
+        scores, rollbacks, ents, grams = [], [], Counter(), Counter()
+        for prompt in prompts:
+            res = decoder.decode(prompt, mode, emit_tokens=False)
+            scores.append(redundancy(res.sections))
+            rollbacks.append(res.rollbacks)
+            e, g = shared(res.sections)
+            ents.update(e)
+            grams.update(g)
+        per[name] = {
+            "scores": scores,
+            "redundancy": statistics.mean(scores),
+            "rollbacks_per_answer": statistics.mean(rollbacks),
+            "shared_entities": sum(ents.values()),
+            "shared_trigrams": sum(grams.values()),
+            "top_entities": ents.most_common(TOP),
+            "top_trigrams": grams.most_common(TOP),
+        }
+    ref = per["independent"]["scores"]
+    for v in per.values():
+        v["diff_vs_independent"] = _mean_se([a - b for a, b in zip(v["scores"], ref, strict=True)])
+    for v in per.values():
+        del v["scores"]
+    return per
+
+
+def main() -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setup = SETUPS[device.type]
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    session = _session(device, setup["demo"])
+    prompts, source = _prompts(session, int(os.environ.get("PDT_BENCH_PROMPTS") or 10), False)
+    seeds = [int(s) for s in (os.environ.get("PDT_BENCH_SEEDS") or "0,1").split(",")]
+    records = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        per = one_seed(session, prompts, seed, setup["tokens"])
+        records.append(
+            {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "trunk": session.trunk_info["folder"],
+                "sidecars": os.environ.get("PDT_BENCH_STAGE") or "stage 3 of the demo",
+                "date": time.strftime("%Y-%m-%d"),
+                "code_version": pdt.code_version(),
+                "k": session.settings.num_streams,
+                "gamma": session.settings.gamma,
+                "sampling_seed": seed,
+                "tokens_per_stream": setup["tokens"],
+                "prompts": len(prompts),
+                "prompt_source": source,
+                "seconds": time.perf_counter() - t0,
+                "variants": per,
+            }
+        )
+        print(f"sampling seed {seed} ({len(prompts)} prompts, {source}):")
+        for name, v in per.items():
+            d = v["diff_vs_independent"]
+            print(
+                f"  {name:<13} redundancy {v['redundancy']:.4f}"
+                f"  vs independent {d['mean']:+.4f} ± {d['se']:.4f}"
+                f"  rollbacks {v['rollbacks_per_answer']:.1f}  shared entities {v['shared_entities']}"
+                f" 3-grams {v['shared_trigrams']}"
+            )
+            print(f"    top 3-grams: {', '.join(f'{t} ({n})' for t, n in v['top_trigrams'][:6])}")
+            print(f"    top entities: {', '.join(f'{t} ({n})' for t, n in v['top_entities'][:6])}")
+    out = Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "redundancy_breakdown.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(out.read_text())["records"] if out.exists() else []
+    out.write_text(json.dumps({"records": old + records}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

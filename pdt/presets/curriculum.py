@@ -74,6 +74,9 @@ class LossWeights(StrictModel):
     """Sibling-repeat unlikelihood: −log(1 − p) of the name-like tokens the stream's siblings already
     wrote in rounds its notes window covers (and it does not write itself); rewards reading the bus.
     0 (off) by default; see `pdt.train.sibling_repeats`."""
+    sibling_next: float = Field(0.0, ge=0)
+    """Sibling-continuation unlikelihood: −log(1 − p) of each token a sibling wrote after the same two
+    tokens, in rounds the window covers (what would repeat its 3-gram). 0 (off) by default."""
 
 
 class CurriculumTrain(OptimConfig):

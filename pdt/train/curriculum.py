@@ -455,8 +455,10 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
 def _batch(st: Stage, split: str, indices: list[int]) -> CD.CurriculumBatch:
     records = [st.ds.splits[split][i] for i in indices]
     vectors = [st.vectors[split][i] for i in indices]
-    content = st.content if split != "train" or st.plan.wants("sibling_ul") else None
-    batch = CD.collate(records, vectors, st.preset, st.tokenizer.eot_id, st.ds.stride, content)
+    evaluating = split != "train"  # the sibling terms: trained when weighed, evaluated in any case
+    content = st.content if evaluating or st.plan.wants("sibling_ul") else None
+    nexts = st.content is not None and (evaluating or st.plan.wants("sibling_next"))
+    batch = CD.collate(records, vectors, st.preset, st.tokenizer.eot_id, st.ds.stride, content, nexts)
     batch = batch.to(st.dist.device)
     if st.trunk_cache is not None:
         from pdt.train.trunk_cache import attach

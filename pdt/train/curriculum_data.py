@@ -31,7 +31,7 @@ from pdt.data.build.layout import build_root, write_atomic
 from pdt.data.build.notes import CORRUPTIONS
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.train.losses import IGNORE
-from pdt.train.sibling_repeats import ContentVocab, sibling_negatives
+from pdt.train.sibling_repeats import ContentVocab, sibling_continuations, sibling_negatives
 
 CACHE_VERSION = 2  # 2: the plan items' texts follow the variants
 COVERAGE_TARGET = {0: 0.0, 1: 0.5, 2: 1.0}  # missing, partial, covered
@@ -282,6 +282,9 @@ class CurriculumBatch:
     # [N, C] name-like ids the siblings already wrote (-1 padded; pdt.train.sibling_repeats), only
     # when the stage weighs the sibling-repeat loss
     sibling_ids: torch.Tensor | None = None
+    sibling_next_ids: torch.Tensor | None = (
+        None  # [N, C'] the siblings' continuations of each position's 2 tokens
+    )
 
     def to(self, device: torch.device) -> CurriculumBatch:
         moved = {
@@ -326,9 +329,11 @@ def collate(
     pad_id: int,
     stride: int,
     content: ContentVocab | None = None,
+    continuations: bool = False,
 ) -> CurriculumBatch:
     """Teacher-forced rows, rounds, notes, blocks and corrupted notes of B records (`stride` = B).
-    `content`: also the sibling-repeat negatives of every labelled position (`sibling_ids`)."""
+    `content`: also the sibling-repeat negatives of every labelled position (`sibling_ids`);
+    `continuations`: the siblings' continuations of its last two tokens (`sibling_next_ids`)."""
     k, cap = preset.sidecars.num_streams, preset.train.max_stream_tokens
     rows = [rec["token_ids"][j][:cap] for rec in records for j in range(k)]
     section_start = [
@@ -356,11 +361,15 @@ def collate(
     var_block, var_note, var_kind = _variants(records, vectors, blocks["last_block"])
     labelled = labels != IGNORE  # [R, T]
     label_pos = labelled.nonzero()  # [N, 2] (row, t), row-major
-    sibling_ids = None
+    bus = preset.bus
+    sibling_ids = sibling_next_ids = None
     if content is not None:
-        bus = preset.bus
         sibling_ids = sibling_negatives(
             ids, start, lengths, label_pos, pos_round, k, stride, bus.lag, bus.topology, content
+        )
+    if continuations:
+        sibling_next_ids = sibling_continuations(
+            ids, start, lengths, label_pos, pos_round, k, stride, bus.lag, bus.topology
         )
     return CurriculumBatch(
         input_ids=ids,
@@ -398,6 +407,7 @@ def collate(
         spec_own=blocks["spec_own"],
         spec_sib=blocks["spec_sib"],
         sibling_ids=sibling_ids,
+        sibling_next_ids=sibling_next_ids,
     )
 
 

@@ -46,8 +46,8 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
         "base": torch.zeros(k),
         "foreign": {},  # which → CE sums per stream with another example's notes / bus
         "foreign_own": torch.zeros(k),  # the real bus's CE on those same rows
-        "foreign_ul": {},  # which → the sibling-repeat term's sum over batches under that bus
-        "foreign_ul_own": 0.0,  # the real bus's on those same batches
+        "foreign_ul": {},  # (term, which) → a sibling term's sum over batches under that bus
+        "foreign_ul_own": {},  # term → the real bus's on those same batches
         "foreign_ul_n": 0,
         "foreign_tok": torch.zeros(k),
         "tok": torch.zeros(k),
@@ -80,10 +80,14 @@ def _collect(st: Any, batch_fn: Callable, step_fn: Callable, max_batches: int | 
                 for which, ce in res.foreign_row_ce.items():
                     acc["foreign"].setdefault(which, torch.zeros(k)).index_add_(0, streams, ce.float().cpu())
                 acc["foreign_own"].index_add_(0, streams, res.row_ce.float().cpu())
-            for which, ul in res.foreign_sibling_ul.items():
-                acc["foreign_ul"][which] = acc["foreign_ul"].get(which, 0.0) + float(ul)
-            if res.foreign_sibling_ul:
-                acc["foreign_ul_own"] += float(res.parts["sibling_ul"])
+            for which, terms in res.foreign_sibling.items():
+                for term, value in terms.items():
+                    acc["foreign_ul"][term, which] = acc["foreign_ul"].get((term, which), 0.0) + float(value)
+            if res.foreign_sibling:
+                for term in next(iter(res.foreign_sibling.values())):
+                    acc["foreign_ul_own"][term] = acc["foreign_ul_own"].get(term, 0.0) + float(
+                        res.parts[term]
+                    )
                 acc["foreign_ul_n"] += 1
                 acc["foreign_tok"].index_add_(0, streams, res.row_tokens.float().cpu())
             for name, value in res.scores.items():
@@ -149,8 +153,8 @@ def evaluate(st: Any, batch_fn: Callable, step_fn: Callable) -> dict[str, float]
         out[f"lm_ce_foreign_{which}"] = float(ce.sum() / n)
         # nats/token the real notes (bus) are worth over another text's, on the same rows (~0: unused)
         out[f"{which}_gain"] = float((ce.sum() - acc["foreign_own"].sum()) / n)
-    for which, ul in acc["foreign_ul"].items():  # ~0: the siblings' names are avoided (or not) blind
-        out[f"sibling_ul_{which}_gain"] = (ul - acc["foreign_ul_own"]) / acc["foreign_ul_n"]
+    for (term, which), ul in acc["foreign_ul"].items():  # ~0: what siblings wrote is avoided (or not) blind
+        out[f"{term}_{which}_gain"] = (ul - acc["foreign_ul_own"][term]) / acc["foreign_ul_n"]
     sc = acc["scores"]
     if "coverage_scores" in sc:
         threshold = (st.calibration or {}).get("coverage", {}).get("threshold", 0.5)

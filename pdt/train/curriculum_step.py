@@ -49,6 +49,7 @@ LOSS_GROUPS: dict[str, tuple[str, ...]] = {
     "readiness": ("agreement",),
     "stream": ("stream_classifier",),
     "sibling_ul": ("adapters", "snc", "lora"),
+    "sibling_next": ("adapters", "snc", "lora"),
 }
 
 
@@ -92,7 +93,8 @@ class StepResult:
     # evaluation only, per-row CE sums [R] when each example reads another example's "notes" (its
     # own snapshot 0 kept) or its whole "bus" (snapshot 0 and notes): `_foreign_ce`
     foreign_row_ce: dict[str, torch.Tensor] = field(default_factory=dict)
-    foreign_sibling_ul: dict[str, torch.Tensor] = field(default_factory=dict)  # the same, sibling-repeat term
+    # the same, the sibling terms: which bus -> term -> value
+    foreign_sibling: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # coverage / readiness scores + labels
 
 
@@ -147,15 +149,16 @@ def step_losses(
             parts["kd"] = L.kd_kl(out.logits, base["logits"])
     if want["lm"]:
         parts["lm"] = lm
-    if want["sibling_ul"] and batch.sibling_ids is not None:  # the siblings' names, pushed down
-        logp = kernels.picked_logprobs(out.logits, batch.sibling_ids.clamp_min(0))  # [N, C]
-        parts["sibling_ul"] = L.sibling_unlikelihood(logp, batch.sibling_ids)
+    for name, value in _sibling_terms(out.logits, batch, want).items():  # what siblings wrote, pushed down
+        parts[name] = value
     foreign_row_ce, foreign_ul = {}, {}
     if evaluate and notes.shape[0] > 1:
         for which in FOREIGN:
-            foreign_row_ce[which], ul = _foreign_ce(model, batch, plan, snapshot0, notes, notes_mask, which)
-            if ul is not None:
-                foreign_ul[which] = ul
+            foreign_row_ce[which], terms = _foreign_ce(
+                model, batch, plan, snapshot0, notes, notes_mask, which
+            )
+            if terms:
+                foreign_ul[which] = terms
     extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
     scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra, evaluate)
     if want["stream"]:
@@ -173,7 +176,7 @@ def step_losses(
         base_row_ce=base_row_ce,
         scores=scores,
         foreign_row_ce=foreign_row_ce,
-        foreign_sibling_ul=foreign_ul,
+        foreign_sibling=foreign_ul,
     )
 
 
@@ -189,21 +192,29 @@ def _foreign_ce(
     notes: torch.Tensor,
     notes_mask: torch.Tensor,
     which: str,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-row LM CE sums [R] with every example reading the previous example's notes ("notes": its
     own snapshot 0 kept) or its snapshot 0 and notes ("bus"), under the same visibility rules: a bus
     of the same kind and shape about the wrong text. The gap to the real bus's CE is how much the
-    decoder uses what the bus says. Also the sibling-repeat term under that bus when the batch has
-    its negatives (else None): above the real bus's, the decoder avoids its siblings' names by
-    reading what their notes say."""
+    decoder uses what the bus says. Also the sibling terms under that bus whose negatives the batch
+    has: above the real bus's, the decoder avoids what its siblings wrote by reading their notes."""
     foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # example b reads b - 1's
     snap = snapshot0[foreign] if which == "bus" else snapshot0
     _, out = _read_bus(model, batch, plan, snap, notes[foreign], notes_mask[foreign])
-    ul = None
-    if batch.sibling_ids is not None:
-        logp = kernels.picked_logprobs(out.logits, batch.sibling_ids.clamp_min(0))
-        ul = L.sibling_unlikelihood(logp, batch.sibling_ids)
-    return L.lm_ce_at(out.logits, *_label_index(batch))[1], ul
+    terms = _sibling_terms(out.logits, batch, {"sibling_ul": True, "sibling_next": True})
+    return L.lm_ce_at(out.logits, *_label_index(batch))[1], terms
+
+
+def _sibling_terms(
+    logits: torch.Tensor, batch: CurriculumBatch, want: dict[str, bool]
+) -> dict[str, torch.Tensor]:
+    """The sibling unlikelihood terms (`pdt.train.sibling_repeats`) that are wanted and whose negatives
+    the batch carries, from logits [N, V] at the labelled positions."""
+    out = {}
+    for name, ids in (("sibling_ul", batch.sibling_ids), ("sibling_next", batch.sibling_next_ids)):
+        if want[name] and ids is not None:
+            out[name] = L.sibling_unlikelihood(kernels.picked_logprobs(logits, ids.clamp_min(0)), ids)
+    return out
 
 
 def _read_bus(

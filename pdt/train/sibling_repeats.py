@@ -1,4 +1,4 @@
-"""What a stream's siblings have already written: the negatives of the sibling-repeat loss.
+"""What a stream's siblings have already written: the negatives of the sibling terms.
 
 What it is: the curriculum's optional unlikelihood term (`losses.sibling_ul`): at each labelled
 position, the stream's probability of the name-like tokens its sibling streams have already written
@@ -11,6 +11,10 @@ learns only through the bus. Here: the vocabulary's name-like tokens (`ContentVo
 per-position negative ids, built on the host at collation. What it is not: the loss itself
 (`pdt.train.losses.sibling_unlikelihood`) or the decode-time redundancy figure
 (`pdt.infer.quality.redundancy`), which it aims to lower.
+
+`sibling_continuations` (`losses.sibling_next`) is the same for the tokens a sibling wrote after the
+position's last two tokens: what would repeat a sibling's 3-gram — the stock phrases two sections
+of one answer can share even when they name nothing in common.
 
 Name-like tokens: a token whose text, spaces stripped, starts with an upper-case letter followed by
 a letter, not right after a sentence end (so a sentence's first word — "The", "In" — is not one).
@@ -25,6 +29,8 @@ import torch
 
 #: Negative ids kept per position (the newest rounds' first): [N, MAX_NEGATIVES], -1 padded.
 MAX_NEGATIVES = 64
+#: Continuations kept per position (`sibling_continuations`).
+MAX_CONTINUATIONS = 16
 _SENTENCE_END = (".", "!", "?", "\n", ":")
 
 
@@ -91,19 +97,76 @@ def sibling_negatives(
     for i, (r, v) in enumerate(zip(label_pos[:, 0].tolist(), rounds, strict=True)):
         key = (r, v)
         if key not in cache:
-            last = min(v - lag, v - 1)  # the newest sibling round this position's window holds
-            b, j = divmod(r, k)
-            siblings = [s for s in range(k) if s != j and (topology == "all_to_all" or s < j)]
             picked: list[int] = []
             seen = set(own[r])
-            for u in range(last, -1, -1):  # newest first
-                for s in siblings:
-                    for tok in written[b * k + s][u] if u < len(written[b * k + s]) else ():
-                        if tok not in seen:
-                            seen.add(tok)
-                            picked.append(tok)
+            for sib, u in _visible(r, v, k, lag, topology):
+                for tok in written[sib][u] if u < len(written[sib]) else ():
+                    if tok not in seen:
+                        seen.add(tok)
+                        picked.append(tok)
             cache[key] = picked[:MAX_NEGATIVES]
         neg = cache[key]
         if neg:
             out[i, : len(neg)] = torch.tensor(neg, dtype=torch.long)
+    return out
+
+
+def _visible(r: int, v: int, k: int, lag: int, topology: str) -> list[tuple[int, int]]:
+    """(sibling row, round) pairs whose notes row `r` reads in round `v`: rounds u ≤ v − Δ and
+    u < v, newest first, of the streams its topology reads (not its own)."""
+    last = min(v - lag, v - 1)
+    b, j = divmod(r, k)
+    siblings = [b * k + s for s in range(k) if s != j and (topology == "all_to_all" or s < j)]
+    return [(sib, u) for u in range(last, -1, -1) for sib in siblings]
+
+
+def sibling_continuations(
+    ids: torch.Tensor,
+    section_start: torch.Tensor,
+    lengths: torch.Tensor,
+    label_pos: torch.Tensor,
+    pos_round: torch.Tensor,
+    num_streams: int,
+    stride: int,
+    lag: int,
+    topology: str,
+) -> torch.Tensor:
+    """[N, MAX_CONTINUATIONS] long, -1 padded: for each labelled position (row r, t: it predicts
+    ids[r, t + 1] after (ids[r, t - 1], ids[r, t])), the tokens a sibling wrote after that same
+    pair of tokens in a round its window covers (as `sibling_negatives`) — what would repeat a
+    sibling's 3-gram — less the true next token and any continuation the row itself writes after
+    that pair."""
+    k = num_streams
+    # per row: per round of its section, (a, b) -> the tokens c written after it, in order
+    after: list[list[dict[tuple[int, int], list[int]]]] = []
+    own: list[set[tuple[int, int, int]]] = []
+    rows_ids = []
+    for r in range(ids.shape[0]):
+        start, end = int(section_start[r]), int(lengths[r])
+        row = ids[r, :end].tolist()
+        rows_ids.append(row)
+        by_round: list[dict[tuple[int, int], list[int]]] = [
+            {} for _ in range((max(0, end - start) + stride - 1) // stride)
+        ]
+        for p in range(max(start, 2), end):
+            nxt = by_round[(p - start) // stride].setdefault((row[p - 2], row[p - 1]), [])
+            if row[p] not in nxt:
+                nxt.append(row[p])
+        after.append(by_round)
+        own.append({(row[p - 2], row[p - 1], row[p]) for p in range(2, end)})
+    out = torch.full((label_pos.shape[0], MAX_CONTINUATIONS), -1, dtype=torch.long)
+    rounds = pos_round[label_pos[:, 0], label_pos[:, 1]].tolist()
+    for i, ((r, t), v) in enumerate(zip(label_pos.tolist(), rounds, strict=True)):
+        row = rows_ids[r]
+        if t < 1 or t + 1 >= len(row):
+            continue
+        pair = (row[t - 1], row[t])
+        picked: list[int] = []
+        for sib, u in _visible(r, v, k, lag, topology):
+            for tok in after[sib][u].get(pair, ()) if u < len(after[sib]) else ():
+                if tok != row[t + 1] and (*pair, tok) not in own[r] and tok not in picked:
+                    picked.append(tok)
+        if picked:
+            picked = picked[:MAX_CONTINUATIONS]
+            out[i, : len(picked)] = torch.tensor(picked, dtype=torch.long)
     return out

@@ -697,22 +697,26 @@ def test_foreign_ce_reads_another_examples_notes_or_bus(world: dict[str, Path]) 
     def run_eval(b: CurriculumBatch) -> StepResult:
         return step_losses(model, b, plan, torch.Generator().manual_seed(0), evaluate=True)
 
-    assert not run_eval(batch).foreign_sibling_ul  # no negatives in the batch: no such term
+    assert not run_eval(batch).foreign_sibling  # no negatives in the batch: no such terms
     tok = load_tokenizer(world["trunk"])
-    batch = dataclasses.replace(
-        batch, sibling_ids=collate(*collate_args, content_vocab(tok, tok.vocab_size)).sibling_ids
-    )
+    full = collate(*collate_args, content_vocab(tok, tok.vocab_size), True)
+    batch = dataclasses.replace(batch, sibling_ids=full.sibling_ids, sibling_next_ids=full.sibling_next_ids)
+    terms = {"sibling_ul", "sibling_next"}
     res = run_eval(batch)
-    assert set(res.foreign_row_ce) == {"notes", "bus"} == set(res.foreign_sibling_ul)
+    assert set(res.foreign_row_ce) == {"notes", "bus"} == set(res.foreign_sibling) and terms <= set(res.parts)
     for ce in res.foreign_row_ce.values():  # identity sidecars: the bus changes nothing
         torch.testing.assert_close(ce, res.row_ce)
-    for ul in res.foreign_sibling_ul.values():
-        torch.testing.assert_close(ul, res.parts["sibling_ul"])
+    for foreign in res.foreign_sibling.values():
+        assert set(foreign) == terms
+        for term, value in foreign.items():
+            torch.testing.assert_close(value, res.parts[term])
     open_gates(model, snc=True)  # SNC reads the bus now
     res = run_eval(batch)
     notes, bus = res.foreign_row_ce["notes"], res.foreign_row_ce["bus"]
     assert (notes - res.row_ce).abs().max() > 1e-3 and (bus - notes).abs().max() > 1e-3
-    assert abs(float(res.foreign_sibling_ul["notes"] - res.parts["sibling_ul"])) > 1e-6
+    for term in terms:  # (small probabilities on a random trunk: compared relative to the term)
+        own, foreign = float(res.parts[term]), float(res.foreign_sibling["notes"][term])
+        assert own > 0 and abs(foreign - own) > 1e-4 * own, term
     # every example holding example 0's notes: "another example's notes" are the same notes, and
     # the foreign bus differs from them by its snapshot 0 alone
     same = dataclasses.replace(
@@ -776,30 +780,43 @@ def test_item_vectors_round_trip_and_a_file_that_does_not_fit_is_a_message(tmp_p
         read_item_vectors(path, 8, 16)
 
 
-def test_sibling_repeat_loss_reads_the_batch_negatives_and_trains_the_lm_path(world: dict[str, Path]) -> None:
-    """With `losses.sibling_ul` on, the batch carries each labelled position's negatives (name-like
-    ids a sibling wrote in a round its window covers, none of the row's own), the step reports the
-    term, and its gradient alone moves the SNC and adapters so that the term falls."""
+@pytest.mark.parametrize("term", ["sibling_ul", "sibling_next"])
+def test_sibling_terms_read_the_batch_negatives_and_train_the_lm_path(
+    world: dict[str, Path], term: str
+) -> None:
+    """With `losses.sibling_ul` (`sibling_next`) on, the batch carries each labelled position's
+    negatives: name-like ids a sibling wrote in a round its window covers, none of the row's own
+    (the tokens a sibling wrote after the position's last two tokens, never the true next one).
+    The step reports the term, and its gradient alone moves the SNC and adapters so that it falls."""
     from pdt.data.tokenizer import load_tokenizer
     from pdt.train.sibling_repeats import content_vocab
 
     preset, model, batch, records, tok = _model_and_batch(
-        world, stage=1, losses={"lm": 0.0, "kd": 0.0, "stream": 0.0, "sibling_ul": 1.0}
+        world, stage=1, losses={"lm": 0.0, "kd": 0.0, "stream": 0.0, term: 1.0}
     )
-    assert batch.sibling_ids is None  # collated without the vocabulary: no negatives
+    assert batch.sibling_ids is None and batch.sibling_next_ids is None  # not asked for: none
     tok = load_tokenizer(world["trunk"])
     vectors = [torch.zeros(len(note_texts(r)), 16) for r in records]
     vocab = content_vocab(tok, tok.vocab_size)
-    batch = collate(records, vectors, preset, tok.eot_id, 16, vocab)
-    neg = batch.sibling_ids
+    names = term == "sibling_ul"
+    batch = collate(records, vectors, preset, tok.eot_id, 16, vocab if names else None, not names)
+    neg = batch.sibling_ids if names else batch.sibling_next_ids
+    assert (batch.sibling_next_ids if names else batch.sibling_ids) is None
     assert neg is not None and neg.shape[0] == batch.label_targets.shape[0]
     assert int((neg >= 0).sum()) > 0
     k = 3
     for i in range(neg.shape[0]):
-        row, ids = int(batch.label_rows[i]), [x for x in neg[i].tolist() if x >= 0]
-        own = set(batch.input_ids[row][batch.attention_mask[row].bool()].tolist())
-        siblings = {x for s in range(k) if s != row % k for x in batch.input_ids[row - row % k + s].tolist()}
-        assert all(vocab.name_like[x] and x not in own and x in siblings for x in ids)
+        row, t = int(batch.label_rows[i]), int(batch.label_flat[i]) % batch.input_ids.shape[1]
+        ids = [x for x in neg[i].tolist() if x >= 0]
+        own = batch.input_ids[row][batch.attention_mask[row].bool()].tolist()
+        sibling_rows = [batch.input_ids[row - row % k + s].tolist() for s in range(k) if s != row % k]
+        if names:
+            siblings = {x for r in sibling_rows for x in r}
+            assert all(vocab.name_like[x] and x not in own and x in siblings for x in ids)
+        else:
+            pair = (own[t - 1], own[t])
+            after = {r[p + 2] for r in sibling_rows for p in range(len(r) - 2) if (r[p], r[p + 1]) == pair}
+            assert all(x in after and x != own[t + 1] for x in ids)
     plan = StepPlan.from_preset(preset)
     params = model.set_trainable(list(preset.trained_groups))
     with torch.no_grad():  # open the LM path so the one loss can move it within a few steps
@@ -812,6 +829,6 @@ def test_sibling_repeat_loss_reads_the_batch_negatives_and_trains_the_lm_path(wo
         res = step_losses(model, batch, plan, torch.Generator().manual_seed(0))
         res.loss.backward()
         opt.step()
-        history.append(float(res.parts["sibling_ul"]))
-    assert set(res.parts) >= {"sibling_ul"} and "lm" not in res.parts
+        history.append(float(res.parts[term]))
+    assert term in res.parts and "lm" not in res.parts
     assert history[-1] < 0.9 * history[0], history

@@ -9,7 +9,13 @@ import torch
 
 from pdt.data.tokenizer import Tokenizer
 from pdt.train.losses import sibling_unlikelihood
-from pdt.train.sibling_repeats import MAX_NEGATIVES, ContentVocab, content_vocab, sibling_negatives
+from pdt.train.sibling_repeats import (
+    MAX_NEGATIVES,
+    ContentVocab,
+    content_vocab,
+    sibling_continuations,
+    sibling_negatives,
+)
 
 
 def test_content_vocab_marks_capitalised_words_and_sentence_ends() -> None:
@@ -84,6 +90,30 @@ def test_negatives_are_capped_newest_first() -> None:
     out, neg = _negatives(sections, stride=4)
     seen = max(neg.values(), key=len)
     assert len(seen) == len(set(seen)) and set(seen) <= set(names)
+
+
+def test_continuations_are_what_a_visible_sibling_wrote_after_the_same_two_tokens() -> None:
+    # stride 3, prefix (2, 3); stream 1 writes "5 6 7" in round 0 and "5 6 9" in round 1
+    sections = [[5, 6, 8, 4, 5, 6, 1, 5, 6], [5, 6, 7, 5, 6, 9, 4, 4, 4], [4, 5, 6, 7, 0, 0, 0, 0, 0]]
+    ids, start, lengths = _rows(sections, [2, 3])
+    t = torch.arange(ids.shape[1])
+    label_pos = torch.tensor([(r, p) for r in range(3) for p in range(1, int(lengths[r]) - 1)])
+    pos_round = torch.div(t[None, :] - start[:, None], 3, rounding_mode="floor").clamp(min=0)
+    out = sibling_continuations(ids, start, lengths, label_pos, pos_round, 3, 3, 1, "all_to_all")
+    neg = {(int(r), int(p)): [x for x in out[i].tolist() if x >= 0] for i, (r, p) in enumerate(label_pos)}
+    # stream 0 at position 7 (its second "5 6", round 1; next token 1) reads round 0: stream 1 wrote
+    # "5 6 7" there (stream 2's "5 6 7" is in its round 1, not yet visible)
+    assert neg[(0, 7)] == [7]
+    assert neg[(0, 3)] == []  # its first "5 6" (round 0): nothing is visible yet
+    assert neg[(0, 9)] == []  # "6 1": no sibling wrote it
+    # stream 1 at position 6 ("5 6" → 9, round 1): stream 0's round 0 "5 6 8" and stream 2's
+    # round 0 (no "5 6 x"); 9 itself, the true next token, is never a negative
+    assert neg[(1, 6)] == [8]
+    # stream 0's own "5 6 8" is no negative for it even where a sibling wrote "5 6 8"
+    assert 8 not in neg[(0, 7)]
+    # lag 2: round 1 reads nothing
+    late = sibling_continuations(ids, start, lengths, label_pos, pos_round, 3, 3, 2, "all_to_all")
+    assert [x for x in late[list(neg).index((0, 7))].tolist() if x >= 0] == []
 
 
 def test_sibling_unlikelihood_values_padding_and_gradient() -> None:

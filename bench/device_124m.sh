@@ -15,7 +15,7 @@
 #       then `launch ... stage3_124m stage3_124m_h3` and `STAGES="stage3_124m stage3_124m_h3" measure`
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 #   PARTS=linears with finish/measure: then bench/decode_parts.py for those parts
-#   BREAKDOWN=1 with finish/measure: then bench/redundancy_breakdown.py (the bus taken apart)
+#   BREAKDOWN=1 with finish/measure: bench/redundancy_breakdown.py for each stage too (the bus taken apart)
 #   AB=PDT_BENCH_ROUND_GRAPH bash bench/device_124m.sh ab: that knob 0 / 1 alternated, ROUNDS times
 #       (AB_VALUES="0 128" for other values)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
@@ -85,13 +85,16 @@ PY
     first=1
     for s in ${STAGES:-stage3_124m}; do  # each stage's metrics, γ and decode (the first to $OUT itself)
       dir=$OUT; [ $first = 1 ] || dir=$OUT/$s; mkdir -p "$dir"
-      grep -E "auc|gamma|coverage|lm_ce|readiness|_gain" "$W/$s.log" | tail -25 > "$dir/$s.tail.txt" 2>/dev/null
+      grep -E "auc|gamma|coverage|lm_ce|readiness|_gain|sibling" "$W/$s.log" | tail -32 > "$dir/$s.tail.txt" 2>/dev/null
       for f in report.json calibration.json; do  # the stage-3 export's metrics and γ
         src=$(find $W/checkpoints/$s -name "$f" | head -1)
         [ -n "$src" ] && cp "$src" "$dir/${s}_$f"
       done
       echo "=== decode: $s"
       OUT=$dir PDT_BENCH_STAGE=$s python3 bench/decode_speedup.py 2>&1 | tail -30
+      # BREAKDOWN=1: where its redundancy comes from (notes, snapshot 0, the protocol)
+      [ "${BREAKDOWN:-0}" = 1 ] && OUT=$dir PDT_BENCH_STAGE=$s python3 bench/redundancy_breakdown.py 2>&1 \
+        | grep -v "^Loading" | tail -32
       first=0
     done
     [ "${SKIP_NLL:-0}" = 1 ] || python3 bench/nll_breakdown.py 2>&1 | grep -E "nats|wrote"
@@ -99,8 +102,6 @@ PY
     [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1
     # PARTS=linears (or lm_head,skinny,...): decode-step parts in a graph, bench/decode_parts.py
     [ -n "${PARTS:-}" ] && PDT_PARTS=$PARTS python3 bench/decode_parts.py 2>&1 | tail -20
-    # BREAKDOWN=1: where PDT's redundancy comes from (notes, snapshot 0, the protocol), bench/redundancy_breakdown.py
-    [ "${BREAKDOWN:-0}" = 1 ] && python3 bench/redundancy_breakdown.py 2>&1 | grep -v "^Loading" | tail -32
     [ "${COMPARE:-0}" = 1 ] && bash "$0" compare
     true ;;
   finish)  # poll, then measure once the pipeline is done

@@ -31,7 +31,7 @@ from pdt.data.build.layout import build_root, write_atomic
 from pdt.data.build.notes import CORRUPTIONS
 from pdt.presets.curriculum import CurriculumPreset
 from pdt.train.losses import IGNORE
-from pdt.train.sibling_repeats import ContentVocab, sibling_continuations, sibling_negatives
+from pdt.train.sibling_repeats import ContentVocab, SiblingRows, sibling_continuations, sibling_negatives
 
 CACHE_VERSION = 2  # 2: the plan items' texts follow the variants
 COVERAGE_TARGET = {0: 0.0, 1: 0.5, 2: 1.0}  # missing, partial, covered
@@ -361,16 +361,12 @@ def collate(
     var_block, var_note, var_kind = _variants(records, vectors, blocks["last_block"])
     labelled = labels != IGNORE  # [R, T]
     label_pos = labelled.nonzero()  # [N, 2] (row, t), row-major
-    bus = preset.bus
     sibling_ids = sibling_next_ids = None
-    if content is not None:
-        sibling_ids = sibling_negatives(
-            ids, start, lengths, label_pos, pos_round, k, stride, bus.lag, bus.topology, content
-        )
-    if continuations:
-        sibling_next_ids = sibling_continuations(
-            ids, start, lengths, label_pos, pos_round, k, stride, bus.lag, bus.topology
-        )
+    if content is not None or continuations:
+        bus = preset.bus
+        sib = SiblingRows.of(ids, start, lengths, label_pos, pos_round, k, stride, bus.lag, bus.topology)
+        sibling_ids = sibling_negatives(sib, content) if content is not None else None
+        sibling_next_ids = sibling_continuations(sib) if continuations else None
     return CurriculumBatch(
         input_ids=ids,
         attention_mask=attention,

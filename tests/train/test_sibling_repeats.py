@@ -12,6 +12,7 @@ from pdt.train.losses import sibling_unlikelihood
 from pdt.train.sibling_repeats import (
     MAX_NEGATIVES,
     ContentVocab,
+    SiblingRows,
     content_vocab,
     sibling_continuations,
     sibling_negatives,
@@ -54,9 +55,8 @@ def _negatives(sections, lag=1, topology="all_to_all", stride=2, prefix=(2, 3)):
     keep = (label_pos[:, 1] + 1 >= start[label_pos[:, 0]]) & (label_pos[:, 1] + 1 < lengths[label_pos[:, 0]])
     label_pos = label_pos[keep]
     pos_round = torch.div(t[None, :] - start[:, None], stride, rounding_mode="floor").clamp(min=0)
-    out = sibling_negatives(
-        ids, start, lengths, label_pos, pos_round, len(sections), stride, lag, topology, VOCAB
-    )
+    rows = SiblingRows.of(ids, start, lengths, label_pos, pos_round, len(sections), stride, lag, topology)
+    out = sibling_negatives(rows, VOCAB)
     by_pos = {(int(r), int(p)): [x for x in out[i].tolist() if x >= 0] for i, (r, p) in enumerate(label_pos)}
     return out, by_pos
 
@@ -99,7 +99,9 @@ def test_continuations_are_what_a_visible_sibling_wrote_after_the_same_two_token
     t = torch.arange(ids.shape[1])
     label_pos = torch.tensor([(r, p) for r in range(3) for p in range(1, int(lengths[r]) - 1)])
     pos_round = torch.div(t[None, :] - start[:, None], 3, rounding_mode="floor").clamp(min=0)
-    out = sibling_continuations(ids, start, lengths, label_pos, pos_round, 3, 3, 1, "all_to_all")
+    out = sibling_continuations(
+        SiblingRows.of(ids, start, lengths, label_pos, pos_round, 3, 3, 1, "all_to_all")
+    )
     neg = {(int(r), int(p)): [x for x in out[i].tolist() if x >= 0] for i, (r, p) in enumerate(label_pos)}
     # stream 0 at position 7 (its second "5 6", round 1; next token 1) reads round 0: stream 1 wrote
     # "5 6 7" there (stream 2's "5 6 7" is in its round 1, not yet visible)
@@ -112,7 +114,9 @@ def test_continuations_are_what_a_visible_sibling_wrote_after_the_same_two_token
     # stream 0's own "5 6 8" is no negative for it even where a sibling wrote "5 6 8"
     assert 8 not in neg[(0, 7)]
     # lag 2: round 1 reads nothing
-    late = sibling_continuations(ids, start, lengths, label_pos, pos_round, 3, 3, 2, "all_to_all")
+    late = sibling_continuations(
+        SiblingRows.of(ids, start, lengths, label_pos, pos_round, 3, 3, 2, "all_to_all")
+    )
     assert [x for x in late[list(neg).index((0, 7))].tolist() if x >= 0] == []
 
 

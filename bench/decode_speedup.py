@@ -230,17 +230,27 @@ def _paired(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ("redundancy_diff", "redundancy_pdt", "redundancy_independent"),
         ("nll_same_layout_diff", "nll_pdt_headed", "nll_trunk_sections_headed"),
     ):
-        d = [r[a] - r[b] for r in runs]
-        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else None
-        out[name] = {"mean": statistics.mean(d), "se": se, "prompts": len(d)}
+        out[name] = mean_se([r[a] - r[b] for r in runs])
     return out
 
 
-def main() -> None:
+def mean_se(diffs: list[float]) -> dict[str, Any]:
+    """Per-prompt differences → their mean, standard error (None from one prompt) and count."""
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else None
+    return {"mean": statistics.mean(diffs), "se": se, "prompts": len(diffs)}
+
+
+def bench_device() -> tuple[torch.device, dict[str, Any]]:
+    """The device the benchmarks run on (CUDA when there is one) and its `SETUPS` entry; on the CPU
+    torch gets a thread per core."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    setup = SETUPS[device.type]
     if device.type == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return device, SETUPS[device.type]
+
+
+def main() -> None:
+    device, setup = bench_device()
     random_trunk = os.environ.get("PDT_BENCH_TRUNK") == "random"
     session = _random_session(device) if random_trunk else _session(device, setup["demo"])
     trained_k = None if random_trunk else session.model.cfg.num_streams

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import pdt  # noqa: E402
-from bench.decode_speedup import SETUPS, _prompts, _session, decoder_kwargs  # noqa: E402
+from bench.decode_speedup import _prompts, _session, bench_device, decoder_kwargs, mean_se  # noqa: E402
 from pdt.bus import Counterfactual  # noqa: E402
 from pdt.infer.orchestrator import ParallelDecoder  # noqa: E402
 from pdt.infer.quality import redundancy, shared  # noqa: E402
@@ -50,11 +50,6 @@ def _variants(k: int) -> dict[str, tuple[str, Counterfactual]]:
         "empty_window": ("pdt", Counterfactual(ablate=streams)),
         "independent": ("independent", Counterfactual()),
     }
-
-
-def _mean_se(values: list[float]) -> dict[str, float]:
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
-    return {"mean": statistics.mean(values), "se": se}
 
 
 def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[str, Any]:
@@ -89,17 +84,14 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
         }
     ref = per["independent"]["scores"]
     for v in per.values():
-        v["diff_vs_independent"] = _mean_se([a - b for a, b in zip(v["scores"], ref, strict=True)])
+        v["diff_vs_independent"] = mean_se([a - b for a, b in zip(v["scores"], ref, strict=True)])
     for v in per.values():
         del v["scores"]
     return per
 
 
 def main() -> None:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    setup = SETUPS[device.type]
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    device, setup = bench_device()
     session = _session(device, setup["demo"])
     prompts, source = _prompts(session, int(os.environ.get("PDT_BENCH_PROMPTS") or 10), False)
     seeds = [int(s) for s in (os.environ.get("PDT_BENCH_SEEDS") or "0,1").split(",")]
@@ -129,7 +121,7 @@ def main() -> None:
             d = v["diff_vs_independent"]
             print(
                 f"  {name:<13} redundancy {v['redundancy']:.4f}"
-                f"  vs independent {d['mean']:+.4f} ± {d['se']:.4f}"
+                f"  vs independent {d['mean']:+.4f} ± {d['se'] or float('nan'):.4f}"
                 f"  rollbacks {v['rollbacks_per_answer']:.1f}  shared entities {v['shared_entities']}"
                 f" 3-grams {v['shared_trigrams']}"
             )

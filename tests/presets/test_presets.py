@@ -72,6 +72,10 @@ BAD = {
         {"name": "calibration_tokens_zero", "extends": "stage3.json", "rollouts": {"calibration_tokens": 0}},
         ["rollouts.calibration_tokens", "greater than or equal to 1", "(got 0)"],
     ),
+    "negative_sibling_term": (
+        {"name": "negative_sibling_term", "extends": "stage3.json", "losses": {"sibling_next": -1}},
+        ["losses.sibling_next", "greater than or equal to 0", "(got -1)"],
+    ),
     "unknown_fast_path": (
         {"name": "unknown_fast_path", "extends": "demo_tiny.json", "decode": {"fast_path": "statc"}},
         ["decode.fast_path", "'static'", '(got "statc")'],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pdt.infer.sampling import banned_by_ngram, generate, top_p_filter
+from pdt.infer.sampling import banned_by_ngram, generate, sample_rows, top_p_filter
 from pdt.model.trunk import build_trunk
 from pdt.presets.schema import TrunkConfig
 
@@ -41,35 +41,57 @@ def test_greedy_generate_matches_full_recompute() -> None:
 
 
 def test_the_nucleus_head_draws_what_the_full_sort_draws(monkeypatch) -> None:  # noqa: ANN001
-    """sample_rows with the top-k shortcuts == with the full vocabulary sorted: peaked rows (the top
-    256 hold ≥ top_p), middling rows (only the top 1024 do) and flat rows (neither: the full sort)."""
+    """sample_rows keeping only the tokens above a probability floor == with the whole vocabulary
+    sorted, for peaked rows (the first floor holds ≥ top_p), middling rows (only the second does)
+    and flat rows (neither: the last floor, (1 − top_p) / V), alone and mixed in one batch, and for
+    uniforms at both ends of [0, 1)."""
     import pdt.infer.sampling as sampling
 
     gen = torch.Generator().manual_seed(0)
-    peaked = torch.randn(4, 8192, generator=gen) * 4
-    middling = torch.randn(3, 8192, generator=gen) * 2
-    flat = torch.randn(2, 8192, generator=gen) * 0.1
-    calls: list[int] = []
-    real_topk = torch.topk
+    v, top_p, temperature = 8192, 0.9, 0.8
+    peaked = torch.randn(4, v, generator=gen) * 4
+    middling = torch.randn(3, v, generator=gen) * 1.5
+    flat = torch.randn(2, v, generator=gen) * 0.01  # half the vocabulary a little likelier: over
+    flat[:, : v // 2] += 1.6  # 10% of the mass is in tokens under either floor
 
-    def spy(x, k, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-        calls.append(k)
-        return real_topk(x, k, *args, **kwargs)
+    def floor_mass(x: torch.Tensor, floor: float) -> torch.Tensor:
+        p = torch.softmax(x / temperature, -1)
+        return (p * (p >= floor)).sum(-1)
 
-    def head_mass(x: torch.Tensor, k: int) -> torch.Tensor:
-        return torch.topk(torch.softmax(x / 0.8, -1), k, -1).values.sum(-1)
+    first, second = sampling.NUCLEUS_FLOORS
+    assert bool((floor_mass(peaked, first) >= top_p).all())
+    assert bool((floor_mass(middling, first) < top_p).all())
+    assert bool((floor_mass(middling, second) >= top_p).all())
+    assert bool((floor_mass(flat, second) < top_p).all())
+    mixed = torch.cat([flat[:1], peaked[:2], middling[:1]])
+    args = dict(temperature=temperature, top_p=top_p, top_k=0, no_repeat_ngram=0)
+    for logits in (peaked, middling, flat, mixed):
+        n = logits.shape[0]
+        for uniforms in (torch.rand(n, generator=gen).tolist(), [0.0] * n, [1.0 - 2**-24] * n):
+            fast = sampling.sample_rows(logits, [[]] * n, uniforms, **args)
+            with monkeypatch.context() as m:  # the full sort: what the CUDA path does
+                m.setattr(sampling, "_sorted_head", lambda p, _: torch.sort(p, dim=-1, descending=True))
+                full = sampling.sample_rows(logits, [[]] * n, uniforms, **args)
+            assert fast == full
+            # each row's draw is its own: the same as sampled alone (the padding changes nothing)
+            pairs = zip(logits, uniforms, strict=True)
+            alone = [sampling.sample_rows(row[None], [[]], [u], **args)[0] for row, u in pairs]
+            assert fast == alone
+            probs = torch.softmax(logits / temperature, -1)
+            assert all(float(probs[i, t]) > 0 for i, t in enumerate(fast))
 
-    assert bool((head_mass(peaked, 256) >= 0.9).all())
-    assert bool((head_mass(middling, 256) < 0.9).all()) and bool((head_mass(middling, 1024) >= 0.9).all())
-    assert bool((head_mass(flat, 1024) < 0.9).all())
-    for logits in (peaked, middling, flat):
-        uniforms = torch.rand(logits.shape[0], generator=gen).tolist()
-        args = dict(temperature=0.8, top_p=0.9, top_k=0, no_repeat_ngram=0)
-        monkeypatch.setattr(torch, "topk", spy)
-        fast = sampling.sample_rows(logits, [[]] * logits.shape[0], uniforms, **args)
-        monkeypatch.setattr(torch, "topk", real_topk)
-        monkeypatch.setattr(sampling, "NUCLEUS_HEADS", ())  # no shortcut: always the full sort
-        full = sampling.sample_rows(logits, [[]] * logits.shape[0], uniforms, **args)
-        monkeypatch.setattr(sampling, "NUCLEUS_HEADS", (256, 1024))
-        assert fast == full
-    assert calls == [256, 256, 1024, 256, 1024]  # peaked: one head; middling: two; flat: both, then the sort
+
+def test_uniforms_at_both_ends_pick_tokens_top_p_keeps() -> None:
+    """The largest uniform picks the last token top-p keeps, not the first one it cuts (nor a padding
+    entry of the CPU's head); the smallest picks the likeliest."""
+    logits = torch.randn(1, 8192, generator=torch.Generator().manual_seed(1)) * 3  # no ties
+    probs = torch.softmax(logits, -1)
+    order = torch.sort(probs[0], descending=True)
+    keep = int(((order.values.cumsum(0) - order.values) < 0.5).sum())
+    allowed = set(order.indices[:keep].tolist())
+    for u in (1.0 - 2**-24, 0.999999, 0.0):
+        (token,) = sample_rows(logits, [[]], [u], temperature=1.0, top_p=0.5, top_k=0, no_repeat_ngram=0)
+        assert token in allowed
+    assert sample_rows(logits, [[]], [0.0], temperature=1.0, top_p=0.5, top_k=0, no_repeat_ngram=0) == [
+        int(order.indices[0])
+    ]

@@ -191,7 +191,7 @@ class Attempt:
     attempt: int
     slot: int  # the round slot (global time) it was decoded in
     tokens: list[int] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)  # seconds since the answer started
+    token_times: list[float] = field(default_factory=list)  # when each was sampled, since the answer began
     text: str = ""
     readiness: float | None = None
     decision: str = ""  # commit | rollback | forced | "" (no bus: committed without a score)
@@ -323,6 +323,16 @@ class _ContentSums:
         for c in self.counts:
             c[0] = 0
         self.sums[:, 0] = 0.0
+
+
+@dataclass
+class _Launched:
+    """A decode step queued by the orchestrator: when it started, the decoder's capture seconds
+    then, and when the launch returned (on the CPU, when the step was done)."""
+
+    start: float
+    captured: float
+    queued: float
 
 
 class _Detok:
@@ -545,7 +555,8 @@ class ParallelDecoder:
         last_hidden = torch.zeros(rows, model.d_model, device=self.device)  # rebound by each step
         content: _ContentSums | None = None  # from the first sampled token on, with the bus
 
-        def forward(tokens: list[int], active: list[bool], ctx: SidecarContext) -> None:
+        def launch(tokens: list[int], active: list[bool], ctx: SidecarContext) -> _Launched:
+            """Queue one step (CUDA: returns before the GPU has run it; CPU: runs it). `land` waits."""
             nonlocal next_logits, last_hidden
             t, captured = time.perf_counter(), self.decoder.capture_seconds
             # host tensors: the decoders read the token ids on the host without waiting for the GPU
@@ -562,8 +573,14 @@ class ParallelDecoder:
                 last_hidden = torch.where(keep, hidden, last_hidden.to(hidden.dtype))
             if content is not None:
                 content.add(hidden, active)
+            return _Launched(t, captured, time.perf_counter())
+
+        def land(step: _Launched) -> None:
             result.steps += 1
-            result.step_seconds.append(self._step_done(t, captured, phases))
+            result.step_seconds.append(self._step_done(step, phases))
+
+        def forward(tokens: list[int], active: list[bool], ctx: SidecarContext) -> None:
+            land(launch(tokens, active, ctx))
 
         # prefixes: round 0, snapshot 0 only (as in training, the prefix reads round 0's window)
         window0 = self._window(bus, recorded, ids, 0, use_bus)
@@ -604,7 +621,8 @@ class ParallelDecoder:
                 if not any(live):
                     break
                 picked = self._sample(next_logits, records, current, live)
-                feed = [0] * rows
+                sampled = time.perf_counter() - t0
+                feed, fed = [0] * rows, []
                 for r in range(rows):
                     if not live[r]:
                         continue
@@ -612,11 +630,16 @@ class ParallelDecoder:
                     if self.eos is not None and token == self.eos:
                         ended[r], live[r] = "eos", False
                         continue
-                    a = current[r]
-                    piece = detoks[r].push(token)
-                    a.tokens.append(token)
-                    a.token_times.append(time.perf_counter() - t0)
+                    current[r].tokens.append(token)  # type: ignore[union-attr]
                     feed[r] = token
+                    fed.append(r)
+                # the step is queued before the tokens' host work (live text, events), which then
+                # runs while the GPU computes the step
+                step = launch(feed, live, ctx) if any(live) else None
+                for r in fed:
+                    a, token = current[r], feed[r]
+                    piece = detoks[r].push(token)
+                    a.token_times.append(sampled)
                     if emit_tokens:
                         self.emit(
                             StreamToken(
@@ -630,8 +653,8 @@ class ParallelDecoder:
                         )
                     if len(records[r].token_ids) + len(a.tokens) >= s.max_new_tokens:
                         ended[r] = "budget"
-                if any(live):
-                    forward(feed, live, ctx)
+                if step is not None:
+                    land(step)
             t_end = time.perf_counter()
             self._block_ends(
                 bus,
@@ -801,17 +824,22 @@ class ParallelDecoder:
         phases["steps"] = sum(result.step_seconds)
         phases["other"] = max(0.0, result.seconds - sum(phases.values()))
 
-    def _step_done(self, start: float, captured: float, phases: dict[str, float]) -> float:
-        """Seconds since `start` once the step's outputs exist: on CUDA the step's kernels are
+    def _step_done(self, step: _Launched, phases: dict[str, float]) -> float:
+        """Seconds from the step's launch until its outputs exist: on CUDA the step's kernels are
         waited for (the sampler would wait for them next anyway), so a step's time is its real
-        cost in every mode and engine, not the time to queue it. Graphs the step captured (the
-        decoder's `capture_seconds` past `captured`: a step kind's first step, once per session) are
-        booked as the `capture` phase, not as the step's."""
+        cost in every mode and engine, not the time to queue it — host work done between launch and
+        this wait overlaps it and counts only where it outlasts the GPU. On the CPU the step ran
+        inside the launch. Graphs the step captured (the decoder's `capture_seconds` past the
+        launch's: a step kind's first step, once per session) are booked as the `capture` phase,
+        not as the step's."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        capture = self.decoder.capture_seconds - captured
+            end = time.perf_counter()
+        else:
+            end = step.queued
+        capture = self.decoder.capture_seconds - step.captured
         phases["capture"] += capture
-        return time.perf_counter() - start - capture
+        return end - step.start - capture
 
     def _finish(self, rec: StreamRecord, r: int, reason: str, done: list[bool], tail: str = "") -> None:
         """`tail`: the live text still held back (a character cut off by the stream's end)."""
@@ -966,15 +994,18 @@ class ParallelDecoder:
             if self.eos is not None and token == self.eos:
                 rec.done_reason = "eos"
                 break
-            detok.push(token)  # the same host work per token as a stream's live text
             attempt.tokens.append(token)
-            attempt.token_times.append(time.perf_counter() - t0)
+            sampled = time.perf_counter() - t0
+            if len(attempt.tokens) < budget:  # queued before the token's host work, as in _parallel
+                t, captured = time.perf_counter(), self.decoder.capture_seconds
+                logits, _ = self.decoder.step(state, torch.tensor([token]), live, None)
+                step = _Launched(t, captured, time.perf_counter())
+            detok.push(token)  # the same host work per token as a stream's live text
+            attempt.token_times.append(sampled)
             if len(attempt.tokens) >= budget:
                 break
-            t, captured = time.perf_counter(), self.decoder.capture_seconds
-            logits, _ = self.decoder.step(state, torch.tensor([token]), live, None)
             result.steps += 1
-            result.step_seconds.append(self._step_done(t, captured, result.phase_seconds))
+            result.step_seconds.append(self._step_done(step, result.phase_seconds))
         rec.done_reason = rec.done_reason or "budget"
         attempt.decision = "commit"
         attempt.text = self.tokenizer.decode(attempt.tokens) if attempt.tokens else ""

@@ -228,6 +228,38 @@ def test_the_phases_account_for_the_answers_wall_clock(model: PDTModel, mode: st
     assert sum(phases.values()) == pytest.approx(res.seconds, rel=1e-6, abs=1e-6)
 
 
+def test_a_step_is_queued_before_its_tokens_host_work(model: PDTModel) -> None:
+    """Each decode step is launched as soon as its tokens are sampled; their live text and events
+    follow it (on CUDA they run while the GPU computes the step), and each step's events come
+    before the next step. The step's time on the CPU is the step alone, not that host work."""
+    from pdt.telemetry.events import StreamToken
+
+    log: list[tuple[str, tuple[int, ...]]] = []
+
+    def emit(event: object) -> None:
+        if isinstance(event, StreamToken):
+            log.append(("token", (event.stream, event.token)))
+
+    dec = ParallelDecoder(model, CharTok(), settings(max_new_tokens=8), emit=emit)
+    step = dec.decoder.step
+
+    def spy(state, tokens, active, ctx):  # noqa: ANN001, ANN202
+        fed = zip(tokens.tolist(), active.tolist(), strict=True)
+        log.append(("step", tuple((k, t) for k, (t, a) in enumerate(fed) if a)))
+        return step(state, tokens, active, ctx)
+
+    dec.decoder.step = spy  # type: ignore[method-assign]
+    res = dec.decode(PROMPT, "pdt")
+    steps = [i for i, (what, _) in enumerate(log) if what == "step"][res.prefix_steps :]  # the answer's
+    tokens = [i for i, (what, _) in enumerate(log) if what == "token"]
+    assert len(tokens) == K * 8
+    for n, i in enumerate(steps):
+        fed = set(log[i][1])
+        following = [log[j][1] for j in tokens if i < j < (steps[n + 1] if n + 1 < len(steps) else len(log))]
+        assert set(following) == fed  # this step's tokens, after it and before the next step
+    assert all(len(s.token_ids) == 8 for s in res.streams)
+
+
 @pytest.mark.parametrize("mode", ["pdt", "sequential", "independent"])
 def test_every_trunk_pass_of_an_answer_keeps_cudnn_attention_off(model: PDTModel, mode: str) -> None:
     """cuDNN attention builds a plan per new shape; an answer's prefill and plan-item embeddings have

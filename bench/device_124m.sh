@@ -16,6 +16,7 @@
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 #   PARTS=linears with finish/measure: then bench/decode_parts.py for those parts
 #   BREAKDOWN=1 with finish/measure: bench/redundancy_breakdown.py for each stage too (the bus taken apart)
+#   PROFILE=1 (PROFILE_HOST=1) with finish/measure: bench/profile_gpu.py's decode profile -> $OUT/profile.txt
 #   AB=PDT_BENCH_ROUND_GRAPH bash bench/device_124m.sh ab: that knob 0 / 1 alternated, ROUNDS times
 #       (AB_VALUES="0 128" for other values)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
@@ -99,7 +100,10 @@ PY
     done
     [ "${SKIP_NLL:-0}" = 1 ] || python3 bench/nll_breakdown.py 2>&1 | grep -E "nats|wrote"
     [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8
-    [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1
+    # PROFILE=1: the decode profile (random-weight 124M) with each graph's kernels and, with
+    # PROFILE_HOST=1, the host calls per decode step of PDT and sequential
+    [ "${PROFILE:-0}" = 1 ] && PDT_PROFILE=decode PDT_PROFILE_KERNELS=1 PDT_PROFILE_HOST=${PROFILE_HOST:-0} \
+      python3 bench/profile_gpu.py > "$OUT/profile.txt" 2>&1
     # PARTS=linears (or lm_head,skinny,...): decode-step parts in a graph, bench/decode_parts.py
     [ -n "${PARTS:-}" ] && PDT_PARTS=$PARTS python3 bench/decode_parts.py 2>&1 | tail -20
     [ "${COMPARE:-0}" = 1 ] && bash "$0" compare

@@ -860,15 +860,14 @@ class ParallelDecoder:
             [float(torch.rand((), generator=self._gens[r])) for r in rows] if self.s.temperature > 0 else []
         )
         picked = sample_rows(
-            self._no_eos(logits[torch.tensor(rows, device=logits.device)])
-            if self.s.ignore_eos
-            else logits[torch.tensor(rows, device=logits.device)],
+            logits if len(rows) == len(records) else logits[torch.tensor(rows, device=logits.device)],
             histories,
             uniforms or [0.0] * len(rows),
             temperature=self.s.temperature,
             top_p=self.s.top_p,
             top_k=self.s.top_k,
             no_repeat_ngram=self.s.no_repeat_ngram,
+            banned=self._no_eos(self.s.ignore_eos),
         )
         out = [0] * len(records)
         for r, token in zip(rows, picked, strict=True):
@@ -877,12 +876,9 @@ class ParallelDecoder:
 
     # ------------------------------------------------------------------ helpers
 
-    def _no_eos(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.eos is None:
-            return logits
-        out = logits.clone()
-        out[:, self.eos] = float("-inf")
-        return out
+    def _no_eos(self, ban: bool) -> tuple[int, ...]:
+        """The tokens every row bans: EOS when `ban` (and the tokenizer has one)."""
+        return (self.eos,) if ban and self.eos is not None else ()
 
     def _window(
         self, bus: NotesBus, recorded: dict[int, WindowBatch] | None, ids: list[int], slot: int, use_bus: bool
@@ -983,13 +979,14 @@ class ParallelDecoder:
         while len(attempt.tokens) < budget:
             uniform = [float(torch.rand((), generator=gen))] if s.temperature > 0 else [0.0]
             (token,) = sample_rows(
-                self._no_eos(logits) if ban_eos else logits,
+                logits,
                 [attempt.tokens],
                 uniform,
                 temperature=s.temperature,
                 top_p=s.top_p,
                 top_k=s.top_k,
                 no_repeat_ngram=s.no_repeat_ngram,
+                banned=self._no_eos(ban_eos),
             )
             if self.eos is not None and token == self.eos:
                 rec.done_reason = "eos"

@@ -151,23 +151,27 @@ def sample_rows(
     top_p: float,
     top_k: int,
     no_repeat_ngram: int,
+    banned: tuple[int, ...] = (),
 ) -> list[int]:
     """One token per row of `logits` [n, V], all rows at once (one device→host read).
 
-    Row i bans the tokens that would repeat an n-gram of `histories[i]`; it then takes the argmax
-    (temperature 0) or samples by inverse CDF with its own uniform `uniforms[i]` ∈ [0, 1) — each
-    stream draws from its own generator, so a stream's tokens do not depend on which other rows
-    share the batch. top-k, then top-p (the token crossing top_p is kept) filter before sampling.
+    Row i bans `banned` (e.g. EOS when a budget must be written) and the tokens that would repeat an
+    n-gram of `histories[i]`; it then takes the argmax (temperature 0) or samples by inverse CDF
+    with its own uniform `uniforms[i]` ∈ [0, 1) — each stream draws from its own generator, so a
+    stream's tokens do not depend on which other rows share the batch. top-k, then top-p (the token
+    crossing top_p is kept) filter before sampling. `logits` is never written.
     """
     x = logits.float()
     rows, cols = [], []
     for i, history in enumerate(histories):
-        for token in banned_by_ngram(history, no_repeat_ngram):
+        for token in (*banned, *banned_by_ngram(history, no_repeat_ngram)):
             rows.append(i)
             cols.append(token)
     if rows:
-        x = x.clone()
-        x[torch.tensor(rows), torch.tensor(cols)] = float("-inf")  # [n, V], one scatter for every ban
+        if x.data_ptr() == logits.data_ptr():  # fp32 logits: .float() is the same tensor
+            x = x.clone()
+        where = torch.tensor([rows, cols]).to(x.device)  # [2, bans]: one host→device copy
+        x = x.index_put_((where[0], where[1]), torch.tensor(float("-inf"), device=x.device))
     if temperature <= 0:
         return x.argmax(dim=-1).tolist()
     x = x / temperature
@@ -179,8 +183,6 @@ def sample_rows(
         probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
     cum = probs.cumsum(dim=-1)  # [n, V]
     u = torch.tensor(uniforms, dtype=cum.dtype, device=cum.device)[:, None] * cum[:, -1:]  # [n, 1]
-    # a uniform within rounding of 1 can land past the last kept token: clamp to it, never to a cut
-    # (zero-probability) one
-    last = ((probs > 0).sum(dim=-1, keepdim=True) - 1).clamp_min(0)  # [n, 1]
-    pick = torch.minimum(torch.searchsorted(cum, u, right=True), last)  # [n, 1]
+    # u < 1 keeps u · total < total in fp32, so the pick is a kept token (never a cut or padding one)
+    pick = torch.searchsorted(cum, u, right=True).clamp(max=cum.shape[-1] - 1)  # [n, 1]
     return order.gather(1, pick).squeeze(1).tolist()

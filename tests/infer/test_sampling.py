@@ -95,3 +95,25 @@ def test_uniforms_at_both_ends_pick_tokens_top_p_keeps() -> None:
     assert sample_rows(logits, [[]], [0.0], temperature=1.0, top_p=0.5, top_k=0, no_repeat_ngram=0) == [
         int(order.indices[0])
     ]
+
+
+def test_banned_tokens_are_never_drawn_and_the_logits_are_not_written() -> None:
+    """`banned` (EOS when a budget must be written) and the n-gram bans go to -inf in one scatter
+    on a copy: the caller's fp32 logits are unchanged; the likeliest token, banned, is never drawn."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 512, generator=gen)
+    logits[:, 7] = 50.0  # token 7 would take nearly all the mass
+    before = logits.clone()
+    args = dict(top_p=0.9, top_k=0, no_repeat_ngram=3)
+    histories = [[1, 2, 3, 1, 2], [], [4, 5]]  # row 0 also bans 3 ("1 2 3" would repeat)
+    assert sample_rows(logits, histories, [0.0] * 3, temperature=0.0, **args) == [7, 7, 7]
+    greedy = sample_rows(logits, histories, [0.0] * 3, temperature=0.0, banned=(7,), **args)
+    masked = logits.clone()
+    masked[:, 7] = float("-inf")
+    masked[0, 3] = float("-inf")
+    assert greedy == masked.argmax(dim=-1).tolist()
+    for _ in range(20):
+        u = torch.rand(3, generator=gen).tolist()
+        drawn = sample_rows(logits, histories, u, temperature=1.0, banned=(7,), **args)
+        assert 7 not in drawn and drawn[0] != 3
+    assert torch.equal(logits, before)

@@ -3,6 +3,7 @@
 For the trained demo (demo_tiny on the CPU, demo_124m on CUDA) and its dataset's validation prompts,
 each prompt is answered (K streams, the demo's sampling, `ignore_eos`) by these variants:
   pdt           — as shipped: snapshot 0 and the notes;
+  no_rollback   — the same at γ = 0: every block committed (pdt − no_rollback is the rollbacks' part);
   snapshot0     — every producer frozen from round 0 (`Counterfactual(freeze=all)`): snapshot 0 only;
   empty_window  — every reader ablated: no window, so the SNC adds nothing; commit and rollback stay;
   independent   — the baseline: bus off, g = 0.
@@ -42,13 +43,15 @@ from pdt.infer.quality import redundancy, shared  # noqa: E402
 TOP = 12  # shared items listed per variant
 
 
-def _variants(k: int) -> dict[str, tuple[str, Counterfactual]]:
+def _variants(k: int) -> dict[str, tuple[str, Counterfactual, dict[str, Any]]]:
+    """name → (mode, counterfactual, settings changed)."""
     streams = frozenset(range(k))
     return {
-        "pdt": ("pdt", Counterfactual()),
-        "snapshot0": ("pdt", Counterfactual(freeze=streams, freeze_round=0)),
-        "empty_window": ("pdt", Counterfactual(ablate=streams)),
-        "independent": ("independent", Counterfactual()),
+        "pdt": ("pdt", Counterfactual(), {}),
+        "no_rollback": ("pdt", Counterfactual(), {"gamma": 0.0}),
+        "snapshot0": ("pdt", Counterfactual(freeze=streams, freeze_round=0), {}),
+        "empty_window": ("pdt", Counterfactual(ablate=streams), {}),
+        "independent": ("independent", Counterfactual(), {}),
     }
 
 
@@ -58,11 +61,11 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
     )
     k = base.num_streams
     per: dict[str, dict[str, Any]] = {}
-    for name, (mode, cf) in _variants(k).items():
+    for name, (mode, cf, changed) in _variants(k).items():
         decoder = ParallelDecoder(
             session.model,
             session.tokenizer,
-            dataclasses.replace(base, counterfactual=cf),
+            dataclasses.replace(base, counterfactual=cf, **changed),
             **decoder_kwargs(session),
         )
         scores, rollbacks, ents, grams = [], [], Counter(), Counter()

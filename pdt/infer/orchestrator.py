@@ -494,8 +494,8 @@ class ParallelDecoder:
         else:
             hidden = state.prompt_hidden  # [1, P, D]
             pooled = masked_mean_pool(hidden, None)  # [1, D]
-            predicted = planner.logits_pooled(pooled).argmax(dim=-1)[0].tolist()  # [S]
-            slots = list(dict.fromkeys(predicted))  # unique, in slot order
+            chosen, active = planner.own_plan(planner.logits_pooled(pooled))  # [1, S] each
+            slots = chosen[0][active[0]].tolist()  # unique, in slot order
             ids = [list(slots) for _ in range(k)]
             names = [self.plan_names.get(i, f"plan id {i}") for i in slots]
             labels, source = [list(names) for _ in range(k)], "planner"

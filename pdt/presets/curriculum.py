@@ -183,6 +183,10 @@ class CurriculumPreset(PresetBase):
     """Loss weights."""
     bus_mix_prob: float = Field(0.0, ge=0, le=1)
     """Share of teacher notes replaced by the model's own speculation notes (stage 2 on)."""
+    plan_mix_prob: float = Field(0.0, ge=0, le=1)
+    """Share of examples whose snapshot 0 is the planner's own plan (each slot's argmax, as the
+    decoder reads it) instead of the teacher's: the SNC then learns from the snapshot 0 it meets at
+    inference (a planner that cannot yet predict a prompt's items gives one unlike the teacher's)."""
     stream_dropout_prob: float = Field(0.0, ge=0, lt=1)
     """Probability that a stream's notes are all withheld from the bus for an example."""
     train: CurriculumTrain = Field(default_factory=lambda: CurriculumTrain(steps=100))
@@ -219,6 +223,8 @@ class CurriculumPreset(PresetBase):
             raise ValueError(f"lora is for stage 4; this is stage {self.stage}")
         if self.bus_mix_prob > 0 and "speculation" not in self.trained_groups:
             raise ValueError("bus_mix_prob needs the speculation head to train (stage 2 on)")
+        if self.plan_mix_prob > 0 and "snc" not in self.trained_groups:
+            raise ValueError("plan_mix_prob changes what the SNC reads: it needs the SNC to train (stage 1+)")
         if self.rollouts.every and "agreement" not in self.trained_groups:
             raise ValueError("rollouts label readiness: they need the agreement head to train (stage 3 on)")
         if self.init_from == self.name:

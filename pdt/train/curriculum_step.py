@@ -61,6 +61,7 @@ class StepPlan:
     max_rounds: int
     bus_mix_prob: float = 0.0
     stream_dropout_prob: float = 0.0
+    plan_mix_prob: float = 0.0
 
     @classmethod
     def from_preset(cls, preset: CurriculumPreset) -> StepPlan:
@@ -72,6 +73,7 @@ class StepPlan:
             preset.sidecars.max_rounds,
             preset.bus_mix_prob,
             preset.stream_dropout_prob,
+            preset.plan_mix_prob,
         )
 
     def wants(self, loss: str) -> bool:
@@ -130,6 +132,11 @@ def step_losses(
     snapshot0 = model.planner.snapshot0(batch.plan_targets, active)  # [B, d_n] teacher-forced plan
     if want["plan"]:
         parts["plan"] = L.plan_ce(plan_logits, batch.plan_targets)
+    # the planner's own plan, as the decoder builds snapshot 0 (no gradient into the planner's choice)
+    own = model.planner.snapshot0(*model.planner.own_plan(plan_logits.detach()))  # [B, d_n]
+    if plan.plan_mix_prob > 0 and not evaluate:  # draws only then: other presets' randomness unchanged
+        mix = (torch.rand(own.shape[0], generator=gen) < plan.plan_mix_prob).to(own.device)  # [B]
+        snapshot0 = torch.where(mix[:, None], own, snapshot0)
 
     cached = batch.kd_ids is not None
     base = None if cached else _base_pass(model, batch, plan, want["kd"] or evaluate)
@@ -155,7 +162,7 @@ def step_losses(
     if evaluate and notes.shape[0] > 1:
         for which in FOREIGN:
             foreign_row_ce[which], terms = _foreign_ce(
-                model, batch, plan, snapshot0, notes, notes_mask, which
+                model, batch, plan, own if which == "planner" else snapshot0, notes, notes_mask, which
             )
             if terms:
                 foreign_ul[which] = terms
@@ -180,8 +187,9 @@ def step_losses(
     )
 
 
-#: The evaluation's counterfactual buses: another example's notes, or its snapshot 0 and notes.
-FOREIGN = ("notes", "bus")
+#: The evaluation's counterfactual buses: another example's notes, or its snapshot 0 and notes; or
+#: the example's own notes with the planner's own plan as snapshot 0 (what the decoder reads).
+FOREIGN = ("notes", "bus", "planner")
 
 
 def _foreign_ce(
@@ -196,11 +204,16 @@ def _foreign_ce(
     """Per-row LM CE sums [R] with every example reading the previous example's notes ("notes": its
     own snapshot 0 kept) or its snapshot 0 and notes ("bus"), under the same visibility rules: a bus
     of the same kind and shape about the wrong text. The gap to the real bus's CE is how much the
-    decoder uses what the bus says. Also the sibling terms under that bus whose negatives the batch
-    has: above the real bus's, the decoder avoids what its siblings wrote by reading their notes."""
-    foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # example b reads b - 1's
-    snap = snapshot0[foreign] if which == "bus" else snapshot0
-    _, out = _read_bus(model, batch, plan, snap, notes[foreign], notes_mask[foreign])
+    decoder uses what the bus says. "planner": its own notes, and `snapshot0` is the planner's own
+    plan — the gap is what reading the planner's snapshot 0 rather than the teacher's costs (the
+    decoder always reads the planner's). Also the sibling terms under that bus whose negatives the
+    batch has: above the real bus's, the decoder avoids what its siblings wrote by reading their notes."""
+    if which == "planner":
+        _, out = _read_bus(model, batch, plan, snapshot0, notes, notes_mask)
+    else:
+        foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # b reads b - 1's
+        snap = snapshot0[foreign] if which == "bus" else snapshot0
+        _, out = _read_bus(model, batch, plan, snap, notes[foreign], notes_mask[foreign])
     terms = _sibling_terms(out.logits, batch, {"sibling_ul": True, "sibling_next": True})
     return L.lm_ce_at(out.logits, *_label_index(batch))[1], terms
 

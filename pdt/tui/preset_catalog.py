@@ -66,6 +66,7 @@ KEY_SETTINGS: dict[str, dict[str, str]] = {
         "train.lr": "peak lr",
         "bus.lag": "lag Δ",
         "bus_mix_prob": "bus mixing",
+        "plan_mix_prob": "plan mixing",
         "stream_dropout_prob": "stream dropout",
         "lora.rank": "LoRA rank",
         "distributed.nproc_per_node": "processes",

@@ -76,6 +76,10 @@ BAD = {
         {"name": "negative_sibling_term", "extends": "stage3.json", "losses": {"sibling_next": -1}},
         ["losses.sibling_next", "greater than or equal to 0", "(got -1)"],
     ),
+    "plan_mixing_without_the_snc": (
+        {"name": "plan_mixing_without_the_snc", "extends": "stage0.json", "plan_mix_prob": 0.5},
+        ["plan_mix_prob", "needs the SNC to train"],
+    ),
     "unknown_fast_path": (
         {"name": "unknown_fast_path", "extends": "demo_tiny.json", "decode": {"fast_path": "statc"}},
         ["decode.fast_path", "'static'", '(got "statc")'],

@@ -540,6 +540,59 @@ def test_bus_mixing_sends_gradient_into_the_speculation_head(world: dict[str, Pa
     assert grad is not None and float(grad.abs().sum()) > 0
 
 
+def test_plan_mixing_reads_the_planners_own_plan_as_snapshot_0(world: dict[str, Path], monkeypatch) -> None:  # noqa: ANN001
+    """plan_mix_prob: that share of examples reads snapshot 0 built from the planner's own plan (each
+    slot's argmax, repeats once: what the decoder reads), the rest the teacher's plan, as the step's
+    generator draws; evaluation reads the teacher's plan, and the planner's only as its
+    counterfactual bus."""
+    import pdt.train.curriculum_step as cs
+
+    preset, model, batch, _, _ = _model_and_batch(world, stage=3, losses={"kd": 0.0})
+    seen: list[torch.Tensor] = []
+    real = cs._read_bus
+
+    def spy(model, batch, plan, snapshot0, notes, notes_mask):  # noqa: ANN001, ANN202
+        seen.append(snapshot0.detach().clone())
+        return real(model, batch, plan, snapshot0, notes, notes_mask)
+
+    monkeypatch.setattr(cs, "_read_bus", spy)
+    with torch.no_grad():
+        pool = model.forward_base(batch.prompt_ids, batch.prompt_mask).hidden
+        logits = model.planner.logits(pool, batch.prompt_mask)
+        teacher = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
+        own = model.planner.snapshot0(*model.planner.own_plan(logits))
+    assert (own - teacher).abs().max() > 1e-3  # an untrained planner's plan is not the teacher's
+    base = StepPlan.from_preset(preset)
+    for p, want in ((0.0, teacher), (1.0, own)):
+        seen.clear()
+        gen = torch.Generator().manual_seed(0)
+        step_losses(model, batch, dataclasses.replace(base, plan_mix_prob=p), gen)
+        torch.testing.assert_close(seen[0], want)
+    # a share: each example one or the other, as the step's generator draws
+    seen.clear()
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.rand(own.shape[0], generator=torch.Generator().manual_seed(1)) < 0.5
+    step_losses(model, batch, dataclasses.replace(base, plan_mix_prob=0.5), gen)
+    torch.testing.assert_close(seen[0], torch.where(mix[:, None], own, teacher))
+    assert 0 < int(mix.sum()) < len(mix)
+    seen.clear()  # evaluation: the teacher's plan; the planner's as the "planner" counterfactual
+    step_losses(model, batch, dataclasses.replace(base, plan_mix_prob=1.0), gen, evaluate=True)
+    torch.testing.assert_close(seen[0], teacher)
+    assert any(torch.allclose(x, own) for x in seen[1:])
+
+
+def test_the_planners_own_plan_is_each_slots_argmax_once() -> None:
+    from pdt.model.sidecars.planner import Planner
+
+    logits = torch.full((2, 4, 6), -1.0)
+    for b, row in enumerate([[3, 1, 3, 5], [2, 2, 2, 0]]):
+        for s, i in enumerate(row):
+            logits[b, s, i] = 1.0
+    ids, active = Planner.own_plan(logits)
+    assert ids.tolist() == [[3, 1, 3, 5], [2, 2, 2, 0]]
+    assert active.tolist() == [[True, True, False, True], [True, False, False, True]]
+
+
 def test_rollout_labels_come_from_what_the_block_says() -> None:
     from pdt.train.rollouts import label_block
 
@@ -703,7 +756,8 @@ def test_foreign_ce_reads_another_examples_notes_or_bus(world: dict[str, Path]) 
     batch = dataclasses.replace(batch, sibling_ids=full.sibling_ids, sibling_next_ids=full.sibling_next_ids)
     terms = {"sibling_ul", "sibling_next"}
     res = run_eval(batch)
-    assert set(res.foreign_row_ce) == {"notes", "bus"} == set(res.foreign_sibling) and terms <= set(res.parts)
+    assert set(res.foreign_row_ce) == {"notes", "bus", "planner"} == set(res.foreign_sibling)
+    assert terms <= set(res.parts)
     for ce in res.foreign_row_ce.values():  # identity sidecars: the bus changes nothing
         torch.testing.assert_close(ce, res.row_ce)
     for foreign in res.foreign_sibling.values():
@@ -714,6 +768,8 @@ def test_foreign_ce_reads_another_examples_notes_or_bus(world: dict[str, Path]) 
     res = run_eval(batch)
     notes, bus = res.foreign_row_ce["notes"], res.foreign_row_ce["bus"]
     assert (notes - res.row_ce).abs().max() > 1e-3 and (bus - notes).abs().max() > 1e-3
+    # the planner's own plan as snapshot 0 (an untrained planner: not the teacher's plan)
+    assert (res.foreign_row_ce["planner"] - res.row_ce).abs().max() > 1e-3
     for term in terms:  # (small probabilities on a random trunk: compared relative to the term)
         own, foreign = float(res.parts[term]), float(res.foreign_sibling["notes"][term])
         assert own > 0 and abs(foreign - own) > 1e-4 * own, term

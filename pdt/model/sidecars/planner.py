@@ -65,6 +65,17 @@ class Planner(nn.Module):
         # 1/sqrt(d_plan): logits start O(1), so plan CE starts near log V_p rather than saturated.
         return queries @ self.plan_emb.weight.t() / math.sqrt(self.d_plan)
 
+    @staticmethod
+    def own_plan(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plan logits [B, S, V_p] → the plan the planner itself chooses, as the decoder reads it:
+        each slot's argmax id [B, S] and which slots are active [B, S] (an id a slot repeats from an
+        earlier slot is inactive, so each id counts once in `snapshot0`)."""
+        ids = logits.argmax(dim=-1)  # [B, S]
+        s = ids.shape[-1]
+        earlier = torch.ones(s, s, dtype=torch.bool, device=ids.device).tril(-1)  # [S, S]: j < i
+        repeat = ((ids[:, :, None] == ids[:, None, :]) & earlier).any(dim=-1)  # [B, S]
+        return ids, ~repeat
+
     def snapshot0(self, plan_ids: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
         """plan_ids [B, S] long, active [B, S] bool (None = all) → [B, d_n], unit norm (0 if none active).
 

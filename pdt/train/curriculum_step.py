@@ -132,11 +132,13 @@ def step_losses(
     snapshot0 = model.planner.snapshot0(batch.plan_targets, active)  # [B, d_n] teacher-forced plan
     if want["plan"]:
         parts["plan"] = L.plan_ce(plan_logits, batch.plan_targets)
-    # the planner's own plan, as the decoder builds snapshot 0 (no gradient into the planner's choice)
-    own = model.planner.snapshot0(*model.planner.own_plan(plan_logits.detach()))  # [B, d_n]
-    if plan.plan_mix_prob > 0 and not evaluate:  # draws only then: other presets' randomness unchanged
+    own = None  # the planner's own plan as the decoder builds snapshot 0 (no gradient into its choice)
+    if evaluate or plan.plan_mix_prob > 0:
+        own = model.planner.snapshot0(*model.planner.own_plan(plan_logits.detach()))  # [B, d_n]
+    if own is not None and plan.plan_mix_prob > 0 and not evaluate:
+        # drawn only here: a preset without plan mixing keeps its step's randomness
         mix = (torch.rand(own.shape[0], generator=gen) < plan.plan_mix_prob).to(own.device)  # [B]
-        snapshot0 = torch.where(mix[:, None], own, snapshot0)
+        snapshot0 = torch.where(mix[:, None], own, snapshot0)  # [B, d_n]
 
     cached = batch.kd_ids is not None
     base = None if cached else _base_pass(model, batch, plan, want["kd"] or evaluate)
@@ -160,9 +162,16 @@ def step_losses(
         parts[name] = value
     foreign_row_ce, foreign_ul = {}, {}
     if evaluate and notes.shape[0] > 1:
+        assert own is not None  # made for every evaluation
         for which in FOREIGN:
             foreign_row_ce[which], terms = _foreign_ce(
-                model, batch, plan, own if which == "planner" else snapshot0, notes, notes_mask, which
+                model,
+                batch,
+                plan,
+                own if which == "planner" else snapshot0,
+                notes,
+                notes_mask,
+                which,
             )
             if terms:
                 foreign_ul[which] = terms

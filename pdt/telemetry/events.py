@@ -29,12 +29,14 @@ class Event:
     t: float = field(default_factory=_now, kw_only=True)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields by name, after `kind`. Shallow: events hold only JSON values (numbers, strings,
-        lists and dicts of them), so no deep copy (`dataclasses.asdict`, ~4x the time: an answer
-        emits a `stream_token` per token)."""
+        """The fields by name, after `kind`. Events hold only JSON values (numbers, strings, lists and
+        dicts of them): a list or dict field is copied one level deep (a caller that later changes
+        the list it passed does not change a dict kept for a manifest), not recursively as
+        `dataclasses.asdict` does (~10x the time: an answer emits a `stream_token` per token)."""
         out: dict[str, Any] = {"kind": self.kind}
         for f in _fields(type(self)):
-            out[f] = getattr(self, f)
+            v = getattr(self, f)
+            out[f] = list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v
         return out
 
 

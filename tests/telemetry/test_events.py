@@ -57,6 +57,41 @@ def test_round_trip_and_unknown_kind() -> None:
     assert event_from_dict({"kind": "from_the_future", "t": 1.0}) is None
 
 
+def test_to_dict_is_a_snapshot_of_the_event() -> None:
+    """A decode event's dict equals the recursive dataclass dict, and a list its caller changes after
+    the event was made (a coverage list, say) does not change a dict already taken (the manifest
+    keeps them until the answer ends)."""
+    import dataclasses
+
+    from pdt.telemetry.events import Coverage, DecodeStarted, GateTrace, StreamToken
+
+    items, probs = ["Moon", "Apollo"], [0.9, 0.2]
+    events = [
+        Coverage(stream=1, round=2, items=items, probs=probs),
+        GateTrace(layers=[0, 1], values=[0.1, 0.2], g=1.0),
+        StreamToken(stream=0, round=1, token=5, text="a", committed=True, attempt=1),
+        DecodeStarted(
+            answer=0,
+            prompt="p",
+            mode="pdt",
+            k=2,
+            tau=4,
+            lag=1,
+            gamma=0.3,
+            g=1.0,
+            alpha=1.0,
+            max_new_tokens=8,
+            plan_items=[["x"], ["y"]],
+        ),
+    ]
+    for event in [*EXAMPLES, *events]:
+        assert event.to_dict() == {"kind": event.kind, **dataclasses.asdict(event)}
+    taken = events[0].to_dict()
+    items.append("Luna")
+    probs[0] = 0.0
+    assert taken["items"] == ["Moon", "Apollo"] and taken["probs"] == [0.9, 0.2]
+
+
 def test_jsonl_sink_and_follower(tmp_path: Path) -> None:
     path = tmp_path / "run" / "events.jsonl"
     sink = JsonlSink(path)

@@ -171,7 +171,7 @@ def sample_rows(
         if x.data_ptr() == logits.data_ptr():  # fp32 logits: .float() is the same tensor
             x = x.clone()
         where = torch.tensor([rows, cols]).to(x.device)  # [2, bans]: one host→device copy
-        x = x.index_put_((where[0], where[1]), torch.tensor(float("-inf"), device=x.device))
+        x[where[0], where[1]] = float("-inf")  # [n, V], one scatter for every ban (a scalar: no copy)
     if temperature <= 0:
         return x.argmax(dim=-1).tolist()
     x = x / temperature

@@ -747,6 +747,7 @@ def test_foreign_ce_reads_another_examples_notes_or_bus(world: dict[str, Path]) 
     collate_args = (records, vectors, preset, tok.eot_id, 16)
     plan = StepPlan.from_preset(preset)
 
+    @torch.no_grad()  # as the curriculum's evaluation runs it
     def run_eval(b: CurriculumBatch) -> StepResult:
         return step_losses(model, b, plan, torch.Generator().manual_seed(0), evaluate=True)
 

@@ -4,6 +4,7 @@ For the trained demo (demo_tiny on the CPU, demo_124m on CUDA) and its dataset's
 each prompt is answered (K streams, the demo's sampling, `ignore_eos`) by these variants:
   pdt           — as shipped: snapshot 0 and the notes;
   no_rollback   — the same at γ = 0: every block committed (pdt − no_rollback is the rollbacks' part);
+  own_snapshot0 — each stream reads a snapshot 0 of its own planner slots (`own_snapshot0`);
   snapshot0     — every producer frozen from round 0 (`Counterfactual(freeze=all)`): snapshot 0 only;
   empty_window  — every reader ablated: no window, so the SNC adds nothing; commit and rollback stay;
   independent   — the baseline: bus off, g = 0.
@@ -50,6 +51,7 @@ def _variants(k: int) -> dict[str, tuple[str, Counterfactual, dict[str, Any]]]:
     return {
         "pdt": ("pdt", Counterfactual(), {}),
         "no_rollback": ("pdt", Counterfactual(), {"gamma": 0.0}),
+        "own_snapshot0": ("pdt", Counterfactual(), {"own_snapshot0": True}),
         "snapshot0": ("pdt", Counterfactual(freeze=streams, freeze_round=0), {}),
         "empty_window": ("pdt", Counterfactual(ablate=streams), {}),
         "independent": ("independent", Counterfactual(), {}),

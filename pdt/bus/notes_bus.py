@@ -129,8 +129,15 @@ class NotesBus:
     # ------------------------------------------------------------------ writing
 
     def set_snapshot0(self, vector: torch.Tensor) -> None:
-        """Set (or re-set, bumping its version) snapshot 0, the plan note every stream reads."""
-        self.snapshot0 = self._check_vector(vector)
+        """Set (or re-set, bumping its version) snapshot 0, the plan note: one vector [d_n] every
+        stream reads, or one per stream [K, d_n] (stream k reads row k: its own plan)."""
+        if vector.dim() == 2:
+            if vector.shape[0] != self.num_streams:
+                k, got = self.num_streams, tuple(vector.shape)
+                raise ValueError(f"snapshot 0 per stream is [K={k}, d_n], got {got}")
+            self.snapshot0 = torch.stack([self._check_vector(v) for v in vector])
+        else:
+            self.snapshot0 = self._check_vector(vector)
         self.snapshot0_version += 1
         self._cache.clear()
 
@@ -227,11 +234,12 @@ class NotesBus:
             pairs += [(j, r) for r in seen[-self.cfg.window :]]
         return pairs
 
-    def _vector_of(self, producer: int, round_: int, perm: list[int]) -> torch.Tensor:
-        """The vector slot (producer, round_) shows: perm[producer]'s newest note of round <= round_."""
+    def _vector_of(self, producer: int, round_: int, perm: list[int], reader: int) -> torch.Tensor:
+        """The vector slot (producer, round_) shows `reader`: perm[producer]'s newest note of round
+        <= round_, or snapshot 0 (the reader's own row when there is one per stream)."""
         if producer == self.plan_producer:
             assert self.snapshot0 is not None
-            return self.snapshot0
+            return self.snapshot0 if self.snapshot0.dim() == 1 else self.snapshot0[reader]
         source = perm[producer]
         content_round = self._content_round(self._rounds_of(source), round_)
         assert content_round is not None  # visible_pairs only lists slots with content
@@ -262,7 +270,7 @@ class NotesBus:
         vectors: list[torch.Tensor] = []
         for row, (stream, round_) in enumerate(zip(streams, rounds, strict=True)):
             for slot, (j, r) in enumerate(self.visible_pairs(stream, round_)):
-                vectors.append(self._vector_of(j, r, perm).to(device=device, dtype=dtype))
+                vectors.append(self._vector_of(j, r, perm, stream).to(device=device, dtype=dtype))
                 mask[row, slot] = True
                 producer[row, slot] = j
                 tags[row, slot] = min(r, self.max_rounds - 1)

@@ -179,6 +179,7 @@ class Session:
             prefixes=tuple(d.stream_prefixes or ()),
             counterfactual=counterfactual,
             fast_path=d.fast_path,
+            own_snapshot0=d.own_snapshot0,
         )
 
     def _decoder(self) -> ParallelDecoder:

@@ -133,6 +133,9 @@ class DecodeSettings:
     graphs: static buffers, eager steps), "cuda_graph" (`GraphStreamDecoder`: one captured graph per
     step kind, replayed), or "auto" (cuda_graph on CUDA, static elsewhere, where it can run; else
     eager)."""
+    own_snapshot0: bool = False
+    """Stream k reads a snapshot 0 of its own plan (its plan items, or the planner's slots j with
+    j mod K = k) instead of the whole plan's (`DecodeConfig.own_snapshot0`)."""
 
     def prefix(self, stream: int) -> str:
         if self.prefixes:
@@ -160,6 +163,7 @@ class DecodeSettings:
             "max_new_tokens": self.max_new_tokens,
             "ignore_eos": self.ignore_eos,
             "fast_path": self.fast_path,
+            "own_snapshot0": self.own_snapshot0,
             "prefixes": [self.prefix(k) for k in range(self.num_streams)],
             "counterfactual": {
                 "ablate": sorted(cf.ablate),
@@ -180,7 +184,7 @@ class PlanInfo:
     slot_ids: list[int]
     items: list[list[str]]  # labels per stream
     item_ids: list[list[int]]  # plan ids per stream
-    snapshot0: torch.Tensor  # [d_n]
+    snapshot0: torch.Tensor  # [d_n], or [K, d_n]: each stream's own (`own_snapshot0`)
     seed_texts: list[str] = field(default_factory=list)
 
 
@@ -478,7 +482,9 @@ class ParallelDecoder:
         self, state: DecodeState, plan_items: list[list[str]] | None, seed_texts: list[str] | None
     ) -> PlanInfo:
         """Snapshot 0 from the given plan items (hashed like the dataset's) or the planner's argmax,
-        mixed with the seed texts' embeddings when given (normalised mean)."""
+        mixed with the seed texts' embeddings when given (normalised mean). `own_snapshot0`: one per
+        stream [K, d_n], from the stream's own items (the planner's slots j with j mod K = k, the
+        order its targets are trained in); a stream that owns none reads the whole plan's."""
         cfg, k = self.model.cfg, self.s.num_streams
         planner = self.model.planner
         if plan_items is not None:
@@ -490,27 +496,38 @@ class ParallelDecoder:
                 for row in ids:
                     if i < len(row) and row[i] not in slots and len(slots) < cfg.plan_slots:
                         slots.append(row[i])
+            owned = [list(dict.fromkeys(row))[: cfg.plan_slots] for row in ids]
             labels, source = [list(x) for x in plan_items], "plan_items"
         else:
             hidden = state.prompt_hidden  # [1, P, D]
             pooled = masked_mean_pool(hidden, None)  # [1, D]
             chosen, active = planner.own_plan(planner.logits_pooled(pooled))  # [1, S] each
             slots = chosen[0][active[0]].tolist()  # unique, in slot order
+            picks = [(j, int(i)) for j, (i, a) in enumerate(zip(chosen[0], active[0], strict=True)) if a]
+            owned = [[i for j, i in picks if j % k == stream] for stream in range(k)]
             ids = [list(slots) for _ in range(k)]
             names = [self.plan_names.get(i, f"plan id {i}") for i in slots]
             labels, source = [list(names) for _ in range(k)], "planner"
-        if slots:
-            snap = planner.snapshot0(torch.tensor([slots], device=self.device))[0]  # [d_n]
-        else:
-            snap = torch.zeros(cfg.d_notes, device=self.device)
+
+        def snapshot(plan_ids: list[int]) -> torch.Tensor:  # [d_n]
+            if not plan_ids:
+                return torch.zeros(cfg.d_notes, device=self.device)
+            return planner.snapshot0(torch.tensor([plan_ids], device=self.device))[0]
+
+        snap = snapshot(slots)  # [d_n]
+        if self.s.own_snapshot0:
+            snap = torch.stack([snapshot(x) if x else snap for x in owned])  # [K, d_n]
         seeds = [t for t in (seed_texts or []) if t.strip()]
         if seeds:
-            vectors = [snap[None]] if slots else []
+            vectors = []
             for text in seeds:
                 tok = self.tokenizer.encode(text)
                 ids_t = torch.tensor([tok], device=self.device)
-                vectors.append(self.model.embed_texts(ids_t, torch.ones_like(ids_t)).to(snap.dtype))
-            snap = F.normalize(torch.cat(vectors).mean(dim=0), dim=-1, eps=1e-12)
+                vectors.append(self.model.embed_texts(ids_t, torch.ones_like(ids_t))[0].to(snap.dtype))
+            seeded = torch.stack(vectors).sum(dim=0)  # [d_n]
+            n = len(vectors) + (1 if slots else 0)
+            mixed = ((snap if slots else 0.0) + seeded) / n  # the mean: [d_n] or [K, d_n]
+            snap = F.normalize(mixed, dim=-1, eps=1e-12)
         return PlanInfo(source, slots, labels, ids, snap.float(), seeds)
 
     # ------------------------------------------------------------------ the K-stream loop

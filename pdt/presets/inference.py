@@ -84,6 +84,10 @@ class DecodeConfig(StrictModel):
     """Token budget per stream (the sequential baseline gets K × this)."""
     stream_prefixes: list[str] | None = None
     """What each stream reads after the prompt before it writes; None: " Part n of K:" as trained."""
+    own_snapshot0: bool = False
+    """Each stream reads a snapshot 0 of its own plan — its given plan items, or the planner's slots
+    j with j mod K = k (the order its targets are trained in) — instead of the whole plan's, which
+    every stream reads as trained. A research option: it changes what the SNC was trained on."""
     fast_path: Literal["auto", "eager", "static", "cuda_graph"] = "auto"
     """Decode-step engine: eager runs the HF forward per token on its growing cache; static runs the
     same forward on K/V buffers allocated once (no per-token concatenation); cuda_graph captures the

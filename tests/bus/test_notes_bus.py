@@ -249,3 +249,21 @@ def test_bad_input_is_refused(call, error: str) -> None:
     bus = make_bus(k=2, lag=0, window=2, rounds=0)
     with pytest.raises(ValueError, match=error):
         call(bus)
+
+
+def test_a_snapshot_0_per_stream_is_read_by_its_own_stream_only() -> None:
+    """set_snapshot0 with [K, d_n]: every reader's snapshot slot holds its own row (the decoder's
+    `own_snapshot0`); the other slots are unchanged, and a shape that is not K rows is refused."""
+    bus = make_bus(k=3, lag=1, window=2, rounds=2)
+    shared = bus.windows([0, 1, 2], 2)
+    own = torch.stack([torch.full((D,), -10.0 - s) for s in range(3)])  # [K, d_n]
+    version = bus.snapshot0_version
+    bus.set_snapshot0(own)
+    assert bus.snapshot0_version == version + 1
+    win = bus.windows([2, 0, 1], 2)  # rows in another order: each row is its reader's
+    for row, reader in enumerate([2, 0, 1]):
+        assert torch.equal(win.notes[row, 0], own[reader])
+        assert win.pairs(row)[0] == (bus.plan_producer, 0)
+        assert torch.equal(win.notes[row, 1:], shared.notes[reader, 1:])  # the notes as before
+    with pytest.raises(ValueError, match=r"\[K=3, d_n\]"):
+        bus.set_snapshot0(own[:2])

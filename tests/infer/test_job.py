@@ -328,3 +328,17 @@ async def test_the_ui_replays_a_manifest(world: dict[str, Path], tmp_path: Path)
         view = app.screen.decode
         assert [s.committed for s in view.streams] == [s.text for s in manifest.streams]
         assert view.speedup() == pytest.approx(manifest.speedup["e2e_vs_sequential"])
+
+
+def test_the_presets_decode_knobs_reach_the_decoder(world: dict[str, Path], tmp_path: Path) -> None:
+    """`decode.own_snapshot0` (off by default) reaches the decoder's settings and the manifest's config."""
+    from pdt.infer.job import Session
+    from pdt.jobs import JobContext
+
+    for own in (False, True):
+        decode = {"max_new_tokens": 10, "own_snapshot0": own} if own else {"max_new_tokens": 10}
+        p = preset(world, decode=decode)
+        ctx = JobContext(preset=p, run_dir=tmp_path, checkpoints_dir=tmp_path, emit=lambda e: None)
+        session = Session(ctx, p)
+        assert session.settings.own_snapshot0 is own
+        assert session.settings.as_dict()["own_snapshot0"] is own

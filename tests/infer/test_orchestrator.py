@@ -379,3 +379,37 @@ def test_coverage_reads_each_plan_items_text_embedding(
     ).decode(PROMPT, "pdt")
     torch.testing.assert_close(seen[0][0, 0], expect, atol=1e-5, rtol=1e-5)
     assert not embedded
+
+
+def test_own_snapshot0_gives_each_stream_the_snapshot_of_its_own_plan(model: PDTModel) -> None:
+    """`own_snapshot0`: stream k's window holds the snapshot of its own plan items (given items, or
+    the planner's slots j with j mod K = k); a stream with none reads the whole plan's; the streams'
+    text changes with it, and batching stays exact (each stream alone, same windows)."""
+    from pdt.infer.orchestrator import masked_mean_pool
+
+    items = [["Moon", "Apollo"], ["Luna"], []]
+    dec = ParallelDecoder(model, CharTok(), settings(own_snapshot0=True))
+    res = dec.decode(PROMPT, "pdt", plan_items=items)
+    whole = ParallelDecoder(model, CharTok(), settings()).decode(PROMPT, "pdt", plan_items=items)
+    planner = model.planner
+
+    def snap(ids: list[int]) -> torch.Tensor:
+        return planner.snapshot0(torch.tensor([ids]))[0]
+
+    window = res.recorded[0]
+    for k in range(K):
+        want = snap(res.plan.item_ids[k]) if items[k] else snap(res.plan.slot_ids)
+        torch.testing.assert_close(window.notes[k, 0], want)
+        torch.testing.assert_close(whole.recorded[0].notes[k, 0], snap(res.plan.slot_ids))
+    assert [s.token_ids for s in res.streams] != [s.token_ids for s in whole.streams]
+    for k in range(K):
+        alone = dec.decode(PROMPT, "pdt", plan_items=items, streams=[k], recorded=res.recorded)
+        assert alone.streams[0].token_ids == res.streams[k].token_ids, k
+    # the planner's own plan: slot j belongs to stream j mod K
+    res = dec.decode(PROMPT, "pdt")
+    state, _ = dec.decoder.prefill(CharTok().encode(PROMPT), 1, 4)
+    chosen, active = planner.own_plan(planner.logits_pooled(masked_mean_pool(state.prompt_hidden, None)))
+    for k in range(K):
+        mine = [int(chosen[0, j]) for j in range(chosen.shape[1]) if active[0, j] and j % K == k]
+        want = snap(mine) if mine else snap(res.plan.slot_ids)
+        torch.testing.assert_close(res.recorded[0].notes[k, 0], want)

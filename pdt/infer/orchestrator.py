@@ -1010,13 +1010,14 @@ class ParallelDecoder:
                 break
             attempt.tokens.append(token)
             sampled = time.perf_counter() - t0
-            if len(attempt.tokens) < budget:  # queued before the token's host work, as in _parallel
+            last = len(attempt.tokens) >= budget
+            if not last:  # queued before the token's host work, as in _parallel
                 t, captured = time.perf_counter(), self.decoder.capture_seconds
                 logits, _ = self.decoder.step(state, torch.tensor([token]), live, None)
                 step = _Launched(t, captured, time.perf_counter())
             detok.push(token)  # the same host work per token as a stream's live text
             attempt.token_times.append(sampled)
-            if len(attempt.tokens) >= budget:
+            if last:
                 break
             result.steps += 1
             result.step_seconds.append(self._step_done(step, result.phase_seconds))

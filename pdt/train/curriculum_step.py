@@ -165,13 +165,7 @@ def step_losses(
         assert own is not None  # made for every evaluation
         for which in FOREIGN:
             foreign_row_ce[which], terms = _foreign_ce(
-                model,
-                batch,
-                plan,
-                own if which == "planner" else snapshot0,
-                notes,
-                notes_mask,
-                which,
+                model, batch, plan, snapshot0, own, notes, notes_mask, which
             )
             if terms:
                 foreign_ul[which] = terms
@@ -206,6 +200,7 @@ def _foreign_ce(
     batch: CurriculumBatch,
     plan: StepPlan,
     snapshot0: torch.Tensor,
+    own: torch.Tensor,
     notes: torch.Tensor,
     notes_mask: torch.Tensor,
     which: str,
@@ -213,12 +208,13 @@ def _foreign_ce(
     """Per-row LM CE sums [R] with every example reading the previous example's notes ("notes": its
     own snapshot 0 kept) or its snapshot 0 and notes ("bus"), under the same visibility rules: a bus
     of the same kind and shape about the wrong text. The gap to the real bus's CE is how much the
-    decoder uses what the bus says. "planner": its own notes, and `snapshot0` is the planner's own
-    plan — the gap is what reading the planner's snapshot 0 rather than the teacher's costs (the
-    decoder always reads the planner's). Also the sibling terms under that bus whose negatives the
-    batch has: above the real bus's, the decoder avoids what its siblings wrote by reading their notes."""
+    decoder uses what the bus says. "planner": its own notes, and snapshot 0 from the planner's own
+    plan (`own`) — the gap is what reading the planner's snapshot 0 rather than the teacher's costs
+    (the decoder always reads the planner's). Also the sibling terms under that bus whose negatives
+    the batch has: above the real bus's, the decoder avoids what its siblings wrote by reading their
+    notes."""
     if which == "planner":
-        _, out = _read_bus(model, batch, plan, snapshot0, notes, notes_mask)
+        _, out = _read_bus(model, batch, plan, own, notes, notes_mask)
     else:
         foreign = torch.roll(torch.arange(notes.shape[0], device=notes.device), 1)  # b reads b - 1's
         snap = snapshot0[foreign] if which == "bus" else snapshot0

@@ -47,7 +47,9 @@ TRUNK_KERNEL_ROWS, recorded as `trunk_linears`), PDT_BENCH_ROUND_GRAPH=0|1 (grap
 each round's window fold replayed as a graph, recorded as `round_graph`), PDT_BENCH_SPAN=n
 (graph_decode's SPAN: the graphs attend over the written slots rounded up to n; 0: over the whole
 buffer; recorded as `attention_span`), PDT_BENCH_WARMUP_STREAM=0|1 (graph_decode's
-SHARED_WARMUP_STREAM: the captures' warm-ups share one side stream; recorded as `shared_warmup_stream`).
+SHARED_WARMUP_STREAM: the captures' warm-ups share one side stream; recorded as `shared_warmup_stream`),
+PDT_BENCH_PREFIX_FORWARD=0|1 (the orchestrator's PREFIX_ONE_FORWARD: the stream prefixes in one forward,
+or one step a token; recorded as `prefix_one_forward`).
 Writes bench/results/decode_speedup.json (or $OUT/...) with a `records` list; a table last.
 """
 
@@ -70,6 +72,7 @@ import torch  # noqa: E402
 
 import pdt  # noqa: E402
 from pdt.bus import Counterfactual  # noqa: E402
+from pdt.infer import orchestrator  # noqa: E402
 from pdt.infer.job import Session  # noqa: E402
 from pdt.infer.orchestrator import DecodeResult, ParallelDecoder  # noqa: E402
 from pdt.infer.quality import answer_nll, redundancy  # noqa: E402
@@ -270,6 +273,8 @@ def main() -> None:
         graph_decode.SPAN = int(os.environ["PDT_BENCH_SPAN"])
     if os.environ.get("PDT_BENCH_WARMUP_STREAM") in ("0", "1"):  # one warm-up stream, or one a capture
         graph_decode.SHARED_WARMUP_STREAM = os.environ["PDT_BENCH_WARMUP_STREAM"] == "1"
+    if os.environ.get("PDT_BENCH_PREFIX_FORWARD") in ("0", "1"):
+        orchestrator.PREFIX_ONE_FORWARD = os.environ["PDT_BENCH_PREFIX_FORWARD"] == "1"
     # CUDA: both engines; the CPU: `static` (what `auto` runs there), `eager` when asked for
     engines = ("eager", "cuda_graph") if device.type == "cuda" else ("static",)
     only = os.environ.get("PDT_BENCH_ENGINES")  # e.g. "cuda_graph" to rerun one engine
@@ -321,6 +326,7 @@ def main() -> None:
                 "shared_warmup_stream": graph_decode.SHARED_WARMUP_STREAM
                 if decoder.engine == "cuda_graph"
                 else None,
+                "prefix_one_forward": orchestrator.PREFIX_ONE_FORWARD,
                 "trunk_linears": "skinny_linear"
                 if len(graph_decode.TRUNK_KERNEL_ROWS) and decoder.engine == "cuda_graph"
                 else "F.linear",

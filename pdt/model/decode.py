@@ -107,7 +107,7 @@ class StreamDecoder:
         kwargs = dict(
             input_ids=ids,
             **{cache_arg(self.model.trunk): state.cache},
-            attention_mask=self._mask(mask, logical, position),
+            attention_mask=self._mask(mask[:, None, :], logical, position[:, None]),
             position_ids=position[:, None],
             use_cache=True,
             output_hidden_states=True,
@@ -128,33 +128,96 @@ class StreamDecoder:
                 state.tokens[r].append(int(token))
         return out.logits[:, -1], out.hidden_states[-1][:, -1]
 
-    def _mask(self, valid: torch.Tensor, logical: torch.Tensor, position: torch.Tensor) -> object:
-        """The attention mask for one step, prepared as 4D so HF does not rebuild it every token.
+    @torch.no_grad()
+    def extend(
+        self, state: DecodeState, tokens: list[list[int]], context: SidecarContext | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed each row its own run of tokens (at least one) in ONE forward: the same cache, lengths
+        and outputs as `step` fed them a token at a time, the row's shorter runs padded with
+        placeholder slots at the end (masked for good, as an inactive row's step slot). The stream
+        prefixes take one forward this way instead of one step a token (SPEC §2b.3).
 
-        Sliding-window layers get their own mask counted in each row's logical tokens: HF's window
-        counts physical cache slots, and our rows have holes (placeholders, rolled-back blocks).
-        sdpa takes a bool mask (True = attend); eager takes an additive float mask.
+        Returns (logits [R, V], last hidden [R, D]) at each row's last token.
+        """
+        ids, live, position, counts = self._runs(state, tokens)
+        length = ids.shape[1]
+        mask = torch.cat([state.valid, live], dim=1)  # [R, P+L]
+        new_logical = torch.where(live, position, torch.full_like(position, -1))
+        logical = torch.cat([state.logical, position], dim=1)  # [R, P+L] (the queries' own keys)
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        allowed = torch.cat(  # [R, L, P+L]: the row's valid slots, and its new tokens up to the query
+            [state.valid[:, None, :].expand(-1, length, -1), live[:, None, :] & causal], dim=2
+        )
+        kwargs = dict(
+            input_ids=ids,
+            **{cache_arg(self.model.trunk): state.cache},
+            attention_mask=self._mask(allowed, logical, position),
+            position_ids=position,
+            use_cache=True,
+            output_hidden_states=True,
+        )
+        with decode_attention():
+            if context is None:
+                out = self.model.trunk(**kwargs)
+            else:
+                with self.model.instrumentation.active(context):
+                    out = self.model.trunk(**kwargs)
+        state.cache = output_cache(out)
+        state.valid = mask
+        state.logical = torch.cat([state.logical, new_logical], dim=1)
+        last = counts.to(self.device) - 1  # [R] each row's last token
+        state.lengths = state.lengths + last + 1
+        for r, run in enumerate(tokens):
+            state.tokens[r].extend(int(t) for t in run)
+        rows = torch.arange(len(tokens), device=self.device)
+        return out.logits[rows, last], out.hidden_states[-1][rows, last]
+
+    def _runs(
+        self, state: DecodeState, tokens: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`extend`'s inputs: ids [R, L] (placeholders 0), live [R, L], positions [R, L], counts [R]."""
+        if len(tokens) != state.rows or any(not run for run in tokens):
+            raise ValueError(f"extend takes one non-empty run of tokens for each of the {state.rows} rows")
+        length = max(len(run) for run in tokens)
+        counts = torch.tensor([len(run) for run in tokens])
+        ids = torch.tensor([run + [0] * (length - len(run)) for run in tokens], device=self.device)
+        steps = torch.arange(length)
+        live = (steps[None, :] < counts[:, None]).to(self.device)  # [R, L]
+        position = state.lengths[:, None] + steps.to(self.device)[None, :]  # [R, L]
+        return ids, live, position, counts
+
+    def _mask(self, allowed: torch.Tensor, logical: torch.Tensor, position: torch.Tensor) -> object:
+        """The attention mask of L query positions a row, prepared as 4D so HF does not rebuild it.
+
+        allowed [R, L, S]: the keys each query may read; logical [R, S]: each key's logical index;
+        position [R, L]: each query's. Sliding-window layers get their own mask counted in each
+        row's logical tokens: HF's window counts physical cache slots, and our rows have holes
+        (placeholders, rolled-back blocks). sdpa takes a bool mask (True = attend); eager takes an
+        additive float mask.
         """
         config = self.model.trunk.config
         impl = getattr(config, "_attn_implementation", None)
         if impl not in ("sdpa", "eager"):
-            return valid.long()  # other kernels build their own masks from a 2D padding mask
+            if allowed.shape[1] != 1:
+                raise ValueError(f"a multi-token decode forward needs sdpa or eager attention, not {impl!r}")
+            return allowed[:, 0].long()  # other kernels build their own masks from a 2D padding mask
         dtype = self.model.trunk.get_input_embeddings().weight.dtype
 
-        def prepared(allowed: torch.Tensor) -> torch.Tensor:  # [R, P+1] → [R, 1, 1, P+1]
+        def prepared(keep: torch.Tensor) -> torch.Tensor:  # [R, L, S] → [R, 1, L, S]
             if impl == "sdpa":
-                return allowed[:, None, None, :]
-            zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-            return zeros.masked_fill(~allowed, torch.finfo(dtype).min)[:, None, None, :]
+                return keep[:, None]
+            zeros = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+            return zeros.masked_fill(~keep, torch.finfo(dtype).min)[:, None]
 
         layer_types = getattr(config, "layer_types", None)
         window = getattr(config, "sliding_window", None)
         if not window or (layer_types and "sliding_attention" not in layer_types):
-            return prepared(valid)
-        in_window = logical > (position[:, None] - window)  # HF keeps keys with kv > q - window
+            return prepared(allowed)
+        # HF keeps keys with kv > q - window
+        in_window = logical[:, None, :] > (position[:, :, None] - window)  # [R, L, S]
         if not layer_types:  # one window for every layer (Mistral)
-            return prepared(valid & in_window)
-        masks = {"full_attention": prepared(valid), "sliding_attention": prepared(valid & in_window)}
+            return prepared(allowed & in_window)
+        masks = {"full_attention": prepared(allowed), "sliding_attention": prepared(allowed & in_window)}
         return {t: masks[t] for t in set(layer_types)}
 
     def rollback(self, state: DecodeState, row: int, length: int) -> None:

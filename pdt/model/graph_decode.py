@@ -112,6 +112,16 @@ class _Graph:
 
 
 @dataclass
+class _Inputs:
+    """What a forward of L tokens a row reads, at fixed addresses (`extend`: L > 1)."""
+
+    ids: torch.Tensor  # [R, L] long
+    pos: torch.Tensor  # [R, L] long
+    slots: torch.Tensor  # [L] long: the physical slots written
+    mask: torch.Tensor  # [R, 1, L, capacity] bool (sdpa) or additive float (eager)
+
+
+@dataclass
 class _Buffers:
     """Everything a step reads or writes, at fixed addresses, for one row count."""
 
@@ -125,9 +135,11 @@ class _Buffers:
     ids: torch.Tensor  # [R, 1] long
     pos: torch.Tensor  # [R, 1] long
     slot: torch.Tensor  # [1] long: the physical slot the step writes
+    writes: list  # [slots]: the slots the cache writes this forward (`slot`, or an `extend`'s run)
     seen: list  # [n or None]: attention reads the first n slots (eager: those written; graphs: a span)
     mask: torch.Tensor  # [R, 1, 1, capacity]: a view of `valid` (sdpa) or an additive float buffer
     window: dict[str, torch.Tensor] = field(default_factory=dict)  # notes window buffers, by field
+    runs: dict[int, _Inputs] = field(default_factory=dict)  # `extend`'s inputs, by run length
     graphs: dict[tuple, _Graph] = field(default_factory=dict)
     loaded: SidecarContext | None = None  # the context whose window the buffers hold
     loaded_key: tuple = ()  # the graph key of that context (window shapes, g, switches)
@@ -220,7 +232,8 @@ class GraphStreamDecoder(StreamDecoder):
         ]
         slot = torch.zeros(1, dtype=torch.long, device=self.device)
         seen: list = [None]
-        cache = _slot_cache(template, keys, values, slot, seen)
+        writes: list = [slot]
+        cache = _slot_cache(template, keys, values, writes, seen)
         valid = torch.zeros(rows, capacity, dtype=torch.bool, device=self.device)
         impl = getattr(self.model.trunk.config, "_attn_implementation", None)
         if impl == "eager":
@@ -239,6 +252,7 @@ class GraphStreamDecoder(StreamDecoder):
             ids=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
             pos=torch.zeros(rows, 1, dtype=torch.long, device=self.device),
             slot=slot,
+            writes=writes,
             seen=seen,
             mask=mask,
             generation=old.generation if old is not None else 0,
@@ -309,6 +323,77 @@ class GraphStreamDecoder(StreamDecoder):
                 state.tokens[r].append(int(token))
         # copies: the graph's output buffers are overwritten by the next replay
         return logits[:, -1].clone(), hidden[:, -1].clone()
+
+    @torch.no_grad()
+    def extend(
+        self, state: DecodeState, tokens: list[list[int]], context: SidecarContext | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `StreamDecoder.extend`: each row's run of tokens in one forward over L new slots (the
+        row's shorter runs padded with placeholders). With graphs, one graph per (rows, L, step kind,
+        span), captured at its first use (a prompt's stream prefixes: once per answer shape)."""
+        if not isinstance(state, GraphDecodeState) or state.buffers is None:
+            raise TypeError("GraphStreamDecoder.extend needs a state from its own prefill")
+        if state.generation != state.buffers.generation:
+            raise RuntimeError("this decode state was superseded by a later prefill with the same rows")
+        ids, live, position, counts = self._runs(state, tokens)
+        length = ids.shape[1]
+        while state.used + length > state.buffers.capacity:
+            self._grow(state)
+        buf, start = state.buffers, state.used
+        end = start + length
+        buf.valid[:, start:end] = live
+        buf.logical[:, start:end] = torch.where(live, position, torch.full_like(position, -1))
+        run_of = buf.runs.get(length)
+        if run_of is None:
+            run_of = buf.runs[length] = self._run_inputs(buf, length)
+        run_of.ids.copy_(ids)
+        run_of.pos.copy_(position)
+        run_of.slots.copy_(torch.arange(start, end, device=self.device))
+        # query j of a row reads the row's valid slots up to its own: slot start + j
+        upto = (
+            torch.arange(buf.capacity, device=self.device)[None, :]
+            <= (start + torch.arange(length, device=self.device))[:, None]
+        )
+        allowed = buf.valid[:, None, :] & upto  # [R, L, capacity]
+        if run_of.mask.dtype == torch.bool:
+            run_of.mask.copy_(allowed[:, None])
+        else:
+            run_of.mask.copy_(torch.where(allowed, 0.0, torch.finfo(run_of.mask.dtype).min)[:, None])
+        key = (*self._load(buf, context), "extend", length)
+        if self.spans:
+            span = next(s for s in attention_spans(buf.capacity) if s >= end)
+            key = (*key, span)
+            buf.seen[0] = span
+            if key not in buf.graphs:
+                with self._timed_capture():
+                    buf.graphs[key] = self._capture(buf, context, run_of)
+        else:
+            buf.seen[0] = end
+            if key not in buf.graphs:
+                buf.graphs[key] = self._capture(buf, context, run_of)
+        run = buf.graphs[key]
+        if run.graph is not None:
+            run.graph.replay()
+            logits, hidden = run.logits, run.hidden
+        else:
+            logits, hidden = run.run()
+        assert logits is not None and hidden is not None
+        last = counts.to(self.device) - 1  # [R] each row's last token
+        state.lengths = state.lengths + last + 1
+        state.used = end
+        for r, row_tokens in enumerate(tokens):
+            state.tokens[r].extend(int(t) for t in row_tokens)
+        rows = torch.arange(len(tokens), device=self.device)
+        return logits[rows, last], hidden[rows, last]  # (gathers: copies of the graph's outputs)
+
+    def _run_inputs(self, buf: _Buffers, length: int) -> _Inputs:
+        mask_dtype = buf.mask.dtype
+        return _Inputs(
+            ids=torch.zeros(buf.rows, length, dtype=torch.long, device=self.device),
+            pos=torch.zeros(buf.rows, length, dtype=torch.long, device=self.device),
+            slots=torch.zeros(length, dtype=torch.long, device=self.device),
+            mask=torch.zeros(buf.rows, 1, length, buf.capacity, dtype=mask_dtype, device=self.device),
+        )
 
     def _load(self, buf: _Buffers, context: SidecarContext | None) -> tuple:
         """Copy a new round's window into the static buffers; the graph key for this context."""
@@ -405,7 +490,10 @@ class GraphStreamDecoder(StreamDecoder):
             torch.cuda.synchronize(self.device)
             self.capture_seconds += time.perf_counter() - t0
 
-    def _capture(self, buf: _Buffers, context: SidecarContext | None) -> _Graph:
+    def _capture(
+        self, buf: _Buffers, context: SidecarContext | None, run_of: _Inputs | None = None
+    ) -> _Graph:
+        """The forward on `buf` (a step; `run_of`: an `extend`'s run), captured with graphs."""
         ctx = None
         if context is not None:
             w = buf.window
@@ -427,26 +515,31 @@ class GraphStreamDecoder(StreamDecoder):
                 ]
                 self.model.instrumentation.use_folded(ctx, folded)
         trunk, instrumentation = self.model.trunk, self.model.instrumentation
+        inputs = run_of or _Inputs(ids=buf.ids, pos=buf.pos, slots=buf.slot, mask=buf.mask)
         kwargs = dict(
-            input_ids=buf.ids,
+            input_ids=inputs.ids,
             **{cache_arg(trunk): buf.cache},
-            attention_mask=buf.mask,
-            position_ids=buf.pos,
+            attention_mask=inputs.mask,
+            position_ids=inputs.pos,
             use_cache=True,
             output_hidden_states=True,
         )
 
-        rows = buf.ids.shape[0] * buf.ids.shape[1]
+        rows = inputs.ids.shape[0] * inputs.ids.shape[1]
 
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             if buf.seen[0] is not None:  # the slots written so far, or a graph's span (`step`)
-                kwargs["attention_mask"] = buf.mask[..., : buf.seen[0]]
-            with decode_attention(), lm_head_kernel(trunk, rows):
-                if ctx is None:
-                    out = trunk(**kwargs)
-                else:
-                    with instrumentation.active(ctx):
+                kwargs["attention_mask"] = inputs.mask[..., : buf.seen[0]]
+            buf.writes[0] = inputs.slots
+            try:
+                with decode_attention(), lm_head_kernel(trunk, rows):
+                    if ctx is None:
                         out = trunk(**kwargs)
+                    else:
+                        with instrumentation.active(ctx):
+                            out = trunk(**kwargs)
+            finally:
+                buf.writes[0] = buf.slot
             return out.logits, out.hidden_states[-1]
 
         if not self.graphs:
@@ -546,12 +639,13 @@ def _round_up(n: int) -> int:
 
 
 def _slot_cache(
-    template: Any, keys: list[torch.Tensor], values: list[torch.Tensor], slot: torch.Tensor, seen: list
+    template: Any, keys: list[torch.Tensor], values: list[torch.Tensor], writes: list, seen: list
 ) -> Any:
     """A transformers DynamicCache (the class the trunk already decodes with) whose layers hold the
-    static buffers and write each step's K/V at physical slot `slot` (a device tensor, so the write
-    is part of the graph) — returning the whole buffer, or with `seen[0]` = n its first n slots
-    (eager steps: those written; a graph: its span, fixed at capture): attention then costs what
+    static buffers and write each forward's K/V at the physical slots `writes[0]` (a device tensor,
+    so the write is part of the graph: one slot a step, L for `extend`) — returning the whole
+    buffer, or with `seen[0]` = n its first n slots (eager steps: those written; a graph: its span,
+    fixed at capture): attention then costs what
     the answer has written, not the capacity (CPU, tiny pipeline, 10 K = 3 answers under cProfile:
     attention 0.63 → 0.37 s, the steps 5.53 → 5.26 s). The mask hides the slots a row does not own."""
     from transformers import DynamicCache
@@ -568,8 +662,8 @@ def _slot_cache(
         def update(
             self: Any, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
         ) -> Any:
-            self.keys.index_copy_(2, slot, key_states)
-            self.values.index_copy_(2, slot, value_states)
+            self.keys.index_copy_(2, writes[0], key_states)
+            self.values.index_copy_(2, writes[0], value_states)
             n = seen[0]
             if n is None:
                 return self.keys, self.values

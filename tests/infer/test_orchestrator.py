@@ -127,7 +127,8 @@ def test_readiness_reads_the_means_of_the_block_and_of_the_committed_section(mod
     finally:
         del model.agreement_head.score
     assert out.rollbacks > 0 and len(judged) == 4  # two blocks of 4 tokens, each rolled back once
-    start = out.prefix_steps
+    assert out.prefix_steps == 1  # the prefixes: one `extend` forward, so `steps` holds the answer's only
+    start = 0
     for r, rec in enumerate(out.streams):
         attempts = sorted((a for block in rec.blocks for a in block), key=lambda a: a.slot)
         committed: list[torch.Tensor] = []
@@ -250,7 +251,7 @@ def test_a_step_is_queued_before_its_tokens_host_work(model: PDTModel) -> None:
 
     dec.decoder.step = spy  # type: ignore[method-assign]
     res = dec.decode(PROMPT, "pdt")
-    steps = [i for i, (what, _) in enumerate(log) if what == "step"][res.prefix_steps :]  # the answer's
+    steps = [i for i, (what, _) in enumerate(log) if what == "step"]  # the answer's (prefixes: `extend`)
     tokens = [i for i, (what, _) in enumerate(log) if what == "token"]
     assert len(tokens) == K * 8
     for n, i in enumerate(steps):

@@ -10,7 +10,7 @@ from pdt.model.decode import StreamDecoder
 from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
 
-from .test_pdt_model import CFG, DN, K, V, open_gates, tiny_trunk
+from .test_pdt_model import CFG, DN, K, V, Window, open_gates, tiny_trunk
 
 PROMPT = [5, 17, 3, 44, 9]
 PREFIXES = [[11], [12, 13, 14], [15, 16]]  # ragged on purpose
@@ -119,3 +119,49 @@ def test_note_kv_cache_gives_the_same_logits() -> None:
         b, _ = decoder.step(b_state, torch.full((K,), token), active, SidecarContext(**base))
         assert torch.allclose(a, b, atol=1e-6)
     assert len(cached.kv_cache) == CFG.n_layers
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "gpt2", "gpt_oss"])
+def test_extend_equals_a_token_at_a_time(arch: str) -> None:
+    """Ragged runs of tokens in one forward leave the rows as stepping them one token at a time does:
+    the same last logits and hidden states, then the same next steps (sliding windows crossed: the
+    tiny mistral and gpt_oss windows are 8) and the same rollback."""
+    model = PDTModel(tiny_trunk(arch), CFG)
+    open_gates(model, snc=True, adapters=True)
+    window = Window(K, 4, 1, seed=2)
+    ctx = SidecarContext(
+        stream_ids=torch.arange(K),
+        notes=window.notes,
+        producer=window.producer,
+        rounds=window.rounds,
+        visible=window.visible[:, 0],
+    )
+    decoder = StreamDecoder(model)
+    stepped, _ = decoder.prefill(PROMPT, rows=K)
+    extended, _ = decoder.prefill(PROMPT, rows=K)
+    a = feed_prefixes(decoder, stepped, ctx)
+    b, hidden = decoder.extend(extended, PREFIXES, ctx)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    assert hidden.shape == (K, model.d_model)
+    assert extended.tokens == stepped.tokens == PREFIXES
+    assert torch.equal(extended.lengths, stepped.lengths)
+    assert not torch.allclose(b[0], b[1], atol=1e-3)  # each row's own last token, not a shared one
+    live = torch.ones(K, dtype=torch.bool)
+    for _ in range(6):  # past the sliding window
+        token = a.argmax(-1)
+        assert torch.equal(token, b.argmax(-1))
+        a, _ = decoder.step(stepped, token, live, ctx)
+        b, _ = decoder.step(extended, token, live, ctx)
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    for state in (stepped, extended):
+        decoder.rollback(state, 2, len(PROMPT) + len(PREFIXES[2]))
+    a, _ = decoder.step(stepped, torch.tensor([7, 7, 7]), torch.tensor([False, False, True]), ctx)
+    b, _ = decoder.step(extended, torch.tensor([7, 7, 7]), torch.tensor([False, False, True]), ctx)
+    torch.testing.assert_close(b[2], a[2], atol=1e-5, rtol=1e-5)
+
+
+def test_extend_refuses_an_empty_run() -> None:
+    decoder = StreamDecoder(PDTModel(tiny_trunk("llama"), CFG))
+    state, _ = decoder.prefill(PROMPT, rows=2)
+    with pytest.raises(ValueError, match="non-empty run"):
+        decoder.extend(state, [[3], []], None)

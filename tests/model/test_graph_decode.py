@@ -15,15 +15,28 @@ import pdt.model.graph_decode as graph_decode
 from pdt.infer.orchestrator import ParallelDecoder, make_decoder
 from pdt.model.decode import StreamDecoder
 from pdt.model.graph_decode import GraphStreamDecoder
+from pdt.model.instrument import SidecarContext
 from pdt.model.pdt_model import PDTModel
 from tests.infer.test_orchestrator import PROMPT, CharTok, settings
-from tests.model.test_pdt_model import CFG, K, open_gates, tiny_trunk
+from tests.model.test_pdt_model import CFG, K, Window, open_gates, tiny_trunk
 
 
 def _model(model_type: str, device: str = "cpu") -> PDTModel:
     m = PDTModel(tiny_trunk(model_type), CFG)
     open_gates(m, snc=True, adapters=True)
     return m.to(device).eval()
+
+
+def window_context() -> SidecarContext:
+    """A decode round's context: 4 notes a row, all visible."""
+    w = Window(K, 4, 1, seed=5)
+    return SidecarContext(
+        stream_ids=torch.arange(K),
+        notes=w.notes,
+        producer=w.producer,
+        rounds=w.rounds,
+        visible=w.visible[:, 0],
+    )
 
 
 def _pair(
@@ -90,13 +103,20 @@ def test_attention_spans_give_the_eager_engines_tokens(
         return out
 
     monkeypatch.setattr(GraphStreamDecoder, "step", spy)
-    for mode in ("pdt", "independent", "sequential"):
-        _same(eager.decode(PROMPT, mode), static.decode(PROMPT, mode))
+    outs = {mode: static.decode(PROMPT, mode) for mode in ("pdt", "independent", "sequential")}
+    for mode, out in outs.items():
+        _same(eager.decode(PROMPT, mode), out)
+    pdt = outs["pdt"]
+    end = len(pdt.prompt_ids) + max(len(s.prefix_ids) for s in pdt.streams)  # the prefixes' last slot + 1
     assert len(set(seen)) > 2 and all(n % 8 == 0 for n in seen)  # several spans, each of 8 slots
     for buf in static.decoder._buffers.values():
-        kinds = {key[:-1] for key in buf.graphs}
-        assert {key[-1] for key in buf.graphs} == set(graph_decode.attention_spans(buf.capacity))
-        assert len(buf.graphs) == len(kinds) * len(graph_decode.attention_spans(buf.capacity))
+        steps = [key for key in buf.graphs if "extend" not in key]
+        kinds = {key[:-1] for key in steps}
+        assert {key[-1] for key in steps} == set(graph_decode.attention_spans(buf.capacity))
+        assert len(steps) == len(kinds) * len(graph_decode.attention_spans(buf.capacity))
+        prefixes = [key for key in buf.graphs if "extend" in key]  # one a kind: the prefixes' span only
+        assert len(prefixes) == len({key[:-1] for key in prefixes}) and (len(prefixes) > 0) == (buf.rows == K)
+        assert all(end <= k[-1] < end + 8 for k in prefixes)
 
 
 def test_buffers_grow_mid_answer_with_rollbacks_step_for_step() -> None:
@@ -218,7 +238,7 @@ def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(
     captures, folds = static.decoder.captures, static.decoder.round_captures
     captured = static.decoder.capture_seconds
     for buf in static.decoder._buffers.values():  # every step kind has a graph for each span
-        steps = [key for key in buf.graphs if key[0] != "fold"]
+        steps = [key for key in buf.graphs if key[0] != "fold" and "extend" not in key]
         kinds = {key[:-1] for key in steps}
         assert 0 < len(kinds) <= 8  # one graph per step kind and window shape (and span), not per token
         assert sorted(steps, key=str) == sorted(
@@ -233,3 +253,42 @@ def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(
     assert static.decoder.capture_seconds == captured and again.phase_seconds["capture"] == 0.0
     auto = ParallelDecoder(model, CharTok(), dataclasses.replace(settings(**over), fast_path="auto"))
     assert auto.engine == "cuda_graph"
+
+
+@pytest.mark.parametrize("spans", [False, True])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_extend_matches_the_eager_engine_then_steps_on(
+    model_type: str, spans: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ragged runs in one forward on the static buffers (a window on, a run that makes the buffers
+    grow, eager attention's additive mask for gpt2), then steps and a rollback: the eager engine's
+    logits throughout; with spans, the run's graph attends over the span that holds it."""
+    monkeypatch.setattr(graph_decode, "SPAN", 8)
+    model = _model(model_type)
+    eager, static = StreamDecoder(model), GraphStreamDecoder(model, graphs=False, spans=spans)
+    prompt = CharTok().encode(PROMPT)
+    ctx = window_context()
+    a, _ = eager.prefill(prompt, K)
+    b, _ = static.prefill(prompt, K, steps=2)
+    assert b.buffers.capacity == 32
+    runs = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18]]  # 23 + 10 slots: the buffers grow
+    la, ha = eager.extend(a, runs, ctx)
+    lb, hb = static.extend(b, runs, ctx)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hb, ha, rtol=1e-5, atol=1e-5)
+    assert b.buffers.capacity == 64 and b.used == len(prompt) + 10 and b.tokens == a.tokens == runs
+    assert b.lengths.tolist() == a.lengths.tolist() == [len(prompt) + len(r) for r in runs]
+    extends = [key for key in b.buffers.graphs if "extend" in key]
+    assert len(extends) == 1 and (extends[0][-1] == 40 if spans else extends[0][-1] == 10)
+    live = torch.ones(K, dtype=torch.bool)
+    for i in range(4):
+        tokens = torch.tensor([20 + i, 30 + i, 40 + i])
+        la, _ = eager.step(a, tokens, live, ctx)
+        lb, _ = static.step(b, tokens, live, ctx)
+        torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    for state, decoder in ((a, eager), (b, static)):
+        decoder.rollback(state, 1, len(prompt) + 1)
+    la, _ = eager.extend(a, [[50], [51, 52], [53]], ctx)
+    lb, _ = static.extend(b, [[50], [51, 52], [53]], ctx)
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=1e-5)
+    assert a.tokens[1] == b.tokens[1] == [8, 51, 52]

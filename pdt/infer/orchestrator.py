@@ -77,7 +77,9 @@ SECTION_SEPARATOR = "\n\n"  # between the sections of a merged answer
 #: forwards an answer that only PDT and `independent` pay (`sequential` has no prefix). CPU, tiny
 #: pipeline, K = 3, 6 validation prompts, alternated 3 times in one run (2026-12-07,
 #: PDT_BENCH_PREFIX_FORWARD; the same tokens both ways): PDT steps 200 / 207 / 205 → 189 / 189 / 194
-#: ms an answer, e2e 1.72 / 1.75 / 1.68× → 1.82 / 1.90 / 1.81×.
+#: ms an answer, e2e 1.72 / 1.75 / 1.68× → 1.82 / 1.90 / 1.81×. H100, random-weight 124M, K = 3,
+#: alternated twice in one session: PDT steps 222 / 223 → 212 / 214 ms an answer, e2e 2.49 / 2.37×
+#: → 2.57 / 2.47× (bench/results/decode_prefix_forward_ab.json).
 PREFIX_ONE_FORWARD = True
 
 

@@ -248,7 +248,7 @@ def test_captured_graphs_replay_exactly_what_the_eager_engine_computes(
     assert (folds > 0) == round_graph and folds <= captures
     again = static.decode(PROMPT, "pdt")
     _same(eager.decode(PROMPT, "pdt"), again)
-    assert static.decoder.captures == captures < again.steps  # a second answer replays: nothing captured
+    assert static.decoder.captures == captures  # a second answer replays: nothing captured
     assert static.decoder.round_captures == folds
     assert static.decoder.capture_seconds == captured and again.phase_seconds["capture"] == 0.0
     auto = ParallelDecoder(model, CharTok(), dataclasses.replace(settings(**over), fast_path="auto"))

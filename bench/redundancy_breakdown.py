@@ -15,7 +15,8 @@ snapshot0 − empty_window snapshot 0's, empty_window − independent the commit
 
 Knobs: PDT_BENCH_PROMPTS (10), PDT_BENCH_SEEDS ("0,1": sampling seeds, each a draw of every answer),
 PDT_BENCH_STAGE (another stage-3 preset's sidecars), PDT_BENCH_TOKENS (tokens a stream; the device's
-setup by default: 64 on the CPU, where the tiny's sections share little, 128 on CUDA). Writes
+setup by default: 64 on the CPU, where the tiny's sections share little, 128 on CUDA),
+PDT_BENCH_VARIANTS ("pdt,independent": only these variants; `independent` is always run). Writes
 bench/results/redundancy_breakdown.json (or $OUT/...) with a `records` list, one per seed.
 """
 
@@ -64,7 +65,15 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
     )
     k = base.num_streams
     per: dict[str, dict[str, Any]] = {}
-    for name, (mode, cf, changed) in _variants(k).items():
+    wanted = os.environ.get("PDT_BENCH_VARIANTS")
+    variants = _variants(k)
+    if wanted:
+        names = {w.strip() for w in wanted.split(",")} | {"independent"}
+        unknown = names - set(variants)
+        if unknown:
+            raise SystemExit(f"PDT_BENCH_VARIANTS: unknown {sorted(unknown)}; known: {', '.join(variants)}")
+        variants = {n: v for n, v in variants.items() if n in names}
+    for name, (mode, cf, changed) in variants.items():
         decoder = ParallelDecoder(
             session.model,
             session.tokenizer,

@@ -414,3 +414,28 @@ def test_own_snapshot0_gives_each_stream_the_snapshot_of_its_own_plan(model: PDT
         mine = [int(chosen[0, j]) for j in range(chosen.shape[1]) if active[0, j] and j % K == k]
         want = snap(mine) if mine else snap(res.plan.slot_ids)
         torch.testing.assert_close(res.recorded[0].notes[k, 0], want)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+@pytest.mark.parametrize("mode", ["pdt", "independent"])
+def test_prefixes_in_one_forward_give_the_token_a_step_answer(
+    model: PDTModel, mode: str, alpha: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PREFIX_ONE_FORWARD` (every stream's prefix in one `extend`, ragged prefixes, the α < 1 base
+    state too) writes the answer the prefixes fed a token a step write: the same tokens and
+    rollbacks, each row's cache as long; one forward booked for the prefixes instead of one a token."""
+    from pdt.infer import orchestrator
+
+    over = dict(
+        alpha=alpha, gamma=0.6, max_retries=1, prefixes=("A:", "Part two:", "3"), temperature=0.9, top_k=20
+    )
+    monkeypatch.setattr(orchestrator, "PREFIX_ONE_FORWARD", False)
+    stepped = ParallelDecoder(model, CharTok(), settings(**over)).decode(PROMPT, mode)
+    monkeypatch.setattr(orchestrator, "PREFIX_ONE_FORWARD", True)
+    one = ParallelDecoder(model, CharTok(), settings(**over)).decode(PROMPT, mode)
+    assert [s.token_ids for s in one.streams] == [s.token_ids for s in stepped.streams]
+    assert one.rollbacks == stepped.rollbacks and (mode == "independent" or one.rollbacks > 0)
+    assert one.state.lengths.tolist() == stepped.state.lengths.tolist()
+    longest = max(len(s.prefix_ids) for s in one.streams)
+    assert stepped.prefix_steps == longest > 2 and one.prefix_steps == 1
+    assert one.steps == stepped.steps - longest + 1

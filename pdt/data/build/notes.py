@@ -3,8 +3,9 @@
 What it is: one unit per plans shard, written atomically to `notes/shard-NNNNN.jsonl`. Snapshot
 0 is the plan contract (every item missing, no facts); snapshot r ≥ 1 is the notes once r·B
 tokens of the section are written (facts whose evidence has been passed, coverage moved on).
-Corrupted variants of the final notes — entity swap, dropped fact, wrong owner — are labelled
-`corrupted: true` with their kind: readiness negatives with a real error in them.
+Corrupted variants of the final notes — entity swap, dropped fact, wrong owner, duplicate (the
+stream's notes are a sibling's: it wrote what another stream wrote) — are labelled `corrupted:
+true` with their kind: readiness negatives with a real error in them (SPEC §2b.6).
 What it is not: Parquet writing (collate) or token-level export.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 from pdt.data.build import teacher_extractive as tx
 from pdt.presets.schema import DatasetPreset
 
-CORRUPTIONS = ("entity_swap", "dropped_fact", "wrong_owner")
+CORRUPTIONS = ("entity_swap", "dropped_fact", "wrong_owner", "duplicate")
 
 
 def _char_cuts(section: str, stride: int, tokenizer: Any) -> list[int]:
@@ -46,7 +47,8 @@ def _pick(seed: int, doc_id: str, what: str, n: int) -> int:
 
 
 def corrupted_variants(doc_id: str, streams: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
-    """Entity swap (two names across streams), dropped fact, wrong owner (subject from another stream)."""
+    """Entity swap (two names across streams), dropped fact, wrong owner (subject from another
+    stream), duplicate (a sibling's entities and facts as the stream's own)."""
     out: list[dict[str, Any]] = []
     all_ents = [(s["stream"], e) for s in streams for e in s["ent"]]
     with_facts = [s for s in streams if s["fact"]]
@@ -72,6 +74,26 @@ def corrupted_variants(doc_id: str, streams: list[dict[str, Any]], seed: int) ->
                 for n, e in enumerate(s["ent"])
             ]
             out.append({"kind": "entity_swap", "stream": s["stream"], "ent": ent, "fact": s["fact"]})
+    if len(streams) > 1:  # the readiness negative of a block that repeats a sibling's content
+        s = streams[_pick(seed, doc_id, "dup", len(streams))]
+        siblings = [
+            t
+            for t in streams
+            if t["stream"] != s["stream"]
+            and (t["ent"] or t["fact"])
+            and (t["ent"], t["fact"]) != (s["ent"], s["fact"])
+        ]
+        if siblings:
+            t = siblings[_pick(seed, doc_id, "dup_of", len(siblings))]
+            out.append(
+                {
+                    "kind": "duplicate",
+                    "stream": s["stream"],
+                    "ent": t["ent"],
+                    "fact": t["fact"],
+                    "of": t["stream"],
+                }
+            )
     return [dict(v, corrupted=True) for v in sorted(out, key=lambda v: CORRUPTIONS.index(v["kind"]))]
 
 

@@ -181,7 +181,7 @@ def test_export_records_for_the_trainer(tiny_preset: DatasetPreset, data_dir: Pa
             ]
             assert not re.search(r"^FACT s\d+e\d+ ", text, flags=re.M)
         assert len(rec["variant_texts"]) == len(rec["variant_labels"]) == len(rec["variant_streams"])
-    assert labels == {"entity_swap", "dropped_fact", "wrong_owner"}
+    assert labels == {"entity_swap", "dropped_fact", "wrong_owner", "duplicate"}
 
 
 def _hf_tokenizer_folder(folder: Path) -> Path:

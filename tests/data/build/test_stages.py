@@ -113,8 +113,11 @@ def test_corrupted_variants_really_differ(planned: list[tuple[dict, dict]]) -> N
             assert v["corrupted"] is True
             original = notes["streams"][v["stream"]]
             assert (v["ent"], v["fact"]) != (original["ent"], original["fact"])
+            if v["kind"] == "duplicate":  # a sibling's notes word for word, as this stream's
+                sibling = notes["streams"][v["of"]]
+                assert v["of"] != v["stream"] and (v["ent"], v["fact"]) == (sibling["ent"], sibling["fact"])
             kinds.add(v["kind"])
-    assert kinds == {"entity_swap", "dropped_fact", "wrong_owner"}
+    assert kinds == {"entity_swap", "dropped_fact", "wrong_owner", "duplicate"}
 
 
 def test_qc_rejects_coverage_of_an_unknown_plan_item(planned: list[tuple[dict, dict]]) -> None:

@@ -146,6 +146,11 @@ class RolloutConfig(StrictModel):
     """Streams rolled out each time."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the rollout blocks."""
+    copy_share: float = Field(0.0, ge=0, le=1)
+    """Share of the rollout blocks (training and evaluation) that write a sibling's opening tokens
+    instead of sampling: a block that really repeats a sibling (labelled by the same rules), with the
+    decoder's features — the model's own blocks rarely do (`rollout_violation_rate`), so without
+    these the rollout examples hold no duplicate. Scored apart: `readiness_auc_copies`."""
     eval_rows: int = Field(16, ge=0)
     """Blocks rolled out per validation batch at each evaluation and for the calibration (0: none;
     only when `every` > 0): the report's `readiness_auc_rollouts` — the head scored on the model's own

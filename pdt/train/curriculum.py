@@ -506,7 +506,7 @@ def _rollout_fn(st: Stage, indices: list[int], gen: torch.Generator) -> Any:
     from pdt.train.rollouts import rollout_fn
 
     records = [st.ds.splits["train"][i] for i in indices]
-    return rollout_fn(records, st.tokenizer, cfg.rows, cfg.temperature, gen)
+    return rollout_fn(records, st.tokenizer, cfg.rows, cfg.temperature, gen, cfg.copy_share)
 
 
 def _average_grads(st: Stage) -> None:

@@ -492,8 +492,8 @@ def _item_texts(
 def _variants(
     records: list[dict[str, Any]], vectors: list[torch.Tensor], last_block: dict
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Corrupted notes (entity swap, dropped fact, wrong owner, duplicate) placed at their stream's last block:
-    (blocks [Nv], notes [Nv, d_n], kinds [Nv] — the index of each one's `variant_labels` entry in
+    """Corrupted notes (entity swap, dropped fact, wrong owner, duplicate) placed at their stream's
+    last block: (blocks [Nv], notes [Nv, d_n], kinds [Nv] — the index of each one's `variant_labels` entry in
     CORRUPTIONS, -1 for a label it does not know)."""
     blocks, notes, kinds = [], [], []
     for b, (rec, vec) in enumerate(zip(records, vectors, strict=True)):

@@ -26,7 +26,7 @@ from pdt.train.decode_calibration import TEMPERATURE, TOP_P, decoded_readiness
 
 #: Readiness example sources (`curriculum_step._readiness`): dataset corruptions, speculation notes
 #: (own vs a sibling's), own rollouts.
-READINESS_KINDS = {0: "dataset", 1: "speculation", 2: "rollouts"}
+READINESS_KINDS = {0: "dataset", 1: "speculation", 2: "rollouts", 3: "copies"}
 
 # Fixed seed for evaluation batches: no randomness is used with evaluate=True, but keep it explicit.
 _EVAL_SEED = 0
@@ -108,7 +108,7 @@ def _eval_rollouts(st: Any, records: list[dict[str, Any]], start: int) -> Callab
     from pdt.train.rollouts import rollout_fn
 
     gen = torch.Generator().manual_seed(_EVAL_SEED + 1 + start)
-    return rollout_fn(records, st.tokenizer, cfg.eval_rows, cfg.temperature, gen)
+    return rollout_fn(records, st.tokenizer, cfg.eval_rows, cfg.temperature, gen, cfg.copy_share)
 
 
 def readiness_metrics(sc: dict[str, Any]) -> dict[str, float]:
@@ -134,6 +134,15 @@ def readiness_metrics(sc: dict[str, Any]) -> dict[str, float]:
         if kind == 2 and len(labels):  # how often the model's own blocks break ownership / repeat
             out["rollout_blocks"] = float(len(labels))
             out["rollout_violation_rate"] = float(1.0 - labels.mean())
+        if kind == 3 and len(labels):  # copied blocks against the model's own good blocks
+            out["rollout_copies"] = float(len(labels))
+            out["rollout_copy_violation_rate"] = float(1.0 - labels.mean())
+            good = (sc["readiness_kinds"] == 2) & (sc["readiness_labels"] >= 0.5)
+            pick = good | (keep & (sc["readiness_labels"] < 0.5))
+            if good.any() and pick.sum() > good.sum():
+                out["readiness_auc_copies"] = C.roc_auc(
+                    sc["readiness_scores"][pick], sc["readiness_labels"][pick]
+                )
     return out
 
 

@@ -381,16 +381,24 @@ def _head_losses(
         logits, labels, kinds = _readiness(
             model, batch, state, content, window, cov_logits.detach(), item_mask, target
         )
+        reported = kinds
         if extra is not None:  # kind 2: the model's own sampled blocks, labelled by their events
             own = model.agreement_head(extra.state, extra.pooled, extra.summary, extra.note, extra.content)
             logits, labels = torch.cat([logits, own]), torch.cat([labels, extra.labels])
             kinds = torch.cat([kinds, torch.full_like(extra.labels, 2.0)])
-            scores["rollout_violations"] = (1.0 - extra.labels).mean().reshape(1)
+            copied = (
+                extra.copied if extra.copied is not None else torch.zeros_like(extra.labels, dtype=torch.bool)
+            )
+            # copied blocks train with the rollouts (one loss group) and are reported apart (kind 3)
+            reported = torch.cat([reported, torch.where(copied, 3.0, 2.0).to(kinds)])
+            own_blocks = (~copied).float()  # the violation rate of the model's own blocks (no readback)
+            violations = ((1.0 - extra.labels) * own_blocks).sum() / own_blocks.sum().clamp_min(1.0)
+            scores["rollout_violations"] = violations.reshape(1)
         parts["readiness"] = L.readiness_bce(logits, labels, kinds)
         if evaluate:
             scores["readiness_scores"] = torch.sigmoid(logits.detach().float())
             scores["readiness_labels"] = labels
-            scores["readiness_kinds"] = kinds
+            scores["readiness_kinds"] = reported
             # each corrupted note's kind (CORRUPTIONS index) in _readiness's layout, -1 elsewhere
             corruption = torch.full(labels.shape, -1.0, device=labels.device)
             start = len(batch.last_blocks)

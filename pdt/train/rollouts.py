@@ -41,6 +41,8 @@ class RolloutExamples:
     labels: torch.Tensor  # [n]
     texts: list[str]
     reasons: list[str]  # "ok", "ownership", "duplication"
+    copied: torch.Tensor | None = None  # [n] bool: the block wrote a sibling's tokens (`copy_share`)
+    rows: torch.Tensor | None = None  # [n] the batch row of each block
 
 
 def _trigrams(text: str) -> set[tuple[str, ...]]:
@@ -77,8 +79,10 @@ def rollout_examples(
     rows: int,
     temperature: float,
     gen: torch.Generator,
+    copy_share: float = 0.0,
 ) -> RolloutExamples | None:
-    """Sample `rows` blocks (chosen with `gen`) and return their readiness features and labels."""
+    """Sample `rows` blocks (chosen with `gen`) and return their readiness features and labels; a
+    `copy_share` of them write a sibling's opening tokens instead (`_sibling_tokens`)."""
     m = batch.block_row.shape[0]
     if m == 0:
         return None
@@ -95,13 +99,48 @@ def rollout_examples(
         row_stream=window.row_stream[row],
         row_example=window.row_example[row],
     )
-    hidden = _sample_blocks(model, batch, sub, ids, row, start, end, temperature, gen)  # [n, E+1, D]
+    forced, copied = _sibling_tokens(batch, records, row, start, end, copy_share, gen)
+    hidden = _sample_blocks(model, batch, sub, ids, row, start, end, temperature, gen, forced)  # [n, E+1, D]
     n = torch.arange(len(row), device=row.device)
     state = hidden[n, end]  # [n, D] the state after the sampled block
     content = content_means(hidden, written[:, : hidden.shape[1]], n, start, end)  # [n, 2, D]
     texts = [tokenizer.decode(ids[i, int(start[i]) : int(end[i]) + 1].tolist()) for i in range(len(row))]
     reasons = [_reason(texts[i], int(row[i]), batch, records, tokenizer) for i in range(len(row))]
-    return _features(model, batch, sub, row, end, state, content, texts, reasons)
+    examples = _features(model, batch, sub, row, end, state, content, texts, reasons)
+    examples.copied, examples.rows = copied.to(examples.labels.device), row
+    return examples
+
+
+def _sibling_tokens(
+    batch: Any,
+    records: list[dict[str, Any]],
+    row: torch.Tensor,
+    start: torch.Tensor,
+    end: torch.Tensor,
+    share: float,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the first round(share · n) picked blocks (picked at random already): a sibling's section
+    from its start, written in the block's place — the duplicate a stream writes when it restates
+    what another stream opened with. Returns forced [n, E+1] (−1: sample that position) and copied
+    [n] bool. Only streams with a sibling can copy."""
+    n, e_max = len(row), int(end.max())
+    forced = torch.full((n, e_max + 1), -1, dtype=torch.long)
+    copied = torch.zeros(n, dtype=torch.bool)
+    k = int(batch.row_stream.max()) + 1
+    if share <= 0 or k < 2:
+        return forced, copied
+    for i in range(round(share * n)):
+        b, j = divmod(int(row[i]), k)
+        s = (j + 1 + int(torch.randint(k - 1, (1,), generator=gen))) % k  # another stream
+        rec = records[b]
+        section = [t for t, m in zip(rec["token_ids"][s], rec["label_mask"][s], strict=True) if m]
+        lo, hi = int(start[i]), int(end[i])
+        take = section[: hi - lo + 1]
+        if take:
+            forced[i, lo : lo + len(take)] = torch.tensor(take)
+            copied[i] = True
+    return forced, copied
 
 
 def _sample_blocks(
@@ -114,8 +153,10 @@ def _sample_blocks(
     end: torch.Tensor,
     temperature: float,
     gen: torch.Generator,
+    forced: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sample tokens start..end of each row into `ids` (in place) and return the hidden states of
+    """Sample tokens start..end of each row into `ids` (in place) — or take `forced`'s token where it
+    is ≥ 0 ([n, E+1]) — and return the hidden states of
     positions 0..max(end) [n, E+1, D] as one teacher-forced forward over the sampled rows gives them.
 
     With a KV cache: one forward over every row's teacher context (up to the latest start; each
@@ -161,6 +202,9 @@ def _sample_blocks(
         pos = start + t  # [n] the position each row writes
         live = pos <= end
         nxt = _sample(logits, temperature, gen).to(ids.device)
+        if forced is not None:  # a copied block's tokens (the draw is still made: same generator use)
+            take = forced.to(ids.device)[n, pos.clamp(max=forced.shape[1] - 1)]
+            nxt = torch.where(take >= 0, take, nxt)
         fed = torch.where(live, nxt, torch.zeros_like(nxt))  # a finished row: a placeholder slot
         ids[n[live], pos[live]] = fed[live]
         at = pos.clamp(max=sub.visible.shape[1] - 1)  # (a finished row's placeholder: any window)
@@ -178,12 +222,17 @@ def _sample_blocks(
 
 
 def rollout_fn(
-    records: list[dict[str, Any]], tokenizer: Any, rows: int, temperature: float, gen: torch.Generator
+    records: list[dict[str, Any]],
+    tokenizer: Any,
+    rows: int,
+    temperature: float,
+    gen: torch.Generator,
+    copy_share: float = 0.0,
 ) -> Callable[[PDTModel, Any, TeacherWindow], RolloutExamples | None]:
     """`step_losses`' `rollout_fn` for a batch of `records`: `rollout_examples` of `rows` blocks."""
 
     def fn(model: PDTModel, batch: Any, window: TeacherWindow) -> RolloutExamples | None:
-        return rollout_examples(model, batch, window, records, tokenizer, rows, temperature, gen)
+        return rollout_examples(model, batch, window, records, tokenizer, rows, temperature, gen, copy_share)
 
     return fn
 

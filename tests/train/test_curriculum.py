@@ -712,6 +712,51 @@ def test_stage3_rollouts_sample_blocks_and_label_them(world: dict[str, Path]) ->
     assert rates and all(0.0 <= r <= 1.0 for r in rates)
 
 
+def test_copied_rollout_blocks_repeat_a_sibling_and_are_scored_apart(world: dict[str, Path]) -> None:
+    """`rollouts.copy_share`: that share of the rollout blocks writes a sibling's opening tokens in
+    the block's place (the rest are sampled as before); the text is then labelled by the same rules,
+    so a copy of a few words is a violation. The evaluation reports the head on the copies against
+    the model's own good blocks (`readiness_auc_copies`), and keeps the model's own violation rate."""
+    from pdt.bus import teacher_windows
+    from pdt.train.rollouts import rollout_examples
+
+    preset, model, batch, records, tok = _model_and_batch(world, stage=3)
+    snapshot0 = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
+    window = teacher_windows(
+        snapshot0,
+        batch.notes,
+        batch.notes_mask,
+        batch.pos_round,
+        preset.bus,
+        preset.sidecars.max_rounds,
+        row_example=batch.row_example,
+        row_stream=batch.row_stream,
+    )
+    k = int(batch.row_stream.max()) + 1
+    ex = rollout_examples(model, batch, window, records, tok, 6, 1.0, torch.Generator().manual_seed(1), 0.5)
+    assert ex is not None and ex.copied is not None and ex.copied.tolist() == [True] * 3 + [False] * 3
+    for i in range(3):  # each copy is the opening of another stream's section of the same example
+        b, j = divmod(int(ex.rows[i]), k)
+        openings = [
+            tok.decode(
+                [t for t, m in zip(records[b]["token_ids"][s], records[b]["label_mask"][s], strict=True) if m]
+            )
+            for s in range(k)
+            if s != j
+        ]
+        assert any(o.startswith(ex.texts[i]) for o in openings), ex.texts[i]
+    # a copy of five words or more repeats two of the sibling's 3-grams, or names its plan items
+    words = [len(t.split()) for t in ex.texts[:3]]
+    assert max(words) >= 5
+    assert all(r != "ok" for r, w in zip(ex.reasons[:3], words, strict=True) if w >= 5)
+    rollouts = {"every": 1, "rows": 4, "eval_rows": 8, "copy_share": 0.5}
+    status, events = run(stage_preset(3, world["trunk"], init_from=None, rollouts=rollouts))
+    assert status == "finished"
+    metric = {e.name: e.value for e in events if isinstance(e, Metric)}
+    assert metric["eval/rollout_copies"] == 4 and metric["eval/rollout_blocks"] == 4
+    assert 0.0 <= metric["eval/readiness_auc_copies"] <= 1.0
+
+
 def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> None:
     from pdt.train.trunk_cache import TrunkCacheEntry, attach, compute_batch
 

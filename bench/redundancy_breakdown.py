@@ -7,6 +7,8 @@ each prompt is answered (K streams, the demo's sampling, `ignore_eos`) by these 
   own_snapshot0 — each stream reads a snapshot 0 of its own planner slots (`own_snapshot0`);
   snapshot0     — every producer frozen from round 0 (`Counterfactual(freeze=all)`): snapshot 0 only;
   empty_window  — every reader ablated: no window, so the SNC adds nothing; commit and rollback stay;
+  window1, lag2 — the bus with one note a producer (W = 1), with notes two rounds late (Δ = 2);
+  triangular    — stream k reads streams j < k only (the bus's other topology);
   independent   — the baseline: bus off, g = 0.
 Per variant: mean redundancy (`pdt.infer.quality.redundancy`), its paired difference with
 `independent` (mean ± s.e. over prompts), rollbacks an answer, and the entities and word 3-grams
@@ -16,7 +18,7 @@ snapshot0 − empty_window snapshot 0's, empty_window − independent the commit
 Knobs: PDT_BENCH_PROMPTS (10), PDT_BENCH_SEEDS ("0,1": sampling seeds, each a draw of every answer),
 PDT_BENCH_STAGE (another stage-3 preset's sidecars), PDT_BENCH_TOKENS (tokens a stream; the device's
 setup by default: 64 on the CPU, where the tiny's sections share little, 128 on CUDA),
-PDT_BENCH_VARIANTS ("pdt,independent": only these variants; `independent` is always run). Writes
+PDT_BENCH_VARIANTS ("pdt,window1": only these variants; `independent` is always run). Writes
 bench/results/redundancy_breakdown.json (or $OUT/...) with a `records` list, one per seed.
 """
 
@@ -47,7 +49,7 @@ TOP = 12  # shared items listed per variant
 
 
 def _variants(k: int) -> dict[str, tuple[str, Counterfactual, dict[str, Any]]]:
-    """name → (mode, counterfactual, settings changed)."""
+    """name → (mode, counterfactual, settings changed; "bus": the bus fields changed)."""
     streams = frozenset(range(k))
     return {
         "pdt": ("pdt", Counterfactual(), {}),
@@ -55,6 +57,10 @@ def _variants(k: int) -> dict[str, tuple[str, Counterfactual, dict[str, Any]]]:
         "own_snapshot0": ("pdt", Counterfactual(), {"own_snapshot0": True}),
         "snapshot0": ("pdt", Counterfactual(freeze=streams, freeze_round=0), {}),
         "empty_window": ("pdt", Counterfactual(ablate=streams), {}),
+        # the bus's decode knobs (no retraining): fewer notes a producer, later notes, a one-way bus
+        "window1": ("pdt", Counterfactual(), {"bus": {"window": 1}}),
+        "lag2": ("pdt", Counterfactual(), {"bus": {"lag": 2}}),
+        "triangular": ("pdt", Counterfactual(), {"bus": {"topology": "triangular"}}),
         "independent": ("independent", Counterfactual(), {}),
     }
 
@@ -74,6 +80,8 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
             raise SystemExit(f"PDT_BENCH_VARIANTS: unknown {sorted(unknown)}; known: {', '.join(variants)}")
         variants = {n: v for n, v in variants.items() if n in names}
     for name, (mode, cf, changed) in variants.items():
+        if "bus" in changed:
+            changed = {**changed, "bus": base.bus.model_copy(update=changed["bus"])}
         decoder = ParallelDecoder(
             session.model,
             session.tokenizer,

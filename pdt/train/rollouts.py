@@ -198,12 +198,14 @@ def _sample_blocks(
     )
     decoder = StreamDecoder(model)
     logits = out.logits[n, start - 1]  # [n, V] predicts each row's first sampled token
+    if forced is not None:
+        forced = forced.to(ids.device)  # once, not a host→device copy a token
     for t in range(int((end - start).max()) + 1):
         pos = start + t  # [n] the position each row writes
         live = pos <= end
         nxt = _sample(logits, temperature, gen).to(ids.device)
         if forced is not None:  # a copied block's tokens (the draw is still made: same generator use)
-            take = forced.to(ids.device)[n, pos.clamp(max=forced.shape[1] - 1)]
+            take = forced[n, pos.clamp(max=forced.shape[1] - 1)]
             nxt = torch.where(take >= 0, take, nxt)
         fed = torch.where(live, nxt, torch.zeros_like(nxt))  # a finished row: a placeholder slot
         ids[n[live], pos[live]] = fed[live]

@@ -7,23 +7,36 @@ it, so they sample alike). What it is not: the PDT orchestrator (`pdt.infer.orch
 
 from __future__ import annotations
 
+from array import array
+
 import torch
 
 from pdt.model.attention import cache_arg, decode_attention, output_cache
 
 
 def banned_by_ngram(history: list[int], n: int) -> list[int]:
-    """Tokens that would complete an n-gram already present in `history` (n < 1: none).
+    """Tokens that would complete an n-gram already present in `history` (n < 1: none), in order.
 
-    With n = 3 and history [... a b c ... a b], token c is banned: "a b c" would repeat.
+    With n = 3 and history [... a b c ... a b], token c is banned: "a b c" would repeat. The history
+    is searched as bytes (8 per token: `bytes.find` runs in C, a match counts only at a token
+    boundary), not compared slice by slice in Python: a decode step searches every row's whole
+    history, so a long answer paid a cost growing with its length each token (2-core CPU, random
+    histories, n = 3: 34 → 6–7 µs at 384 tokens, 200 → 29–34 µs at 2048).
     """
     if n < 1 or len(history) < n:
         return []
-    prefix = tuple(history[len(history) - n + 1 :]) if n > 1 else ()
+    if n == 1:
+        return list(history)
+    width = 8
+    data = array("q", history).tobytes()
+    limit = len(data) - (n - 1) * width  # a match must start before the history's own last n − 1
+    suffix = data[limit:]
     banned = []
-    for i in range(len(history) - n + 1):
-        if tuple(history[i : i + n - 1]) == prefix:
-            banned.append(history[i + n - 1])
+    at = data.find(suffix, 0, len(data) - width)
+    while at != -1 and at < limit:
+        if at % width == 0:
+            banned.append(history[at // width + n - 1])
+        at = data.find(suffix, at + 1, len(data) - width)
     return banned
 
 

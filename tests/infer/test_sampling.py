@@ -15,6 +15,32 @@ def test_ngram_blocking() -> None:
     assert banned_by_ngram([5, 6], 3) == []
     assert banned_by_ngram([5, 6, 5], 1) == [5, 6, 5]
     assert banned_by_ngram([1, 2, 1], 0) == []
+    # bytes that match across a token boundary are no match: 256 = 00 01 00 …, 1 = 01 00 00 …
+    assert banned_by_ngram([256, 0, 0, 1, 0], 3) == []
+    assert banned_by_ngram([2**40, 3, 2**40], 2) == [3]
+
+
+def test_ngram_blocking_equals_the_slice_by_slice_rule() -> None:
+    """The byte search bans what comparing every (n − 1)-slice with the history's suffix bans, in the
+    same order: random histories over small and large vocabularies, n = 1..5, lengths 0..300."""
+
+    def by_slices(history: list[int], n: int) -> list[int]:
+        if n < 1 or len(history) < n:
+            return []
+        suffix = history[len(history) - n + 1 :] if n > 1 else []
+        return [history[i + n - 1] for i in range(len(history) - n + 1) if history[i : i + n - 1] == suffix]
+
+    gen = torch.Generator().manual_seed(0)
+    found = 0
+    for trial in range(400):
+        vocab = (3, 40, 70000)[trial % 3]
+        length = int(torch.randint(0, 300, (1,), generator=gen))
+        history = torch.randint(0, vocab, (length,), generator=gen).tolist()
+        for n in range(0, 6):
+            want = by_slices(history, n)
+            assert banned_by_ngram(history, n) == want, (trial, n)
+            found += bool(want) and n > 1
+    assert found > 100  # the check met many real bans, not only empty lists
 
 
 def test_top_p_keeps_the_nucleus() -> None:

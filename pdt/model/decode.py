@@ -13,6 +13,7 @@ sampling) — that lives in `pdt.infer`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -112,12 +113,7 @@ class StreamDecoder:
             use_cache=True,
             output_hidden_states=True,
         )
-        with decode_attention():
-            if context is None:
-                out = self.model.trunk(**kwargs)
-            else:
-                with self.model.instrumentation.active(context):
-                    out = self.model.trunk(**kwargs)
+        out = self._forward(kwargs, context)
         state.cache = output_cache(out)
         state.valid = mask
         new_logical = torch.where(active, position, torch.full_like(position, -1))
@@ -156,12 +152,7 @@ class StreamDecoder:
             use_cache=True,
             output_hidden_states=True,
         )
-        with decode_attention():
-            if context is None:
-                out = self.model.trunk(**kwargs)
-            else:
-                with self.model.instrumentation.active(context):
-                    out = self.model.trunk(**kwargs)
+        out = self._forward(kwargs, context)
         state.cache = output_cache(out)
         state.valid = mask
         state.logical = torch.cat([state.logical, new_logical], dim=1)
@@ -171,6 +162,14 @@ class StreamDecoder:
             state.tokens[r].extend(int(t) for t in run)
         rows = torch.arange(len(tokens), device=self.device)
         return out.logits[rows, last], out.hidden_states[-1][rows, last]
+
+    def _forward(self, kwargs: dict, context: SidecarContext | None) -> Any:
+        """The trunk's forward on the decode backends, under `context`'s sidecars (None: plain)."""
+        with decode_attention():
+            if context is None:
+                return self.model.trunk(**kwargs)
+            with self.model.instrumentation.active(context):
+                return self.model.trunk(**kwargs)
 
     def _runs(
         self, state: DecodeState, tokens: list[list[int]]

@@ -280,13 +280,7 @@ class GraphStreamDecoder(StreamDecoder):
     def step(
         self, state: DecodeState, tokens: torch.Tensor, active: torch.Tensor, context: SidecarContext | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(state, GraphDecodeState) or state.buffers is None:
-            raise TypeError("GraphStreamDecoder.step needs a state from its own prefill")
-        if state.generation != state.buffers.generation:
-            raise RuntimeError("this decode state was superseded by a later prefill with the same rows")
-        if state.used >= state.buffers.capacity:
-            self._grow(state)
-        buf, slot = state.buffers, state.used
+        buf, slot = self._room(state, 1, "step"), state.used
         host_tokens, host_active = tokens.tolist(), active.tolist()  # before the replay: no wait on it
         active = active.to(self.device)
         position = state.lengths  # [R] the logical index of each row's new token
@@ -310,12 +304,7 @@ class GraphStreamDecoder(StreamDecoder):
             run = buf.graphs.get(key)
             if run is None:
                 run = buf.graphs[key] = self._capture(buf, context)
-        if run.graph is not None:
-            run.graph.replay()
-            logits, hidden = run.logits, run.hidden
-        else:
-            logits, hidden = run.run()
-        assert logits is not None and hidden is not None
+        logits, hidden = _outputs(run)
         state.lengths = state.lengths + active.long()
         state.used += 1
         for r, (token, live) in enumerate(zip(host_tokens, host_active, strict=True)):
@@ -331,15 +320,9 @@ class GraphStreamDecoder(StreamDecoder):
         """As `StreamDecoder.extend`: each row's run of tokens in one forward over L new slots (the
         row's shorter runs padded with placeholders). With graphs, one graph per (rows, L, step kind,
         span), captured at its first use (a prompt's stream prefixes: once per answer shape)."""
-        if not isinstance(state, GraphDecodeState) or state.buffers is None:
-            raise TypeError("GraphStreamDecoder.extend needs a state from its own prefill")
-        if state.generation != state.buffers.generation:
-            raise RuntimeError("this decode state was superseded by a later prefill with the same rows")
         ids, live, position, counts = self._runs(state, tokens)
         length = ids.shape[1]
-        while state.used + length > state.buffers.capacity:
-            self._grow(state)
-        buf, start = state.buffers, state.used
+        buf, start = self._room(state, length, "extend"), state.used
         end = start + length
         buf.valid[:, start:end] = live
         buf.logical[:, start:end] = torch.where(live, position, torch.full_like(position, -1))
@@ -372,12 +355,7 @@ class GraphStreamDecoder(StreamDecoder):
             if key not in buf.graphs:
                 buf.graphs[key] = self._capture(buf, context, run_of)
         run = buf.graphs[key]
-        if run.graph is not None:
-            run.graph.replay()
-            logits, hidden = run.logits, run.hidden
-        else:
-            logits, hidden = run.run()
-        assert logits is not None and hidden is not None
+        logits, hidden = _outputs(run)
         last = counts.to(self.device) - 1  # [R] each row's last token
         state.lengths = state.lengths + last + 1
         state.used = end
@@ -385,6 +363,17 @@ class GraphStreamDecoder(StreamDecoder):
             state.tokens[r].extend(int(t) for t in row_tokens)
         rows = torch.arange(len(tokens), device=self.device)
         return logits[rows, last], hidden[rows, last]  # (gathers: copies of the graph's outputs)
+
+    def _room(self, state: DecodeState, length: int, what: str) -> _Buffers:
+        """`state`'s buffers, grown until `length` more slots fit; a state from another engine's
+        prefill, or one a later prefill superseded, is refused."""
+        if not isinstance(state, GraphDecodeState) or state.buffers is None:
+            raise TypeError(f"GraphStreamDecoder.{what} needs a state from its own prefill")
+        if state.generation != state.buffers.generation:
+            raise RuntimeError("this decode state was superseded by a later prefill with the same rows")
+        while state.used + length > state.buffers.capacity:
+            self._grow(state)
+        return state.buffers
 
     def _run_inputs(self, buf: _Buffers, length: int) -> _Inputs:
         mask_dtype = buf.mask.dtype
@@ -587,6 +576,15 @@ def lm_head_kernel(trunk: torch.nn.Module, rows: int) -> Iterator[None]:
 def _skinny_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     flat = kernels.skinny_linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
     return flat.view(*x.shape[:-1], flat.shape[-1])
+
+
+def _outputs(run: _Graph) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, hidden) of one forward: the graph replayed into its output buffers, or run eagerly."""
+    if run.graph is None:
+        return run.run()
+    run.graph.replay()
+    assert run.logits is not None and run.hidden is not None
+    return run.logits, run.hidden
 
 
 def capture_graph(fn: Callable[[], Any], warmup: int = 2) -> tuple[Any, Any]:

@@ -377,6 +377,23 @@ def test_a_calibration_decode_that_fails_falls_back_to_the_rollout_blocks(
 # --------------------------------------------------------------------------- one step
 
 
+def _teacher_window(preset, model, batch):  # noqa: ANN001, ANN202
+    """The batch's teacher-forced notes windows, snapshot 0 from its plan targets (as a step builds them)."""
+    from pdt.bus import teacher_windows
+
+    snapshot0 = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
+    return teacher_windows(
+        snapshot0,
+        batch.notes,
+        batch.notes_mask,
+        batch.pos_round,
+        preset.bus,
+        preset.sidecars.max_rounds,
+        row_example=batch.row_example,
+        row_stream=batch.row_stream,
+    )
+
+
 def _model_and_batch(world: dict[str, Path], stage: int = 3, **over):
     preset = stage_preset(stage, world["trunk"], init_from=None, **over)
     torch.manual_seed(0)
@@ -611,24 +628,14 @@ def test_cached_rollout_sampling_equals_a_teacher_forced_pass_over_what_it_sampl
     states it returns — every row's teacher context, then its sampled block — are those one
     teacher-forced forward over the sampled rows gives, and so are the logits each token was drawn
     from (checked through the next-token argmax at temperature → 0)."""
-    from pdt.bus import TeacherWindow, teacher_windows
+    from pdt.bus import TeacherWindow
     from pdt.train.curriculum_step import block_starts, written_positions
     from pdt.train.rollouts import _sample_blocks
     from tests.model.test_pdt_model import open_gates
 
     preset, model, batch, records, tok = _model_and_batch(world, stage=3)
     open_gates(model, snc=True, adapters=True)  # sidecars that change the states (trained-looking)
-    snapshot0 = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
-    window = teacher_windows(
-        snapshot0,
-        batch.notes,
-        batch.notes_mask,
-        batch.pos_round,
-        preset.bus,
-        preset.sidecars.max_rounds,
-        row_example=batch.row_example,
-        row_stream=batch.row_stream,
-    )
+    window = _teacher_window(preset, model, batch)
     m = batch.block_row.shape[0]
     pick = torch.randperm(m, generator=torch.Generator().manual_seed(3))[:5]
     row, end = batch.block_row[pick], batch.block_pos[pick]
@@ -673,21 +680,10 @@ def test_cached_rollout_sampling_equals_a_teacher_forced_pass_over_what_it_sampl
 
 
 def test_stage3_rollouts_sample_blocks_and_label_them(world: dict[str, Path]) -> None:
-    from pdt.bus import teacher_windows
     from pdt.train.rollouts import rollout_examples
 
     preset, model, batch, records, tok = _model_and_batch(world, stage=3)
-    snapshot0 = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
-    window = teacher_windows(
-        snapshot0,
-        batch.notes,
-        batch.notes_mask,
-        batch.pos_round,
-        preset.bus,
-        preset.sidecars.max_rounds,
-        row_example=batch.row_example,
-        row_stream=batch.row_stream,
-    )
+    window = _teacher_window(preset, model, batch)
     cudnn: list[bool] = []  # each trunk pass: a new length each token, so off cuDNN attention
     hook = model.trunk.register_forward_pre_hook(
         lambda *_: cudnn.append(torch.backends.cuda.cudnn_sdp_enabled())
@@ -717,21 +713,10 @@ def test_copied_rollout_blocks_repeat_a_sibling_and_are_scored_apart(world: dict
     the block's place (the rest are sampled as before); the text is then labelled by the same rules,
     so a copy of a few words is a violation. The evaluation reports the head on the copies against
     the model's own good blocks (`readiness_auc_copies`), and keeps the model's own violation rate."""
-    from pdt.bus import teacher_windows
     from pdt.train.rollouts import rollout_examples
 
     preset, model, batch, records, tok = _model_and_batch(world, stage=3)
-    snapshot0 = model.planner.snapshot0(batch.plan_targets, batch.plan_targets != IGNORE)
-    window = teacher_windows(
-        snapshot0,
-        batch.notes,
-        batch.notes_mask,
-        batch.pos_round,
-        preset.bus,
-        preset.sidecars.max_rounds,
-        row_example=batch.row_example,
-        row_stream=batch.row_stream,
-    )
+    window = _teacher_window(preset, model, batch)
     k = int(batch.row_stream.max()) + 1
     ex = rollout_examples(model, batch, window, records, tok, 6, 1.0, torch.Generator().manual_seed(1), 0.5)
     assert ex is not None and ex.copied is not None and ex.copied.tolist() == [True] * 3 + [False] * 3

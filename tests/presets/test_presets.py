@@ -76,6 +76,10 @@ BAD = {
         {"name": "negative_sibling_term", "extends": "stage3.json", "losses": {"sibling_next": -1}},
         ["losses.sibling_next", "greater than or equal to 0", "(got -1)"],
     ),
+    "copy_share_above_one": (
+        {"name": "copy_share_above_one", "extends": "stage3.json", "rollouts": {"copy_share": 1.5}},
+        ["rollouts.copy_share", "less than or equal to 1", "(got 1.5)"],
+    ),
     "plan_mixing_without_the_snc": (
         {"name": "plan_mixing_without_the_snc", "extends": "stage0.json", "plan_mix_prob": 0.5},
         ["plan_mix_prob", "needs the SNC to train"],

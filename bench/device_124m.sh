@@ -94,7 +94,9 @@ PY
       echo "=== decode: $s"
       OUT=$dir PDT_BENCH_STAGE=$s python3 bench/decode_speedup.py 2>&1 | tail -30
       # BREAKDOWN=1: where its redundancy comes from (notes, snapshot 0, the protocol)
-      [ "${BREAKDOWN:-0}" = 1 ] && OUT=$dir PDT_BENCH_STAGE=$s python3 bench/redundancy_breakdown.py 2>&1 \
+      # (BREAKDOWN_PROMPTS: its own prompt count, more than the timing run's for a smaller s.e.)
+      [ "${BREAKDOWN:-0}" = 1 ] && OUT=$dir PDT_BENCH_STAGE=$s PDT_BENCH_PROMPTS=${BREAKDOWN_PROMPTS:-${PDT_BENCH_PROMPTS:-10}} \
+        python3 bench/redundancy_breakdown.py 2>&1 \
         | grep -v "^Loading" | tail -32
       first=0
     done

@@ -19,7 +19,9 @@ Knobs: PDT_BENCH_PROMPTS (10), PDT_BENCH_SEEDS ("0,1": sampling seeds, each a dr
 PDT_BENCH_STAGE (another stage-3 preset's sidecars), PDT_BENCH_TOKENS (tokens a stream; the device's
 setup by default: 64 on the CPU, where the tiny's sections share little, 128 on CUDA),
 PDT_BENCH_VARIANTS ("pdt,window1": only these variants; `independent` is always run). Writes
-bench/results/redundancy_breakdown.json (or $OUT/...) with a `records` list, one per seed.
+bench/results/redundancy_breakdown.json (or $OUT/...) with a `records` list, one per seed, each
+variant with its per-prompt `scores`; with several seeds the run's last record also holds `pooled`:
+each variant's difference with `independent`, each prompt's averaged over the seeds.
 """
 
 from __future__ import annotations
@@ -108,9 +110,21 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
     ref = per["independent"]["scores"]
     for v in per.values():
         v["diff_vs_independent"] = mean_se([a - b for a, b in zip(v["scores"], ref, strict=True)])
-    for v in per.values():
-        del v["scores"]
     return per
+
+
+def pooled(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every variant's difference with `independent` over all the seeds: each prompt's difference
+    averaged over the seeds (the draws of one prompt are not independent of each other), then mean
+    ± s.e. over the prompts."""
+    out = {}
+    for name in records[0]["variants"]:
+        per_seed = []
+        for r in records:
+            ours, ref = r["variants"][name]["scores"], r["variants"]["independent"]["scores"]
+            per_seed.append([a - b for a, b in zip(ours, ref, strict=True)])
+        out[name] = mean_se([statistics.mean(d) for d in zip(*per_seed, strict=True)])
+    return out
 
 
 def main() -> None:
@@ -151,6 +165,12 @@ def main() -> None:
             )
             print(f"    top 3-grams: {', '.join(f'{t} ({n})' for t, n in v['top_trigrams'][:6])}")
             print(f"    top entities: {', '.join(f'{t} ({n})' for t, n in v['top_entities'][:6])}")
+    if len(records) > 1:
+        summary = pooled(records)
+        print(f"all {len(seeds)} seeds (each prompt's difference averaged over the seeds):")
+        for name, d in summary.items():
+            print(f"  {name:<13} vs independent {d['mean']:+.4f} ± {d['se'] or float('nan'):.4f}")
+        records[-1]["pooled"] = {"seeds": seeds, "diff_vs_independent": summary}  # the run's last record
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "redundancy_breakdown.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text())["records"] if out.exists() else []

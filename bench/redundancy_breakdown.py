@@ -10,7 +10,8 @@ each prompt is answered (K streams, the demo's sampling, `ignore_eos`) by these 
   window1, lag2 — the bus with one note a producer (W = 1), with notes two rounds late (Δ = 2);
   triangular    — stream k reads streams j < k only (the bus's other topology);
   independent   — the baseline: bus off, g = 0.
-Per variant: mean redundancy (`pdt.infer.quality.redundancy`), its paired difference with
+Per variant: mean redundancy (`pdt.infer.quality.redundancy`; also of the streams' first blocks
+alone, written before any sibling's note is visible, and of what follows them), its paired difference with
 `independent` (mean ± s.e. over prompts), rollbacks an answer, and the entities and word 3-grams
 the section pairs share most (`pdt.infer.quality.shared`). pdt − snapshot0 is the notes' part,
 snapshot0 − empty_window snapshot 0's, empty_window − independent the commit/rollback protocol's.
@@ -91,9 +92,14 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
             **decoder_kwargs(session),
         )
         scores, rollbacks, ents, grams = [], [], Counter(), Counter()
+        openings, rests = [], []
         for prompt in prompts:
             res = decoder.decode(prompt, mode, emit_tokens=False)
             scores.append(redundancy(res.sections))
+            # the first block (written before any sibling's note is visible) against the rest
+            decode = session.tokenizer.decode
+            openings.append(redundancy([decode(r.token_ids[: base.tau]) for r in res.streams]))
+            rests.append(redundancy([decode(r.token_ids[base.tau :]) for r in res.streams]))
             rollbacks.append(res.rollbacks)
             e, g = shared(res.sections)
             ents.update(e)
@@ -101,6 +107,8 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
         per[name] = {
             "scores": scores,
             "redundancy": statistics.mean(scores),
+            "redundancy_first_block": statistics.mean(openings),
+            "redundancy_after_first_block": statistics.mean(rests),
             "rollbacks_per_answer": statistics.mean(rollbacks),
             "shared_entities": sum(ents.values()),
             "shared_trigrams": sum(grams.values()),
@@ -160,6 +168,8 @@ def main() -> None:
             print(
                 f"  {name:<13} redundancy {v['redundancy']:.4f}"
                 f"  vs independent {d['mean']:+.4f} ± {d['se'] or float('nan'):.4f}"
+                f"  (first block {v['redundancy_first_block']:.4f},"
+                f" after {v['redundancy_after_first_block']:.4f})"
                 f"  rollbacks {v['rollbacks_per_answer']:.1f}  shared entities {v['shared_entities']}"
                 f" 3-grams {v['shared_trigrams']}"
             )

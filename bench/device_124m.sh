@@ -20,6 +20,8 @@
 #   AB=PDT_BENCH_ROUND_GRAPH bash bench/device_124m.sh ab: that knob 0 / 1 alternated, ROUNDS times
 #       (AB_VALUES="0 128" for other values)
 # Wheels: `bash bench/device_setup.sh prepare` here first; name `.whl` in the call's `carry`.
+# PDT_CODE_VERSION=<this checkout's short sha> before the command: the records name that commit (the
+#   device copy's own git is the session's first commit, so they would read <that>.dirty).
 set -uo pipefail
 W=/tmp/pdt
 export PDT_DATA_DIR=$W/data PDT_CHECKPOINTS_DIR=$W/checkpoints PDT_LOGS_DIR=$W/logs PDT_HEADLESS=1

@@ -10,9 +10,16 @@ __version__ = "0.1.0"
 
 def code_version() -> str:
     """The package version plus the git commit when running from a checkout (for manifests), with
-    `.dirty` when tracked files differ from that commit: the figures then came from other code."""
+    `.dirty` when tracked files differ from that commit: the figures then came from other code.
+    `PDT_CODE_VERSION` names the commit instead, for a copied tree whose own git is another commit
+    (the device machine's copy of a checkout)."""
+    import os
     import subprocess
     from pathlib import Path
+
+    given = os.environ.get("PDT_CODE_VERSION", "").strip()
+    if given:
+        return f"{__version__}+{given}"
 
     root = Path(__file__).resolve().parent.parent
 

@@ -47,3 +47,17 @@ def test_the_commit_and_whether_tracked_files_were_edited(tmp_path: Path) -> Non
         (tmp_path / "pdt" / "__init__.py").read_text() + "\n# edit\n"
     )
     assert copy.code_version() == f"{pdt.__version__}+{sha}.dirty"
+
+
+def test_a_copied_tree_names_its_commit_through_the_environment(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "pdt").mkdir()
+    shutil.copy(Path(pdt.__file__), tmp_path / "pdt" / "__init__.py")
+    copy = _load_from(tmp_path)
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "pdt")
+    _git(tmp_path, "commit", "-qm", "first")
+    monkeypatch.setenv("PDT_CODE_VERSION", "be3d831")
+    assert copy.code_version() == f"{pdt.__version__}+be3d831"  # not the copy's own commit
+    monkeypatch.setenv("PDT_CODE_VERSION", " ")
+    sha = _git(tmp_path, "rev-parse", "--short", "HEAD").strip()
+    assert copy.code_version() == f"{pdt.__version__}+{sha}"  # blank: the checkout's commit

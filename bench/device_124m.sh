@@ -13,6 +13,7 @@
 #       preset that does not exist is created, so a variant trains beside the shipped one:
 #       SET='stage3_124m_h3:extends="stage3_124m.json" stage3_124m_h3:train.heads_lr_scale=3'
 #       then `launch ... stage3_124m stage3_124m_h3` and `STAGES="stage3_124m stage3_124m_h3" measure`
+#       (`launch ... stage2_124m stage3_124m+stage3_124m_h3` trains the two at once)
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 #   PARTS=linears with finish/measure: then bench/decode_parts.py for those parts
 #   BREAKDOWN=1 with finish/measure: bench/redundancy_breakdown.py for each stage too (the bus taken apart)
@@ -68,14 +69,26 @@ PY
     [ "${SKIP_GPU_TESTS:-0}" = 1 ] || python3 -m pytest -q -m gpu -p no:cacheprovider tests/kernels tests/model 2>&1 | tee "$OUT/gpu_tests.txt" | tail -5 ;;
   _pipeline)  # (run by launch, detached, from the frozen copy in $W/src)
     shift
-    for p in "$@"; do
+    # an argument "a+b" runs presets a and b at once, each its own process on the one GPU (stage-3
+    # variants beside each other: a small stage leaves the GPU mostly idle; the caches they share
+    # are written atomically), and the next argument waits for both
+    for group in "$@"; do
       t0=$(date +%s)
-      echo "=== $p start $(date +%T)"
-      PDT_PRESET=$p python3 main.py > "$W/$p.log" 2>&1
-      rc=$?
-      echo "=== $p rc=$rc $(( $(date +%s) - t0 )) s"
-      tail -3 "$W/$p.log"
-      [ $rc -ne 0 ] && { echo "failed: $p" > $W/pipeline.done; exit 1; }
+      pids=()
+      for p in ${group//+/ }; do
+        echo "=== $p start $(date +%T)"
+        PDT_PRESET=$p python3 main.py > "$W/$p.log" 2>&1 &
+        pids+=("$p:$!")
+      done
+      failed=""
+      for entry in "${pids[@]}"; do
+        p=${entry%%:*}
+        wait "${entry##*:}"; rc=$?
+        echo "=== $p rc=$rc $(( $(date +%s) - t0 )) s"
+        tail -3 "$W/$p.log"
+        [ $rc -ne 0 ] && failed="$failed $p"
+      done
+      [ -n "$failed" ] && { echo "failed:$failed" > $W/pipeline.done; exit 1; }
     done
     echo ok > $W/pipeline.done ;;
   poll)

@@ -16,7 +16,9 @@
 #       (`launch ... stage2_124m stage3_124m+stage3_124m_h3` trains the two at once)
 #   COMPARE=1 with finish/measure: then `compare` (this tree against .device/old, same machine)
 #   PARTS=linears with finish/measure: then bench/decode_parts.py for those parts
-#   BREAKDOWN=1 with finish/measure: bench/redundancy_breakdown.py for each stage too (the bus taken apart)
+#   BREAKDOWN=1 with finish/measure: bench/redundancy_breakdown.py for each stage too (the bus taken apart),
+#       the stages at once after the timed decode benches; BREAKDOWN_PROMPTS its prompt count;
+#       DECODE_STAGES="stage3_124m": only these stages get the (timed) decode bench
 #   PROFILE=1 (PROFILE_HOST=1) with finish/measure: bench/profile_gpu.py's decode profile -> $OUT/profile.txt
 #   AB=PDT_BENCH_ROUND_GRAPH bash bench/device_124m.sh ab: that knob 0 / 1 alternated, ROUNDS times
 #       (AB_VALUES="0 128" for other values)
@@ -98,23 +100,38 @@ PY
   measure)
     cp $W/pipeline.log "$OUT/" 2>/dev/null
     cp $W/src/presets/*.json presets/  # the presets as launched (SET changes, variants)
-    first=1
-    for s in ${STAGES:-stage3_124m}; do  # each stage's metrics, γ and decode (the first to $OUT itself)
-      dir=$OUT; [ $first = 1 ] || dir=$OUT/$s; mkdir -p "$dir"
+    stages=(${STAGES:-stage3_124m})
+    dirs=()
+    for s in "${stages[@]}"; do  # each stage's metrics and γ (the first stage's to $OUT itself)
+      dir=$OUT; [ ${#dirs[@]} = 0 ] || dir=$OUT/$s; mkdir -p "$dir"; dirs+=("$dir")
       grep -E "auc|gamma|coverage|lm_ce|readiness|_gain|sibling" "$W/$s.log" | tail -32 > "$dir/$s.tail.txt" 2>/dev/null
       for f in report.json calibration.json; do  # the stage-3 export's metrics and γ
         src=$(find $W/checkpoints/$s -name "$f" | head -1)
         [ -n "$src" ] && cp "$src" "$dir/${s}_$f"
       done
-      echo "=== decode: $s"
-      OUT=$dir PDT_BENCH_STAGE=$s python3 bench/decode_speedup.py 2>&1 | tail -30
-      # BREAKDOWN=1: where its redundancy comes from (notes, snapshot 0, the protocol)
-      # (BREAKDOWN_PROMPTS: its own prompt count, more than the timing run's for a smaller s.e.)
-      [ "${BREAKDOWN:-0}" = 1 ] && OUT=$dir PDT_BENCH_STAGE=$s PDT_BENCH_PROMPTS=${BREAKDOWN_PROMPTS:-${PDT_BENCH_PROMPTS:-10}} \
-        python3 bench/redundancy_breakdown.py 2>&1 \
-        | grep -v "^Loading" | tail -32
-      first=0
     done
+    # the timed decode bench, one stage at a time, alone on the GPU (DECODE_STAGES: only these)
+    for i in "${!stages[@]}"; do
+      s=${stages[$i]}
+      case " ${DECODE_STAGES:-${stages[*]}} " in *" $s "*) ;; *) continue ;; esac
+      echo "=== decode: $s"
+      OUT=${dirs[$i]} PDT_BENCH_STAGE=$s python3 bench/decode_speedup.py 2>&1 | tail -30
+    done
+    # BREAKDOWN=1: where each stage's redundancy comes from (notes, snapshot 0, the protocol). No
+    # timings, so the stages run at once, each to its own folder and log (BREAKDOWN_PROMPTS: its own
+    # prompt count, more than the timing run's for a smaller s.e.)
+    if [ "${BREAKDOWN:-0}" = 1 ]; then
+      pids=()
+      for i in "${!stages[@]}"; do
+        OUT=${dirs[$i]} PDT_BENCH_STAGE=${stages[$i]} PDT_BENCH_PROMPTS=${BREAKDOWN_PROMPTS:-${PDT_BENCH_PROMPTS:-10}} \
+          python3 bench/redundancy_breakdown.py > "${dirs[$i]}/breakdown_${stages[$i]}.txt" 2>&1 &
+        pids+=($!)
+      done
+      for i in "${!stages[@]}"; do
+        wait "${pids[$i]}"
+        echo "=== breakdown: ${stages[$i]}"; grep -v "^Loading" "${dirs[$i]}/breakdown_${stages[$i]}.txt" | tail -40
+      done
+    fi
     [ "${SKIP_NLL:-0}" = 1 ] || python3 bench/nll_breakdown.py 2>&1 | grep -E "nats|wrote"
     [ "${SKIP_CURRICULUM:-0}" = 1 ] || python3 bench/curriculum_throughput.py 2>&1 | tail -8
     # PROFILE=1: the decode profile (random-weight 124M) with each graph's kernels and, with

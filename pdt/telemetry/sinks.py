@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import IO, Any
 
 from pdt.telemetry.events import (
+    Answer,
     Checkpoint,
+    DecodeStarted,
     Done,
     Error,
     Event,
@@ -24,8 +26,11 @@ from pdt.telemetry.events import (
     Memory,
     Metric,
     Progress,
+    Readiness,
     RunStarted,
     Sample,
+    StreamRollback,
+    Timing,
     event_from_dict,
 )
 from pdt.telemetry.memory import fmt_bytes
@@ -60,7 +65,10 @@ def _json_default(obj: Any) -> Any:
 
 
 class ConsolePrinter:
-    """Readable progress lines for unattended runs. Metrics are batched onto the progress line."""
+    """Readable progress lines for unattended runs. Metrics are batched onto the progress line.
+    An inference run prints each answer's start (mode and knobs), its rollbacks and forced commits,
+    every mode's timing and, at the end, the sections and the manifest's path; its tokens, notes,
+    coverage and gates stay in the run's events and manifest."""
 
     def __init__(self, stream: IO[str] | None = None, min_interval_s: float = 2.0) -> None:
         self.stream = stream or sys.stdout
@@ -111,10 +119,49 @@ class ConsolePrinter:
                 f"[run] {event.run}: preset {event.preset} ({event.preset_kind}), "
                 f"{event.world_size} process(es){resumed}"
             )
+        elif isinstance(event, DecodeStarted):
+            prompt = event.prompt if len(event.prompt) <= 80 else event.prompt[:77] + "..."
+            self._print(
+                f"[decode] answer {event.answer}: {event.mode}, K = {event.k}, τ = {event.tau}, "
+                f"Δ = {event.lag}, γ = {event.gamma:.3f}, g = {event.g:g}, {event.max_new_tokens} tokens "
+                f"a stream; prompt {prompt!r}"
+            )
+        elif isinstance(event, StreamRollback):
+            self._print(
+                f"[rollback] stream {event.stream} round {event.round} try {event.attempt + 1}: readiness "
+                f"{event.readiness:.3f}, {event.removed} tokens withdrawn {_short(event.text)!r}"
+            )
+        elif isinstance(event, Readiness) and event.decision == "forced":
+            self._print(
+                f"[forced] stream {event.stream} round {event.round}: committed at readiness "
+                f"{event.score:.3f} < γ {event.gamma:.3f} after the last retry"
+            )
+        elif isinstance(event, Timing):
+            speedup = (
+                f", {event.speedup:.2f}× as fast as sequential"
+                if event.speedup > 0 and event.mode != "sequential"
+                else ""
+            )
+            self._print(
+                f"[timing] {event.mode}: {event.tokens} tokens in {event.seconds:.2f} s "
+                f"({event.tokens_per_s:,.0f} tokens/s, {event.steps} steps of {event.step_ms:.2f} ms, "
+                f"{event.engine}){speedup}"
+            )
+        elif isinstance(event, Answer):
+            where = f" (manifest {event.manifest})" if event.manifest else ""
+            self._print(f"[answer {event.answer}] {len(event.sections)} sections{where}")
+            for i, text in enumerate(event.sections):
+                self._print(f"--- stream {i} ---\n{text.strip() or '(empty)'}")
         elif isinstance(event, Done):
             self._print(f"[done] {event.status}")
         elif isinstance(event, Error):
             self._print(f"[error] {event.message}")
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """One line of at most `limit` characters (a rolled-back block's text in a log line)."""
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class Emitter:

@@ -8,14 +8,20 @@ from pathlib import Path
 
 from pdt.telemetry.events import (
     EVENT_TYPES,
+    Answer,
     Checkpoint,
+    DecodeStarted,
     Done,
     Error,
     Log,
     Memory,
     Metric,
     Progress,
+    Readiness,
     Sample,
+    StreamRollback,
+    StreamToken,
+    Timing,
     event_from_dict,
 )
 from pdt.telemetry.memory import sample_memory
@@ -134,3 +140,49 @@ def test_emitter_drops_a_failing_sink() -> None:
 def test_memory_sample_is_real() -> None:
     mem = sample_memory()
     assert mem.rss_bytes > 10 * 1024 * 1024 and mem.available_bytes > 0
+
+
+def test_console_printer_shows_an_answer() -> None:
+    """An unattended inference run prints what ran, rollbacks, forced commits, timings and the sections."""
+    out = io.StringIO()
+    printer = ConsolePrinter(out, min_interval_s=0)
+    printer(
+        DecodeStarted(
+            answer=0,
+            prompt="Tell me about the Moon.",
+            mode="pdt",
+            k=2,
+            tau=8,
+            lag=1,
+            gamma=0.25,
+            g=1.0,
+            alpha=1.0,
+            max_new_tokens=16,
+        )
+    )
+    printer(StreamToken(stream=0, round=0, token=5, text="tok"))  # tokens stay in the events
+    printer(StreamRollback(stream=1, round=2, attempt=0, removed=8, text="the same\nblock", readiness=0.1))
+    printer(Readiness(stream=1, round=2, attempt=1, score=0.2, gamma=0.25, decision="forced"))
+    printer(Readiness(stream=0, round=2, attempt=0, score=0.9, gamma=0.25, decision="commit"))
+    printer(Timing(mode="pdt", tokens=32, seconds=0.5, tokens_per_s=64.0, steps=16, step_ms=3.0, speedup=2.5))
+    printer(Timing(mode="sequential", tokens=32, seconds=1.25, tokens_per_s=25.6, steps=32, step_ms=3.9))
+    printer(
+        Answer(answer=0, text="A\n\nB", sections=["The Moon orbits.", ""], manifest="logs/r/manifest-0.json")
+    )
+    lines = out.getvalue().splitlines()
+    assert (
+        lines[0].startswith("[decode] answer 0: pdt, K = 2, τ = 8")
+        and "'Tell me about the Moon.'" in lines[0]
+    )
+    assert "tok" not in out.getvalue().replace("tokens", "")
+    assert (
+        lines[1] == "[rollback] stream 1 round 2 try 1: readiness 0.100, 8 tokens withdrawn 'the same block'"
+    )
+    assert lines[2].startswith("[forced] stream 1 round 2: committed at readiness 0.200 < γ 0.250")
+    assert not any("stream 0 round 2" in line for line in lines)  # a commit is not a log line
+    assert lines[3].startswith("[timing] pdt: 32 tokens in 0.50 s") and lines[3].endswith(
+        "2.50× as fast as sequential"
+    )
+    assert lines[4].startswith("[timing] sequential:") and "as fast" not in lines[4]
+    assert lines[5] == "[answer 0] 2 sections (manifest logs/r/manifest-0.json)"
+    assert lines[6:] == ["--- stream 0 ---", "The Moon orbits.", "--- stream 1 ---", "(empty)"]

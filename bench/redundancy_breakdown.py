@@ -106,6 +106,8 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
             grams.update(g)
         per[name] = {
             "scores": scores,
+            "scores_first_block": openings,
+            "scores_after_first_block": rests,
             "redundancy": statistics.mean(scores),
             "redundancy_first_block": statistics.mean(openings),
             "redundancy_after_first_block": statistics.mean(rests),
@@ -121,15 +123,16 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
     return per
 
 
-def pooled(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def pooled(records: list[dict[str, Any]], scores: str = "scores") -> dict[str, dict[str, Any]]:
     """Every variant's difference with `independent` over all the seeds: each prompt's difference
     averaged over the seeds (the draws of one prompt are not independent of each other), then mean
-    ± s.e. over the prompts."""
+    ± s.e. over the prompts. `scores`: which per-prompt figure (the whole sections, or
+    `scores_first_block` / `scores_after_first_block`)."""
     out = {}
     for name in records[0]["variants"]:
         per_seed = []
         for r in records:
-            ours, ref = r["variants"][name]["scores"], r["variants"]["independent"]["scores"]
+            ours, ref = r["variants"][name][scores], r["variants"]["independent"][scores]
             per_seed.append([a - b for a, b in zip(ours, ref, strict=True)])
         out[name] = mean_se([statistics.mean(d) for d in zip(*per_seed, strict=True)])
     return out
@@ -177,10 +180,20 @@ def main() -> None:
             print(f"    top entities: {', '.join(f'{t} ({n})' for t, n in v['top_entities'][:6])}")
     if len(records) > 1:
         summary = pooled(records)
+        first, after = pooled(records, "scores_first_block"), pooled(records, "scores_after_first_block")
         print(f"all {len(seeds)} seeds (each prompt's difference averaged over the seeds):")
         for name, d in summary.items():
-            print(f"  {name:<13} vs independent {d['mean']:+.4f} ± {d['se'] or float('nan'):.4f}")
-        records[-1]["pooled"] = {"seeds": seeds, "diff_vs_independent": summary}  # the run's last record
+            print(
+                f"  {name:<13} vs independent {d['mean']:+.4f} ± {d['se'] or float('nan'):.4f}"
+                f"  (first block {first[name]['mean']:+.4f} ± {first[name]['se'] or float('nan'):.4f},"
+                f" after {after[name]['mean']:+.4f} ± {after[name]['se'] or float('nan'):.4f})"
+            )
+        records[-1]["pooled"] = {  # the run's last record
+            "seeds": seeds,
+            "diff_vs_independent": summary,
+            "diff_vs_independent_first_block": first,
+            "diff_vs_independent_after_first_block": after,
+        }
     out = Path(os.environ.get("OUT") or ROOT / "bench" / "results") / "redundancy_breakdown.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text())["records"] if out.exists() else []

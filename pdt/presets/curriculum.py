@@ -77,6 +77,10 @@ class LossWeights(StrictModel):
     sibling_next: float = Field(0.0, ge=0)
     """Sibling-continuation unlikelihood: −log(1 − p) of each token a sibling wrote after the same two
     tokens, in rounds the window covers (what would repeat its 3-gram). 0 (off) by default."""
+    sibling_rollout: float = Field(0.0, ge=0)
+    """On-policy sibling unlikelihood (stage 3, with rollouts): −log(1 − p) of each token the model's
+    own rollout blocks sampled that repeats a sibling's 3-gram in rounds the window covers; trains the
+    SNC only (the bus's path: adapters and LoRA also run in `independent`). 0 (off) by default."""
 
 
 class CurriculumTrain(OptimConfig):
@@ -232,6 +236,13 @@ class CurriculumPreset(PresetBase):
             raise ValueError("plan_mix_prob changes what the SNC reads: it needs the SNC to train (stage 1+)")
         if self.rollouts.every and "agreement" not in self.trained_groups:
             raise ValueError("rollouts label readiness: they need the agreement head to train (stage 3 on)")
+        if self.losses.sibling_rollout > 0 and not self.rollouts.every:
+            raise ValueError(
+                "losses.sibling_rollout scores the model's own rollout blocks: set rollouts.every > 0"
+                " (stage 3)"
+            )
+        if self.losses.sibling_rollout > 0 and "snc" not in self.trained_groups:
+            raise ValueError("losses.sibling_rollout trains the SNC only: it needs the SNC to train")
         if self.init_from == self.name:
             raise ValueError("init_from names this preset itself; name the previous stage's preset")
         return self

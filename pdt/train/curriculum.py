@@ -486,6 +486,9 @@ def _train_step(st: Stage) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
         tokens += batch.tokens
         if "rollout_violations" in result.scores:
             result.parts["rollout_violations"] = result.scores["rollout_violations"][0]
+        if "rollout_repeats" in result.scores:  # [repeats, sampled tokens]
+            repeats = result.scores["rollout_repeats"]
+            result.parts["rollout_repeat_rate"] = repeats[0] / repeats[1].clamp_min(1.0)
         for name, value in {"loss": result.loss.detach(), **result.parts}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() / cfg.grad_accum
     _average_grads(st)

@@ -50,6 +50,10 @@ LOSS_GROUPS: dict[str, tuple[str, ...]] = {
     "stream": ("stream_classifier",),
     "sibling_ul": ("adapters", "snc", "lora"),
     "sibling_next": ("adapters", "snc", "lora"),
+    # the bus's path only (`_rollout_repeats` passes its gradient to the SNC alone): the term must be
+    # lowered by reading what siblings wrote, and an adapter or LoRA (on in `independent` too) would
+    # learn to avoid the phrases whoever wrote them
+    "sibling_rollout": ("snc",),
 }
 
 
@@ -169,8 +173,12 @@ def step_losses(
             )
             if terms:
                 foreign_ul[which] = terms
-    extra = rollout_fn(model, batch, window) if rollout_fn is not None and want["readiness"] else None
+    rollouts = rollout_fn is not None and (want["readiness"] or want["sibling_rollout"])
+    extra = rollout_fn(model, batch, window) if rollouts else None
     scores = _head_losses(model, batch, plan, want, out.hidden, window, parts, extra, evaluate)
+    if extra is not None and extra.ids is not None and want["sibling_rollout"]:
+        with torch.set_grad_enabled(plan.trunk_grad and not evaluate and torch.is_grad_enabled()):
+            parts["sibling_rollout"], scores["rollout_repeats"] = _rollout_repeats(model, batch, extra)
     if want["stream"]:
         parts["stream"] = L.stream_ce(
             model.stream_classifier(_row_mean(out.hidden, labelled)), batch.row_stream
@@ -233,6 +241,55 @@ def _sibling_terms(
         if want[name] and ids is not None:
             out[name] = L.sibling_unlikelihood(kernels.picked_logprobs(logits, ids.clamp_min(0)), ids)
     return out
+
+
+def _rollout_repeats(
+    model: PDTModel, batch: CurriculumBatch, extra: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """On-policy sibling unlikelihood (`losses.sibling_rollout`): the rollout blocks' sampled tokens
+    that repeat a sibling's 3-gram the window covers (`rollouts.sibling_repeats`), pushed down by
+    −log(1 − p) through a teacher-forced forward over the sampled rows, their windows as sampled.
+    Only the SNC learns from it (the adapters and LoRA run in `independent` too).
+    The teacher-forced sibling terms score the true sections, where a sibling's continuation is
+    rare (~1e-3 of the mass a position) and its gradient as small; a sampled repeat is a token the
+    model itself chose, so its p, and the gradient, is large. Returns (the term, [repeats, sampled
+    tokens looked at])."""
+    from pdt.train.rollouts import sibling_repeats
+
+    at, tokens, looked = sibling_repeats(batch, extra)
+    counts = torch.tensor([float(len(at)), float(looked)])
+    if len(at) == 0:
+        return torch.zeros((), device=batch.input_ids.device), counts
+    width = extra.ids.shape[1]
+    window = extra.window
+    sub = TeacherWindow(
+        notes=window.notes,
+        producer=window.producer,
+        rounds=window.rounds,
+        visible=window.visible[:, :width],
+        row_stream=window.row_stream,
+        row_example=window.row_example,
+    )
+    out = model.forward_teacher(
+        extra.ids,
+        torch.ones_like(extra.ids),
+        batch.row_stream[extra.rows],
+        sub,
+        g=1.0,
+        sidecar_positions=batch.sidecar_positions[extra.rows, :width],
+        logits_at=at,
+    )
+    ids = tokens[:, None]  # [M, 1]
+    term = L.sibling_unlikelihood(kernels.picked_logprobs(out.logits, ids), ids)
+    params = [p for p in model.snc.parameters() if p.requires_grad]
+    if term.requires_grad and params:
+        # the same value, and the same gradient for the SNC's weights, but none for the adapters or
+        # LoRA the forward also ran through: the surrogate Σ ⟨w, ∂term/∂w⟩ over the SNC alone
+        grads = torch.autograd.grad(term, params, allow_unused=True)
+        surrogate = sum((p * g).sum() for p, g in zip(params, grads, strict=True) if g is not None)
+        if isinstance(surrogate, torch.Tensor):
+            term = surrogate - surrogate.detach() + term.detach()
+    return term, counts
 
 
 def _read_bus(

@@ -43,6 +43,12 @@ class RolloutExamples:
     reasons: list[str]  # "ok", "ownership", "duplication"
     copied: torch.Tensor | None = None  # [n] bool: the block wrote a sibling's tokens (`copy_share`)
     rows: torch.Tensor | None = None  # [n] the batch row of each block
+    # what `sibling_repeats` and the on-policy term (`losses.sibling_rollout`) read back
+    ids: torch.Tensor | None = None  # [n, E+1] each row's teacher context, then its sampled block
+    window: TeacherWindow | None = None  # the rows' teacher windows
+    start: torch.Tensor | None = None  # [n] first sampled position
+    end: torch.Tensor | None = None  # [n] last sampled position
+    forced: torch.Tensor | None = None  # [n, E+1] a copied token (≥ 0) or -1 (sampled)
 
 
 def _trigrams(text: str) -> set[tuple[str, ...]]:
@@ -108,7 +114,62 @@ def rollout_examples(
     reasons = [_reason(texts[i], int(row[i]), batch, records, tokenizer) for i in range(len(row))]
     examples = _features(model, batch, sub, row, end, state, content, texts, reasons)
     examples.copied, examples.rows = copied.to(examples.labels.device), row
+    examples.ids, examples.window, examples.start, examples.end = ids[:, : hidden.shape[1]], sub, start, end
+    examples.forced = forced
     return examples
+
+
+def sibling_repeats(batch: Any, ex: RolloutExamples) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The sampled tokens that repeat a sibling's word: token p of a rollout block is a repeat when
+    (ids[p-2], ids[p-1], ids[p]) is a 3-gram of a sibling's section, in the rounds the notes window
+    that predicts it (position p - 1's) holds that sibling's note of, and not a 3-gram of the row's own
+    true section. Copied tokens (`copy_share`) are not sampled and never count.
+    Returns (at [M] flat indices row·(E+1) + p - 1 of the positions whose logits predict the repeats,
+    their tokens [M], the number of sampled tokens looked at). Host work: a rollout's few blocks."""
+    assert ex.ids is not None and ex.window is not None and ex.start is not None and ex.end is not None
+    assert ex.rows is not None
+    k = int(batch.row_stream.max()) + 1
+    written = written_positions(batch.labels).cpu()  # [R, T]
+    inputs, rounds_of = batch.input_ids.cpu(), batch.pos_round.cpu()
+    ids, width = ex.ids.cpu(), ex.ids.shape[1]
+    visible, producer, note_round = ex.window.visible.cpu(), ex.window.producer.cpu(), ex.window.rounds.cpu()
+    forced = None if ex.forced is None else ex.forced.cpu()
+    known: dict[tuple[int, int], set[tuple[int, ...]]] = {}  # (sibling row, round) → its 3-grams so far
+
+    def grams(tokens: list[int]) -> set[tuple[int, ...]]:
+        return {tuple(tokens[i : i + 3]) for i in range(len(tokens) - 2)}
+
+    def sibling_grams(sib_row: int, upto: int) -> set[tuple[int, ...]]:
+        if (sib_row, upto) not in known:
+            keep = written[sib_row] & (rounds_of[sib_row] <= upto)
+            known[sib_row, upto] = grams(inputs[sib_row][keep].tolist())
+        return known[sib_row, upto]
+
+    at: list[int] = []
+    tok: list[int] = []
+    looked = 0
+    for i, r in enumerate(ex.rows.tolist()):
+        b, j = divmod(r, k)
+        own = grams(inputs[r][written[r]].tolist())
+        row_ids = ids[i].tolist()
+        for p in range(max(int(ex.start[i]), 2), int(ex.end[i]) + 1):
+            if forced is not None and p < forced.shape[1] and int(forced[i, p]) >= 0:
+                continue
+            looked += 1
+            tri = tuple(row_ids[p - 2 : p + 1])
+            if tri in own:
+                continue
+            newest: dict[int, int] = {}  # sibling stream → its newest note round the window holds
+            for q in torch.nonzero(visible[i, p - 1]).flatten().tolist():
+                sj, u = int(producer[i, q]), int(note_round[i, q])
+                if sj != j and sj < k:
+                    newest[sj] = max(newest.get(sj, -1), u)
+            if any(tri in sibling_grams(b * k + sj, u) for sj, u in newest.items()):
+                at.append(i * width + p - 1)
+                tok.append(row_ids[p])
+    device = ex.ids.device
+    as_tensor = [torch.tensor(x, dtype=torch.long, device=device) for x in (at, tok)]
+    return as_tensor[0], as_tensor[1], looked
 
 
 def _sibling_tokens(

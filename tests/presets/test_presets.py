@@ -76,6 +76,10 @@ BAD = {
         {"name": "negative_sibling_term", "extends": "stage3.json", "losses": {"sibling_next": -1}},
         ["losses.sibling_next", "greater than or equal to 0", "(got -1)"],
     ),
+    "sibling_rollout_without_rollouts": (
+        {"name": "no_rollouts", "extends": "stage2.json", "losses": {"sibling_rollout": 1}},
+        ["losses.sibling_rollout", "rollouts.every > 0"],
+    ),
     "copy_share_above_one": (
         {"name": "copy_share_above_one", "extends": "stage3.json", "rollouts": {"copy_share": 1.5}},
         ["rollouts.copy_share", "less than or equal to 1", "(got 1.5)"],

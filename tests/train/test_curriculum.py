@@ -742,6 +742,102 @@ def test_copied_rollout_blocks_repeat_a_sibling_and_are_scored_apart(world: dict
     assert 0.0 <= metric["eval/readiness_auc_copies"] <= 1.0
 
 
+def _planted_repeats(world: dict[str, Path]):  # noqa: ANN202
+    """Rollout blocks of a random trunk with, in each block that can, a sibling's 3-gram written at
+    its start where the window covers that sibling's round: (preset, model, batch, examples,
+    [(block, flat index of the predicting position, token)])."""
+    from pdt.train.curriculum_step import written_positions
+    from pdt.train.rollouts import rollout_examples
+
+    preset, model, batch, records, tok = _model_and_batch(world, stage=3)
+    window = _teacher_window(preset, model, batch)
+    k = int(batch.row_stream.max()) + 1
+    ex = rollout_examples(model, batch, window, records, tok, 8, 1.0, torch.Generator().manual_seed(1))
+    assert ex is not None and ex.ids is not None and ex.window is not None
+    written = written_positions(batch.labels)
+    width = ex.ids.shape[1]
+    planted = []
+    for i, r in enumerate(ex.rows.tolist()):
+        b, j = divmod(r, k)
+        start, end = int(ex.start[i]), int(ex.end[i])
+        if end - start < 3:
+            continue
+        p = start + 2  # the token that completes the planted 3-gram
+        seen: dict[int, int] = {}
+        for q in torch.nonzero(ex.window.visible[i, p - 1]).flatten().tolist():
+            sj, u = int(ex.window.producer[i, q]), int(ex.window.rounds[i, q])
+            if sj != j and sj < k:
+                seen[sj] = max(seen.get(sj, -1), u)
+        own = batch.input_ids[r][written[r]].tolist()
+        own_grams = {tuple(own[n : n + 3]) for n in range(len(own) - 2)}
+        for sj, u in seen.items():
+            sib = b * k + sj
+            tokens = batch.input_ids[sib][written[sib] & (batch.pos_round[sib] <= u)].tolist()
+            fresh = [
+                g for g in (tuple(tokens[n : n + 3]) for n in range(len(tokens) - 2)) if g not in own_grams
+            ]
+            if fresh:
+                ex.ids[i, start : start + 3] = torch.tensor(fresh[0])
+                planted.append((i, i * width + p - 1, fresh[0][2]))
+                break
+    assert planted, "no rollout block saw a sibling's note: the test world needs a block past round Δ"
+    return preset, model, batch, ex, planted
+
+
+def test_sampled_tokens_that_repeat_a_visible_sibling_3gram_are_found(world: dict[str, Path]) -> None:
+    """`rollouts.sibling_repeats`: a sampled token that completes a 3-gram of a sibling's section in
+    the rounds its window holds notes of is a repeat; the same 3-gram where no sibling's note covers
+    it, or a copied (forced) token, is not."""
+    from pdt.train.rollouts import sibling_repeats
+
+    _, _, batch, ex, planted = _planted_repeats(world)
+    k = int(batch.row_stream.max()) + 1
+    at, tokens, looked = sibling_repeats(batch, ex)
+    found = dict(zip(at.tolist(), tokens.tolist(), strict=True))
+    assert looked == sum(int(e) - max(int(s), 2) + 1 for s, e in zip(ex.start, ex.end, strict=True))
+    for _, flat, token in planted:
+        assert found.get(flat) == token
+    # the same 3-gram where no sibling's note covers it: the block's window emptied of siblings' notes
+    i, flat, _ = planted[0]
+    j = int(ex.rows[i]) % k
+    hidden = ex.window.visible.clone()
+    hidden[i] &= ((ex.window.producer[i] == j) | (ex.window.producer[i] >= k))[None, :]
+    blind = dataclasses.replace(ex, window=dataclasses.replace(ex.window, visible=hidden))
+    assert flat not in sibling_repeats(batch, blind)[0].tolist()
+    # a forced (copied) token is not the model's draw
+    forced = torch.full_like(ex.ids, -1)
+    forced[i, int(ex.start[i]) + 2] = ex.ids[i, int(ex.start[i]) + 2]
+    copied = dataclasses.replace(ex, forced=forced)
+    again = sibling_repeats(batch, copied)
+    assert flat not in again[0].tolist() and again[2] == looked - 1
+
+
+def test_the_on_policy_sibling_term_trains_the_snc_only(world: dict[str, Path]) -> None:
+    """`losses.sibling_rollout`: the planted repeats' −log(1 − p), read through the bus; its gradient
+    reaches the SNC and not the adapters (which `independent` runs too), though the forward runs
+    through both; reported with the repeat counts; a stage that trains no SNC skips it."""
+    from pdt.train.curriculum_step import LOSS_GROUPS
+    from tests.model.test_pdt_model import open_gates
+
+    preset, model, batch, ex, planted = _planted_repeats(world)
+    open_gates(model)
+    weights = preset.losses.model_copy(update={n: 0.0 for n in LOSS_GROUPS} | {"sibling_rollout": 1.0})
+    plan = dataclasses.replace(StepPlan.from_preset(preset), weights=weights)
+    assert {"snc", "adapters"} <= plan.groups
+    model.set_trainable(sorted(plan.groups))
+    res = step_losses(model, batch, plan, torch.Generator().manual_seed(0), rollout_fn=lambda *_: ex)
+    assert float(res.parts["sibling_rollout"]) > 0
+    term = float(res.parts["sibling_rollout"])
+    assert float(res.loss.detach()) == pytest.approx(term, rel=1e-5)  # the surrogate keeps its value
+    repeats, looked = res.scores["rollout_repeats"].tolist()
+    assert len(planted) <= repeats <= looked
+    res.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.snc.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.adapters.parameters())
+    assert LOSS_GROUPS["sibling_rollout"] == ("snc",)
+    assert not dataclasses.replace(plan, groups=frozenset({"adapters", "lora"})).wants("sibling_rollout")
+
+
 def test_cached_trunk_outputs_match_the_live_pass(world: dict[str, Path]) -> None:
     from pdt.train.trunk_cache import TrunkCacheEntry, attach, compute_batch
 

@@ -93,11 +93,11 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
         )
         scores, rollbacks, ents, grams = [], [], Counter(), Counter()
         openings, rests = [], []
+        decode = session.tokenizer.decode
         for prompt in prompts:
             res = decoder.decode(prompt, mode, emit_tokens=False)
             scores.append(redundancy(res.sections))
             # the first block (written before any sibling's note is visible) against the rest
-            decode = session.tokenizer.decode
             openings.append(redundancy([decode(r.token_ids[: base.tau]) for r in res.streams]))
             rests.append(redundancy([decode(r.token_ids[base.tau :]) for r in res.streams]))
             rollbacks.append(res.rollbacks)
@@ -117,9 +117,8 @@ def one_seed(session: Any, prompts: list[str], seed: int, tokens: int) -> dict[s
             "top_entities": ents.most_common(TOP),
             "top_trigrams": grams.most_common(TOP),
         }
-    ref = per["independent"]["scores"]
-    for v in per.values():
-        v["diff_vs_independent"] = mean_se([a - b for a, b in zip(v["scores"], ref, strict=True)])
+    for name, diff in pooled([{"variants": per}]).items():  # one seed: each prompt's own difference
+        per[name]["diff_vs_independent"] = diff
     return per
 
 

@@ -120,7 +120,7 @@ class ConsolePrinter:
                 f"{event.world_size} process(es){resumed}"
             )
         elif isinstance(event, DecodeStarted):
-            prompt = event.prompt if len(event.prompt) <= 80 else event.prompt[:77] + "..."
+            prompt = _short(event.prompt, 80)
             self._print(
                 f"[decode] answer {event.answer}: {event.mode}, K = {event.k}, τ = {event.tau}, "
                 f"Δ = {event.lag}, γ = {event.gamma:.3f}, g = {event.g:g}, {event.max_new_tokens} tokens "
@@ -159,7 +159,7 @@ class ConsolePrinter:
 
 
 def _short(text: str, limit: int = 60) -> str:
-    """One line of at most `limit` characters (a rolled-back block's text in a log line)."""
+    """One line of at most `limit` characters (a prompt or a rolled-back block's text in a log line)."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."
 

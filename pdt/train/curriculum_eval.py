@@ -134,9 +134,6 @@ def readiness_metrics(sc: dict[str, Any]) -> dict[str, float]:
         if kind == 2 and len(labels):  # how often the model's own blocks break ownership / repeat
             out["rollout_blocks"] = float(len(labels))
             out["rollout_violation_rate"] = float(1.0 - labels.mean())
-        if kind == 2 and "rollout_repeats" in sc:  # sampled tokens that repeat a sibling's 3-gram
-            counts = sc["rollout_repeats"].reshape(-1, 2).sum(axis=0)
-            out["rollout_repeat_rate"] = float(counts[0] / max(counts[1], 1.0))
         if kind == 3 and len(labels):  # copied blocks against the model's own good blocks
             out["rollout_copies"] = float(len(labels))
             out["rollout_copy_violation_rate"] = float(1.0 - labels.mean())
@@ -146,6 +143,9 @@ def readiness_metrics(sc: dict[str, Any]) -> dict[str, float]:
                 out["readiness_auc_copies"] = C.roc_auc(
                     sc["readiness_scores"][pick], sc["readiness_labels"][pick]
                 )
+    if "rollout_repeats" in sc:  # [repeats, sampled tokens] a batch: rollout tokens that repeat a sibling
+        counts = sc["rollout_repeats"].reshape(-1, 2).sum(axis=0)
+        out["rollout_repeat_rate"] = float(counts[0] / max(counts[1], 1.0))
     return out
 
 

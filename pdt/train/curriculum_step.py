@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -261,20 +261,11 @@ def _rollout_repeats(
     if len(at) == 0:
         return torch.zeros((), device=batch.input_ids.device), counts
     width = extra.ids.shape[1]
-    window = extra.window
-    sub = TeacherWindow(
-        notes=window.notes,
-        producer=window.producer,
-        rounds=window.rounds,
-        visible=window.visible[:, :width],
-        row_stream=window.row_stream,
-        row_example=window.row_example,
-    )
     out = model.forward_teacher(
         extra.ids,
         torch.ones_like(extra.ids),
         batch.row_stream[extra.rows],
-        sub,
+        replace(extra.window, visible=extra.window.visible[:, :width]),
         g=1.0,
         sidecar_positions=batch.sidecar_positions[extra.rows, :width],
         logits_at=at,

@@ -80,6 +80,15 @@ BAD = {
         {"name": "no_rollouts", "extends": "stage2.json", "losses": {"sibling_rollout": 1}},
         ["losses.sibling_rollout", "rollouts.every > 0"],
     ),
+    "sibling_rollout_without_the_snc": (
+        {
+            "name": "no_snc",
+            "extends": "stage3.json",
+            "groups": ["agreement", "coverage", "speculation"],
+            "losses": {"sibling_rollout": 1},
+        },
+        ["losses.sibling_rollout", "needs the SNC to train"],
+    ),
     "copy_share_above_one": (
         {"name": "copy_share_above_one", "extends": "stage3.json", "rollouts": {"copy_share": 1.5}},
         ["rollouts.copy_share", "less than or equal to 1", "(got 1.5)"],
